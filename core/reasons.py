@@ -1,0 +1,125 @@
+"""The one vocabulary of why a sample did not make it.
+
+Every stage records a failure or a rejection as one of these codes, and the report
+groups by them, so an auditor can follow a sample from input row to decision. A code
+is machine-readable and stable: add new ones, never rename or reuse old ones.
+
+Each code also says which img2dataset status a pool row gets for it
+(``failed_to_download`` or ``failed_to_resize``), so our parquet and ``_stats.json``
+read the same as img2dataset's to tools that know only that.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Stage(str, Enum):
+    FETCH = "fetch"  # ingest: network, HTTP, safety
+    DECODE = "decode"  # ingest: image decode / resize
+    FILTER = "filter"  # filter: quality, captions, dedupe
+
+
+class Reason(str, Enum):
+    # -- fetch: the URL, the network and the HTTP exchange -------------------------
+    INVALID_URL = "invalid_url"
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    SSRF_BLOCKED = "ssrf_blocked"  # resolved address outside the allowed networks
+    DNS_ERROR = "dns_error"
+    CONNECTION_ERROR = "connection_error"
+    TIMEOUT = "timeout"  # the overall per-request deadline passed
+    TOO_MANY_REDIRECTS = "too_many_redirects"
+    HTTP_403 = "http_403"
+    HTTP_404 = "http_404"
+    HTTP_410 = "http_410"
+    HTTP_429 = "http_429"
+    HTTP_5XX = "http_5xx"
+    HTTP_OTHER = "http_other"  # any other non-2xx status
+    OPT_OUT = "opt_out"  # X-Robots-Tag noai / noimageai (or configured directives)
+    TOO_LARGE = "too_large"  # more bytes than --max_bytes
+    TRUNCATED = "truncated"  # body shorter than announced / connection cut
+    NOT_IMAGE = "not_image"  # content type says it is not an image
+    # -- decode: turning bytes into a resized image ---------------------------------
+    DECODE_ERROR = "decode_error"
+    TOO_MANY_PIXELS = "too_many_pixels"  # from the header, before the full decode
+    TOO_SMALL = "too_small"
+    ASPECT_RATIO = "aspect_ratio"
+    # -- filter: decisions made from pool metadata ----------------------------------
+    CAPTION_MISSING = "caption_missing"
+    CAPTION_SHORT = "caption_short"
+    DUP_URL = "dup_url"
+    DUP_EXACT = "dup_exact"
+    DUP_NEAR = "dup_near"
+    LOW_CLIP_SCORE = "low_clip_score"
+
+    @property
+    def stage(self) -> Stage:
+        return _STAGE[self]
+
+    @property
+    def pool_status(self) -> str:
+        """The img2dataset ``status`` a pool row failing for this reason gets."""
+        return "failed_to_resize" if self.stage is Stage.DECODE else "failed_to_download"
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTION[self]
+
+
+_STAGE: dict[Reason, Stage] = {
+    **{r: Stage.FETCH for r in list(Reason)[: list(Reason).index(Reason.NOT_IMAGE) + 1]},
+    **{
+        r: Stage.DECODE
+        for r in (Reason.DECODE_ERROR, Reason.TOO_MANY_PIXELS, Reason.TOO_SMALL, Reason.ASPECT_RATIO)
+    },
+}
+_STAGE.update({r: Stage.FILTER for r in Reason if r not in _STAGE})
+
+_DESCRIPTION: dict[Reason, str] = {
+    Reason.INVALID_URL: "the URL could not be parsed",
+    Reason.UNSUPPORTED_SCHEME: "only http and https are fetched",
+    Reason.SSRF_BLOCKED: "the host resolved to an address outside the allowed networks",
+    Reason.DNS_ERROR: "the host name did not resolve",
+    Reason.CONNECTION_ERROR: "the connection failed or was reset",
+    Reason.TIMEOUT: "the request did not finish within its deadline",
+    Reason.TOO_MANY_REDIRECTS: "more redirects than allowed",
+    Reason.HTTP_403: "the server answered 403 Forbidden",
+    Reason.HTTP_404: "the server answered 404 Not Found",
+    Reason.HTTP_410: "the server answered 410 Gone",
+    Reason.HTTP_429: "the server answered 429 Too Many Requests",
+    Reason.HTTP_5XX: "the server answered with a 5xx error",
+    Reason.HTTP_OTHER: "the server answered with another non-success status",
+    Reason.OPT_OUT: "the response carried an opt-out directive (X-Robots-Tag)",
+    Reason.TOO_LARGE: "the body was larger than the byte cap",
+    Reason.TRUNCATED: "the body ended before its announced length",
+    Reason.NOT_IMAGE: "the content type is not an image",
+    Reason.DECODE_ERROR: "the bytes are not a decodable image",
+    Reason.TOO_MANY_PIXELS: "the image header announces more pixels than the cap",
+    Reason.TOO_SMALL: "the image is smaller than the minimum side",
+    Reason.ASPECT_RATIO: "the image is more elongated than the maximum aspect ratio",
+    Reason.CAPTION_MISSING: "the caption is empty or missing",
+    Reason.CAPTION_SHORT: "the caption has too few characters or words",
+    Reason.DUP_URL: "the same URL appeared earlier in the input",
+    Reason.DUP_EXACT: "the same image bytes (sha256) appeared earlier in the pool",
+    Reason.DUP_NEAR: "a perceptually near-identical image appeared earlier in the pool",
+    Reason.LOW_CLIP_SCORE: "image and caption are too dissimilar under a CLIP model",
+}
+
+
+def http_reason(status: int) -> Reason:
+    """The reason for a non-success HTTP status."""
+    specific = {403: Reason.HTTP_403, 404: Reason.HTTP_404, 410: Reason.HTTP_410, 429: Reason.HTTP_429}
+    if status in specific:
+        return specific[status]
+    if 500 <= status <= 599:
+        return Reason.HTTP_5XX
+    return Reason.HTTP_OTHER
+
+
+class SampleError(Exception):
+    """A per-sample failure with its reason; caught once, where the pool row is written."""
+
+    def __init__(self, reason: Reason, detail: str = ""):
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
