@@ -115,7 +115,9 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size  # header only, nothing decoded yet
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        raise SampleError(Reason.DECODE_ERROR, "not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise SampleError(Reason.DECODE_ERROR, str(exc)[:200]) from None
     if width < 1 or height < 1 or width * height > cfg.max_pixels:
         raise SampleError(Reason.TOO_MANY_PIXELS, f"{width}x{height}")

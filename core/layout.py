@@ -1,0 +1,59 @@
+"""The shard layout every stage reads and writes (img2dataset-compatible).
+
+A shard ``N`` in a folder is three objects:
+
+* ``{N:05d}.tar``        — members ``{key}.jpg|webp|png``, ``{key}.txt``, ``{key}.json``
+                           for each successful sample, in key order;
+* ``{N:05d}.parquet``    — one row per input row, failures included;
+* ``{N:05d}_stats.json`` — written last: its presence commits the shard.
+
+Keys are ``{shard:05d}{row:0Nd}`` from the shard id and the row's index in the
+shard — never from completion order — so a rerun produces the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pyarrow as pa
+
+STATS_SUFFIX = "_stats.json"
+_SHARD_FILE = re.compile(r"(\d+)(?:\.tar|\.parquet|_stats\.json)$")
+
+# Columns of a pool parquet, in order; extra input columns follow them.
+POOL_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),  # success | failed_to_download | failed_to_resize
+        ("reason", pa.string()),  # a core.reasons.Reason value, null on success
+        ("error_message", pa.string()),  # human detail for the reason
+        ("http_status", pa.int32()),
+        ("download_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("sha256", pa.string()),  # of the bytes as downloaded
+        ("phash", pa.string()),  # 64-bit DCT hash of the resized image, hex
+    ]
+)
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+def shard_id_of(path: str) -> int | None:
+    match = _SHARD_FILE.search(path.rsplit("/", 1)[-1])
+    return int(match.group(1)) if match else None
+
+
+def key_digits(samples_per_shard: int) -> int:
+    return max(1, math.ceil(math.log10(max(samples_per_shard, 2))))
+
+
+def sample_key(shard_id: int, row: int, samples_per_shard: int) -> str:
+    return f"{shard_id:05d}{row:0{key_digits(samples_per_shard)}d}"

@@ -1,0 +1,115 @@
+"""Paths that may be local or ``s3://…``, and writes that readers never see half-done.
+
+Every stage reads and writes through these helpers, so each works unchanged on local
+disk and on object storage. The commit rule is the same everywhere:
+
+* local: write to a hidden temporary name in the same folder, fsync, rename — a
+  rename is atomic, so a reader sees the old file or the whole new one;
+* object storage: a PUT is atomic per object (no partial object is ever visible),
+  and a unit made of several objects (a shard: tar, parquet, stats) writes its
+  marker object (``_stats.json``) last.
+
+S3 settings come from the environment, as for any AWS client (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``), plus ``S3_ENDPOINT_URL`` (or
+``AWS_ENDPOINT_URL``) for an S3-compatible server other than AWS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def _storage_options(path: str) -> dict[str, Any]:
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for ``path`` and the path as that filesystem names it."""
+    fs, fs_path = url_to_fs(path, **_storage_options(path))
+    return fs, fs_path
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def makedirs(path: str) -> None:
+    fs, p = filesystem(path)
+    if is_local(path):
+        fs.makedirs(p, exist_ok=True)
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.exists(p)
+
+
+def open_file(path: str, mode: str = "rb") -> IO:
+    """Open for reading (streaming: nothing is loaded whole)."""
+    fs, p = filesystem(path)
+    return fs.open(p, mode)
+
+
+def list_files(folder: str, suffix: str = "") -> list[str]:
+    """Full paths (with scheme for remote storage) of files in ``folder`` ending with ``suffix``."""
+    fs, p = filesystem(folder)
+    if not fs.exists(p):
+        return []
+    protocol = "" if is_local(folder) else folder.split("://", 1)[0] + "://"
+    names = sorted(fs.ls(p, detail=False))
+    return [protocol + n if protocol and not n.startswith(protocol) else n for n in names if n.endswith(suffix)]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Write ``path`` so that readers see either nothing or the complete file."""
+    fs, p = filesystem(path)
+    if not is_local(path):
+        with fs.open(p, mode) as handle:  # a single PUT when closed: atomic per object
+            yield handle
+        return
+    folder, name = os.path.split(os.path.abspath(p))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, p)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+    with atomic_write(path, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True, default=str)
+        handle.write("\n")
+
+
+def read_json(path: str) -> Any:
+    with open_file(path, "r") as handle:
+        return json.load(handle)
+
+
+def remove(path: str) -> None:
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)

@@ -1,0 +1,125 @@
+"""The ingest job: URL list → pool shards, resumable.
+
+Plan the shards from the input stream, skip the ones already committed (their
+``_stats.json`` exists), hand the rest to a distributor, and keep the user informed.
+Rerunning the same command after a crash redoes only the unfinished shards; a
+half-written shard is never visible (see ``PoolShardWriter``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from core import storage
+from core.config import to_dict
+from core.layout import STATS_SUFFIX, shard_id_of
+from ingest.config import IngestConfig
+from ingest.distributor import DISTRIBUTORS
+from ingest.reader import input_files, read_shards
+
+SUMMARY_FILE = "_ingest_summary.json"
+
+
+@dataclass
+class IngestSummary:
+    shards_total: int = 0
+    shards_skipped: int = 0
+    count: int = 0
+    successes: int = 0
+    failed_to_download: int = 0
+    failed_to_resize: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    duration: float = 0.0
+
+    def add(self, stats: dict[str, Any]) -> None:
+        self.shards_total += 1
+        for name in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            setattr(self, name, getattr(self, name) + stats[name])
+        for reason, n in stats.get("reasons", {}).items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
+
+    def lines(self) -> list[str]:
+        rate = self.successes / self.count if self.count else 0.0
+        out = [
+            f"{self.count} rows in {self.shards_total} shards ({self.shards_skipped} already done): "
+            f"{self.successes} downloaded ({rate:.1%}), {self.failed_to_download} failed to download, "
+            f"{self.failed_to_resize} failed to decode"
+        ]
+        out += [f"  {reason:<20} {n}" for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])]
+        return out
+
+
+def committed_shards(output_folder: str) -> set[int]:
+    ids = {shard_id_of(p) for p in storage.list_files(output_folder, STATS_SUFFIX)}
+    return {i for i in ids if i is not None}
+
+
+def _total_rows(cfg: IngestConfig) -> int | None:
+    """Row count from parquet footers (cheap); unknown for text formats."""
+    if cfg.input_format != "parquet":
+        return None
+    total = 0
+    for path in input_files(cfg.url_list, cfg.input_format):
+        with storage.open_file(path) as handle:
+            total += pq.ParquetFile(handle).metadata.num_rows
+    return total
+
+
+def _clean_stale_temporaries(output_folder: str) -> None:
+    """Remove staging folders a killed run left behind (local output only)."""
+    if not storage.is_local(output_folder):
+        return
+    fs, path = storage.filesystem(output_folder)
+    for entry in fs.ls(path, detail=False):
+        if entry.rsplit("/", 1)[-1].startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def run_ingest(cfg: IngestConfig) -> IngestSummary:
+    start = time.time()
+    if cfg.incremental_mode == "overwrite":
+        storage.remove(cfg.output_folder)
+    storage.makedirs(cfg.output_folder)
+    _clean_stale_temporaries(cfg.output_folder)
+    done = committed_shards(cfg.output_folder)
+    summary = IngestSummary()
+
+    total = _total_rows(cfg)
+    bar = tqdm(total=total, unit="sample", desc="ingest", disable=not cfg.progress, smoothing=0.1)
+
+    def on_done(stats: dict[str, Any]) -> None:
+        summary.add(stats)
+        bar.update(stats["count"])
+        bar.set_postfix(shards=summary.shards_total, ok=f"{summary.successes / max(summary.count, 1):.1%}")
+
+    def pending_shards():
+        for shard in read_shards(
+            cfg.url_list,
+            cfg.input_format,
+            cfg.url_col,
+            cfg.caption_col,
+            cfg.save_additional_columns,
+            cfg.number_sample_per_shard,
+        ):
+            if shard.shard_id in done:
+                summary.shards_skipped += 1
+                on_done(storage.read_json(storage.join(cfg.output_folder, f"{shard.shard_id:05d}{STATS_SUFFIX}")))
+                continue
+            yield shard
+
+    try:
+        DISTRIBUTORS[cfg.distributor](pending_shards(), cfg, on_done)
+    finally:
+        bar.close()
+    summary.duration = time.time() - start
+    storage.write_json(
+        storage.join(cfg.output_folder, SUMMARY_FILE),
+        {**summary.__dict__, "config": to_dict(cfg)},
+    )
+    return summary

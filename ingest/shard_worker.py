@@ -1,0 +1,144 @@
+"""Download one shard: the place where a sample is fetched, decoded and recorded.
+
+For each input row: fetch (async, many at once) → decode and resize (in a thread:
+Pillow releases the GIL while decoding) → one pool row, success or failure with
+its reason. Every row is recorded in exactly one place, ``_record``; results are
+written in row order through a small reorder buffer, so keys, tar order and bytes
+do not depend on which download finished first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from core.layout import sample_key, shard_name
+from core.reasons import Reason, SampleError
+from ingest.config import IngestConfig
+from ingest.fetcher import Fetcher
+from ingest.reader import ShardInput
+from ingest.resizer import ResizeConfig, ResizedImage, resize_image
+from ingest.writer import PoolShardWriter
+
+
+class _ShardAccount:
+    """Counts for ``_stats.json`` (img2dataset's keys plus our per-reason counts)."""
+
+    def __init__(self) -> None:
+        self.count = self.successes = self.failed_to_download = self.failed_to_resize = 0
+        self.download_bytes = 0
+        self.reasons: dict[str, int] = {}
+        self.status_dict: dict[str, int] = {}
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.count += 1
+        self.download_bytes += row.get("download_bytes") or 0
+        status = row["status"]
+        self.status_dict[status] = self.status_dict.get(status, 0) + 1
+        if status == "success":
+            self.successes += 1
+            return
+        setattr(self, status, getattr(self, status) + 1)
+        self.reasons[row["reason"]] = self.reasons.get(row["reason"], 0) + 1
+
+
+async def _process_row(
+    url: str | None, fetcher: Fetcher, resize_cfg: ResizeConfig, decode_pool: ThreadPoolExecutor
+) -> tuple[dict[str, Any], bytes | None]:
+    row: dict[str, Any] = {"status": "success"}
+    fetched = None
+    try:
+        if not url:
+            raise SampleError(Reason.INVALID_URL, "empty URL")
+        fetched = await fetcher.fetch(url)
+        row.update(http_status=fetched.http_status, download_bytes=len(fetched.data), sha256=fetched.sha256)
+        loop = asyncio.get_running_loop()
+        image: ResizedImage = await loop.run_in_executor(decode_pool, resize_image, fetched.data, resize_cfg)
+    except SampleError as error:
+        return _record_failure(row, error), None
+    except Exception as exc:  # hostile input must never cost the shard: count it, with the type
+        reason = Reason.DECODE_ERROR if fetched is not None else Reason.CONNECTION_ERROR
+        return _record_failure(row, SampleError(reason, f"unexpected {type(exc).__name__}: {exc}"[:200])), None
+    row.update(
+        width=image.width,
+        height=image.height,
+        original_width=image.original_width,
+        original_height=image.original_height,
+        phash=image.phash,
+    )
+    return row, image.data
+
+
+def _record_failure(row: dict[str, Any], error: SampleError) -> dict[str, Any]:
+    row.update(status=error.reason.pool_status, reason=error.reason.value, error_message=error.detail or None)
+    return row
+
+
+async def _download(shard: ShardInput, cfg: IngestConfig, writer: PoolShardWriter, account: _ShardAccount) -> None:
+    n = cfg.number_sample_per_shard
+    resize_cfg = cfg.resize_config()
+    window = 8 * cfg.thread_count  # rows finished but waiting for an earlier, slower row
+    pending: dict[int, tuple[dict[str, Any], bytes | None]] = {}
+    next_to_write = 0
+    gate = asyncio.Semaphore(cfg.thread_count)  # bounds in-flight requests, hence bytes
+
+    def record(index: int, row: dict[str, Any], image: bytes | None) -> None:
+        nonlocal next_to_write
+        row.update(key=sample_key(shard.shard_id, index, n), url=shard.urls[index], caption=shard.captions[index])
+        for column, values in shard.extras.items():
+            row[column] = values[index]
+        pending[index] = (row, image)
+        while next_to_write in pending:
+            ready_row, ready_image = pending.pop(next_to_write)
+            writer.add(ready_row, ready_image)
+            account.add(ready_row)
+            next_to_write += 1
+
+    async def one(index: int) -> None:
+        async with gate:
+            row, image = await _process_row(shard.urls[index], fetcher, resize_cfg, decode_pool)
+        record(index, row, image)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decode_pool:
+        async with Fetcher(cfg.fetch_config(), cfg.network_policy()) as fetcher:
+            # Start tasks lazily in row order: few tasks exist at once, and a slow row
+            # cannot make the reorder buffer grow beyond the window.
+            tasks: set[asyncio.Task] = set()
+            for index in range(len(shard)):
+                while len(tasks) >= 2 * cfg.thread_count or index - next_to_write >= window:
+                    done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # surface a bug at once instead of at the end
+                tasks.add(asyncio.create_task(one(index)))
+            if tasks:
+                await asyncio.gather(*tasks)
+
+
+def download_shard(shard: ShardInput, cfg: IngestConfig) -> dict[str, Any]:
+    """Download, resize and commit one pool shard; return its stats."""
+    start = time.time()
+    account = _ShardAccount()
+    writer = PoolShardWriter(cfg.output_folder, shard.shard_id, cfg.encode_format, cfg.save_additional_columns)
+    try:
+        asyncio.run(_download(shard, cfg, writer, account))
+        end = time.time()
+        stats = {
+            "shard": shard_name(shard.shard_id),
+            "count": account.count,
+            "successes": account.successes,
+            "failed_to_download": account.failed_to_download,
+            "failed_to_resize": account.failed_to_resize,
+            "duration": end - start,
+            "start_time": start,
+            "end_time": end,
+            "status_dict": account.status_dict,
+            "reasons": dict(sorted(account.reasons.items())),
+            "download_bytes": account.download_bytes,
+        }
+        writer.commit(stats)
+        return stats
+    except BaseException:
+        writer.close()
+        raise
