@@ -114,7 +114,10 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value; flags override it")
     hints = _hints(cls)

@@ -3,7 +3,7 @@
 Plan the shards from the input stream, skip the ones already committed (their
 ``_stats.json`` exists), hand the rest to a distributor, and keep the user informed.
 Rerunning the same command after a crash redoes only the unfinished shards; a
-half-written shard is never visible (see ``PoolShardWriter``).
+half-written shard is never visible (see ``core.shard_writer``).
 """
 
 from __future__ import annotations

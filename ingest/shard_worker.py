@@ -20,7 +20,7 @@ from ingest.config import IngestConfig
 from ingest.fetcher import Fetcher
 from ingest.reader import ShardInput
 from ingest.resizer import ResizeConfig, ResizedImage, resize_image
-from ingest.writer import PoolShardWriter
+from core.shard_writer import ShardWriter
 
 
 class _ShardAccount:
@@ -76,7 +76,7 @@ def _record_failure(row: dict[str, Any], error: SampleError) -> dict[str, Any]:
     return row
 
 
-async def _download(shard: ShardInput, cfg: IngestConfig, writer: PoolShardWriter, account: _ShardAccount) -> None:
+async def _download(shard: ShardInput, cfg: IngestConfig, writer: ShardWriter, account: _ShardAccount) -> None:
     n = cfg.number_sample_per_shard
     resize_cfg = cfg.resize_config()
     window = 8 * cfg.thread_count  # rows finished but waiting for an earlier, slower row
@@ -120,7 +120,7 @@ def download_shard(shard: ShardInput, cfg: IngestConfig) -> dict[str, Any]:
     """Download, resize and commit one pool shard; return its stats."""
     start = time.time()
     account = _ShardAccount()
-    writer = PoolShardWriter(cfg.output_folder, shard.shard_id, cfg.encode_format, cfg.save_additional_columns)
+    writer = ShardWriter(cfg.output_folder, shard.shard_id, cfg.encode_format, cfg.save_additional_columns)
     try:
         asyncio.run(_download(shard, cfg, writer, account))
         end = time.time()

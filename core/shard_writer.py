@@ -1,10 +1,11 @@
-"""PoolShardWriter: one pool shard, committed atomically or not at all.
+"""ShardWriter: one shard (pool or train), committed atomically or not at all.
 
-Samples arrive in key order; each becomes a parquet row (failures too) and, on
-success, three tar members. Nothing is visible under the shard's final names until
-``commit``: tar and parquet are written to local temporary files, then moved (or
-uploaded) into place, and ``_stats.json`` goes last — its presence is what marks a
-shard as done for readers and for resume. The tar bytes are deterministic (fixed
+Ingest writes pool shards with it and shards/ writes train shards, so both share
+one layout (core.layout). Samples arrive in key order; each becomes a parquet row
+(failures too, in a pool) and, on success, three tar members. Nothing is visible
+under the shard's final names until ``commit``: tar and parquet are staged as
+temporary files, then renamed (or uploaded) into place, and ``_stats.json`` goes
+last — its presence is what marks a shard as done for readers and for resume. The tar bytes are deterministic (fixed
 member metadata), so a rerun of the same input writes the same shard.
 """
 
@@ -34,7 +35,7 @@ def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class PoolShardWriter:
+class ShardWriter:
     def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
         self.output_folder = output_folder
         self.name = shard_name(shard_id)
