@@ -11,6 +11,7 @@ member metadata), so a rerun of the same input writes the same shard.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -33,6 +34,14 @@ def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o444
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ShardWriter:
@@ -74,9 +83,10 @@ class ShardWriter:
         ]
         return pa.Table.from_arrays(arrays, schema=schema)
 
-    def commit(self, stats: dict[str, Any]) -> None:
-        """Publish tar, parquet, then the stats marker."""
+    def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Publish tar, parquet, then the stats marker; return the tar's name, bytes and sha256."""
         self._tar.close()
+        entry = {"name": f"{self.name}.tar", "bytes": os.path.getsize(self._tar_path), "sha256": _sha256(self._tar_path)}
         parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
         pq.write_table(self._table(), parquet_tmp, compression="zstd")
         try:
@@ -95,6 +105,7 @@ class ShardWriter:
             storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), stats)
         finally:
             self.close()
+        return entry
 
     def close(self) -> None:
         """Drop temporary files (after commit, or to abandon the shard)."""

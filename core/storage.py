@@ -100,7 +100,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
 
 def write_json(path: str, obj: Any) -> None:
     with atomic_write(path, "w") as handle:
-        json.dump(obj, handle, indent=2, sort_keys=True, default=str)
+        json.dump(obj, handle, indent=2, default=str)
         handle.write("\n")
 
 
