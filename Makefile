@@ -1,0 +1,64 @@
+# webclip — every command a user needs. `make help` lists them.
+#
+# Each target creates (or reuses) the virtual environment in .venv first, so
+# `make demo` and `make test` work on a fresh clone.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-webclip
+
+# Stage configs (YAML; keys are the options of `python -m <stage> --help`).
+# Override on the command line: make ingest CONFIG=my.yaml ARGS="--processes_count 8"
+INGEST_CONFIG ?= configs/demo/ingest.yaml
+FILTER_CONFIG ?= configs/demo/filter.yaml
+SHARDS_CONFIG ?= configs/demo/shards.yaml
+TRAIN_CONFIG  ?= configs/demo/train.yaml
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo demo-web ingest filter shards report train test clean-demo
+
+help: ## list the targets
+	@echo "webclip: web image-text data in, a CLIP model out"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@echo
+	@echo "Stage targets take CONFIG=file.yaml (default: configs/demo/<stage>.yaml) and ARGS=\"--flag value\"."
+
+$(STAMP): pyproject.toml
+	@echo "Setting up $(VENV) (the first time takes a few minutes: torch, ray, open_clip)..."
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create or update the virtual environment (.venv)
+
+demo: $(STAMP) ## the whole path on the embedded demo web: corpus → ingest → filter → shards → train → zero-shot
+	$(PY) -m infra.local.demo $(ARGS)
+
+demo-web: $(STAMP) ## serve the demo web on 127.0.0.1:8765 (for running `make ingest` by hand)
+	$(PY) -m infra.local.webserver --root data/demo/corpus/site --port $${DEMO_PORT:-8765}
+
+ingest: $(STAMP) ## download a URL list into pool shards on Ray (CONFIG=, ARGS=)
+	$(PY) -m ingest --config $(if $(CONFIG),$(CONFIG),$(INGEST_CONFIG)) $(ARGS)
+
+filter: $(STAMP) ## decide keep/reject with a reason for every pool row (CONFIG=, ARGS=)
+	$(PY) -m filter --config $(if $(CONFIG),$(CONFIG),$(FILTER_CONFIG)) $(ARGS)
+
+shards: $(STAMP) ## train shards + manifest.json + report from pool and decisions (CONFIG=, ARGS=)
+	$(PY) -m shards --config $(if $(CONFIG),$(CONFIG),$(SHARDS_CONFIG)) $(ARGS)
+
+report: shards ## same as shards (the report is written with the shards)
+
+train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONFIG=, ARGS=)
+	$(PY) -m train --config $(if $(CONFIG),$(CONFIG),$(TRAIN_CONFIG)) $(ARGS)
+
+test: $(STAMP) ## unit and integration tests (real HTTP server, Ray, S3 server, torchrun)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-demo: ## remove the demo's data and runs
+	rm -rf data/demo runs/demo
