@@ -16,6 +16,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -169,7 +170,10 @@ def _background(scene: Scene, rng: random.Random) -> Image.Image:
         return Image.composite(Image.new("RGB", size, base), Image.new("RGB", size, other), ramp)
     image = Image.new("RGB", size, base)
     if scene.texture == "noise":
-        noise = Image.effect_noise(size, 18).convert("RGB")
+        # From the scene's own seed (Pillow's effect_noise uses the C library's global
+        # rand(), which would make pixels depend on the process, not the scene).
+        grain = np.random.default_rng(scene.seed).standard_normal((scene.height, scene.width), dtype=np.float32)
+        noise = Image.fromarray(np.clip(128 + 18 * grain, 0, 255).astype(np.uint8), "L").convert("RGB")
         image = Image.blend(image, noise, 0.12)
     return image
 
@@ -215,5 +219,5 @@ def render(scene: Scene) -> Image.Image:
     else:  # pragma: no cover - SHAPES is closed
         raise ValueError(f"unknown shape {scene.shape!r}")
     if rng.random() < 0.3:  # some photos are a little soft
-        image = image.filter(ImageFilter.GaussianBlur(radius=max(w, h) / 800))
+        image = image.filter(ImageFilter.BoxBlur(radius=max(1, round(max(w, h) / 800))))
     return image
