@@ -75,6 +75,7 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
 from core.reasons import Reason, SampleError
+from filter.config import FilterConfig
 from infra.local import scenes
 from ingest.resizer import ResizeConfig, resize_image
 
@@ -122,11 +123,13 @@ EXPECTED_INGEST_REASON: dict[str, Reason | None] = {
     "redirect_blocked": Reason.SSRF_BLOCKED,
 }
 
-# The thin filter's defaults, which expected_filter_reason is computed against.
-FILTER_MIN_SIDE = 64
-FILTER_MAX_ASPECT = 3.0
-FILTER_MIN_CAPTION_CHARS = 5
-FILTER_MIN_CAPTION_WORDS = 2
+# expected_filter_reason is computed here, independently of filter/ (it is the test
+# oracle), against the filter's default thresholds, read from its config.
+_FILTER_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FilterConfig)}
+FILTER_MIN_SIDE: int = _FILTER_DEFAULTS["min_image_size"]
+FILTER_MAX_ASPECT: float = _FILTER_DEFAULTS["max_aspect_ratio"]
+FILTER_MIN_CAPTION_CHARS: int = _FILTER_DEFAULTS["min_caption_chars"]
+FILTER_MIN_CAPTION_WORDS: int = _FILTER_DEFAULTS["min_caption_words"]
 
 DEFAULT_SLOW_DELAY_S = 8.0
 JPEG_QUALITY_RANGE = (70, 95)
