@@ -81,7 +81,7 @@ from ingest.resizer import ResizeConfig, resize_image
 
 # Bump when the generator's output changes for the same (rows, seed, slow_delay):
 # stale sites are then re-rendered instead of silently reused.
-CORPUS_FORMAT = 2
+CORPUS_FORMAT = 3
 
 # Planted defects, as fractions of all rows; "clean" takes the rest (about 49%).
 # "mismatch" is about 19% of the rows whose download yields a scene image.

@@ -25,6 +25,7 @@ import time
 from infra.local.webserver import serve
 
 DATA = "data/demo"
+RUN = "runs/demo"  # run_dir of configs/demo/train.yaml
 CONFIGS = "configs/demo"
 
 
@@ -65,8 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         _run([py, "-m", "train", "--config", f"{CONFIGS}/train.yaml", *shlex.split(args.train_args)],
              "train: CLIP from scratch + zero-shot")
-    print(f"\ndemo finished in {time.time() - start:.0f}s; report: {DATA}/train/report.html", flush=True)
+    print(f"\ndemo finished in {time.time() - start:.0f}s")
+    print(f"  dataset report:  {DATA}/train/report.html (and report.json, manifest.json)")
+    if not args.skip_train:
+        print(f"  model and logs:  {RUN}/ (zero-shot figures in {RUN}/zeroshot.json)")
+        print(_zero_shot_line(f"{RUN}/zeroshot.json"), flush=True)  # the demo's last line
     return 0
+
+
+def _zero_shot_line(path: str) -> str:
+    """The trainer's summary line again, so it is the last thing the demo prints."""
+    import dataclasses
+
+    from core import storage
+    from train.zeroshot import ZeroShotResult
+
+    figures = storage.read_json(path)
+    names = {f.name for f in dataclasses.fields(ZeroShotResult)}
+    return ZeroShotResult(**{k: v for k, v in figures.items() if k in names}).line()
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "beige": (225, 210, 180),
 }
 
-SIZES: dict[str, float] = {"small": 0.28, "medium": 0.45, "large": 0.65}  # of the short side
+SIZES: dict[str, float] = {"small": 0.4, "medium": 0.55, "large": 0.7}  # of the short side
 POSITIONS: tuple[str, ...] = ("left", "center", "right")
 
 CAPTION_TEMPLATES: tuple[str, ...] = (

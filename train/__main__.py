@@ -1,0 +1,61 @@
+"""``python -m train --config FILE [--set key=value ...]``: train a CLIP model on tar shards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from train.config import ConfigError, describe_keys, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Streaming CLIP training on WebDataset/img2dataset tar shards, then zero-shot eval.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n"
+            "  python -m train --config configs/demo/train.yaml\n"
+            "  python -m train --config configs/demo/train.yaml --set steps=200 --set optim.lr=5e-4\n"
+            "  torchrun --nproc_per_node 2 -m train --config configs/demo/train.yaml\n\n"
+            "settings (--set KEY=VALUE; values are YAML scalars, null clears an optional one):\n"
+            + describe_keys()
+            + "\n"
+        ),
+    )
+    parser.add_argument("--config", help="YAML file of settings (defaults are listed below)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set batch_size=128 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    logging.basicConfig(  # open_clip logs its model-building steps at INFO: keep those quiet
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("train").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            from train.config import to_yaml
+
+            print(to_yaml(config), end="")
+            return 0
+        from train.loop import train  # imported late: torch and open_clip take seconds to load
+
+        train(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

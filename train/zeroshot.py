@@ -1,0 +1,234 @@
+"""Zero-shot classification on the demo world: does the model read colour *and* shape?
+
+The classifier is text only: for each of the 48 (colour, shape) classes, the
+embeddings of ``scenes.prompts(colour, shape)`` averaged and re-normalised. Images
+are scored against all 48 classes. Reported, with chance = 1/48:
+
+* ``seen``        top-1 on images of pairs that occur in training;
+* ``unseen``      top-1 on images of the held-out pairs, among all 48 classes
+                  (the model must put a colour and a shape together it never saw);
+* ``unseen_only`` top-1 on held-out images among the 6 held-out classes only;
+* colour and shape accuracy of the top-1 prediction, for seen and unseen images, to
+  tell "wrong colour" from "wrong shape".
+
+Standalone::
+
+    python -m train.zeroshot --checkpoint runs/demo/checkpoints/step_00001000.pt \\
+        --model webclip-tiny --eval data/demo/eval/eval.tar [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from core import storage
+from infra.local import scenes
+from train import data as data_mod
+from train import model as model_mod
+
+NUM_CLASSES = len(scenes.CLASSES)
+CHANCE = 1.0 / NUM_CLASSES
+UNSEEN_CLASS_INDICES = [i for i, pair in enumerate(scenes.CLASSES) if pair in scenes.HELD_OUT_PAIRS]
+
+
+@dataclass
+class EvalSet:
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor  # int64 (N,), index into scenes.CLASSES
+    seen: torch.Tensor  # bool (N,)
+    skipped: dict[str, int]
+
+
+@dataclass
+class ZeroShotResult:
+    seen: float | None
+    unseen: float | None
+    unseen_only: float | None
+    seen_colour: float | None
+    seen_shape: float | None
+    unseen_colour: float | None
+    unseen_shape: float | None
+    n_seen: int
+    n_unseen: int
+    chance: float = CHANCE
+    classes: int = NUM_CLASSES
+
+    def details(self) -> str:
+        """Colour / shape accuracy and sample counts, printed before the summary line."""
+
+        def f(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        return (
+            f"zero-shot colour/shape: seen {f(self.seen_colour)}/{f(self.seen_shape)} (n={self.n_seen}), "
+            f"unseen {f(self.unseen_colour)}/{f(self.unseen_shape)} (n={self.n_unseen})"
+        )
+
+    def line(self) -> str:
+        """The one-line summary the trainer prints last."""
+
+        def f(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        return (
+            f"zero-shot top1: seen={f(self.seen)} unseen={f(self.unseen)} unseen_only={f(self.unseen_only)} "
+            f"chance={self.chance:.3f} ({self.classes} classes)"
+        )
+
+
+def load_eval_set(path: str, image_size: int) -> EvalSet:
+    """Read the eval tar: ``{i}.jpg`` plus ``{i}.json`` with colour, shape, class_index, seen.
+
+    The label is taken from (colour, shape), and a ``class_index`` that disagrees with
+    ``scenes.CLASSES`` is an error: a silently shifted label would fake any accuracy.
+    """
+    skipped: Counter = Counter()
+    images, labels, seen = [], [], []
+    for sample in data_mod.iter_tar_samples(path, skipped):
+        try:
+            meta = json.loads(sample.members["json"].decode("utf-8"))
+            pair = (meta["colour"], meta["shape"])
+            image = data_mod.decode_image(data_mod.image_bytes(sample.members), image_size)
+        except data_mod.SkipSample as skip:
+            skipped[skip.reason] += 1
+            continue
+        except (KeyError, ValueError, TypeError):
+            skipped["bad_metadata"] += 1
+            continue
+        if pair not in scenes.CLASSES:
+            skipped["unknown_class"] += 1
+            continue
+        label = scenes.CLASSES.index(pair)
+        if "class_index" in meta and meta["class_index"] != label:
+            raise ValueError(
+                f"{path}: sample {sample.key} says class_index={meta['class_index']} but {pair} is "
+                f"class {label} in scenes.CLASSES; the eval set and the code disagree"
+            )
+        images.append(image)
+        labels.append(label)
+        seen.append(pair not in scenes.HELD_OUT_PAIRS)
+    if not images:
+        raise ValueError(f"{path}: no usable eval samples (skipped: {dict(skipped)})")
+    return EvalSet(torch.stack(images), torch.tensor(labels), torch.tensor(seen), dict(skipped))
+
+
+@torch.no_grad()
+def class_embeddings(model: torch.nn.Module, tokenizer, device: torch.device) -> torch.Tensor:
+    """(48, D): per class, the normalised mean of its normalised prompt embeddings."""
+    rows = []
+    for colour, shape in scenes.CLASSES:
+        tokens = tokenizer(scenes.prompts(colour, shape)).to(device)
+        features = model.encode_text(tokens, normalize=True).float()
+        rows.append(torch.nn.functional.normalize(features.mean(dim=0), dim=-1))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256):
+    """(N, 48) image-to-class similarities."""
+    was_training = model.training
+    model.eval()
+    classifier = class_embeddings(model, tokenizer, device)
+    mean, std = model_mod.normaliser(model, device)
+    scores = []
+    for start in range(0, len(eval_set.images), batch_size):
+        images = model_mod.normalise(eval_set.images[start : start + batch_size].to(device), mean, std)
+        features = model.encode_image(images, normalize=True).float()
+        scores.append((features @ classifier.T).cpu())
+    model.train(was_training)
+    return torch.cat(scores)
+
+
+def metrics(scores: torch.Tensor, labels: torch.Tensor, seen: torch.Tensor) -> ZeroShotResult:
+    """Accuracies from similarities; pure, so it is tested without a model."""
+    predicted = scores.argmax(dim=1)
+    colours = torch.tensor([list(scenes.COLOURS).index(c) for c, _ in scenes.CLASSES])
+    shapes = torch.tensor([scenes.SHAPES.index(s) for _, s in scenes.CLASSES])
+    correct = predicted == labels
+    colour_ok = colours[predicted] == colours[labels]
+    shape_ok = shapes[predicted] == shapes[labels]
+    unseen = ~seen
+    unseen_idx = torch.tensor(UNSEEN_CLASS_INDICES)
+    only_pred = unseen_idx[scores[:, unseen_idx].argmax(dim=1)]
+
+    def rate(hit: torch.Tensor, mask: torch.Tensor) -> float | None:
+        n = int(mask.sum())
+        return None if n == 0 else float(hit[mask].float().mean())
+
+    return ZeroShotResult(
+        seen=rate(correct, seen),
+        unseen=rate(correct, unseen),
+        unseen_only=rate(only_pred == labels, unseen),
+        seen_colour=rate(colour_ok, seen),
+        seen_shape=rate(shape_ok, seen),
+        unseen_colour=rate(colour_ok, unseen),
+        unseen_shape=rate(shape_ok, unseen),
+        n_seen=int(seen.sum()),
+        n_unseen=int(unseen.sum()),
+    )
+
+
+def evaluate(model, tokenizer, eval_set: EvalSet, device: torch.device, batch_size: int = 256) -> ZeroShotResult:
+    return metrics(predict(model, tokenizer, eval_set, device, batch_size), eval_set.labels, eval_set.seen)
+
+
+def write_result(path: str, result: ZeroShotResult, extra: dict | None = None) -> None:
+    payload = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(result).items()}
+    storage.write_json(path, {**payload, **(extra or {})})
+
+
+def _local_copy(path: str, folder: str) -> str:
+    """open_clip loads only local files: copy an ``s3://`` checkpoint to ``folder`` first."""
+    if storage.is_local(path):
+        return path
+    target = os.path.join(folder, os.path.basename(path))
+    with storage.open_file(path, "rb") as src, open(target, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.zeroshot", description="Zero-shot top-1 of a checkpoint on the 48-class eval set."
+    )
+    parser.add_argument("--checkpoint", required=True, help="model .pt file, local or s3://")
+    parser.add_argument("--model", default="webclip-tiny", help="open_clip model name (default: webclip-tiny)")
+    parser.add_argument("--model-config", help="extra open_clip model JSON to register first")
+    parser.add_argument("--eval", required=True, help="eval tar, local or s3://")
+    parser.add_argument("--out", help="write all figures as JSON here")
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.model_config:
+        model_mod.register_model_config(args.model_config)
+    if args.model not in model_mod.model_names():
+        parser.error(f"--model {args.model}: unknown; known: webclip-*, or pass --model-config FILE")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size {args.batch_size}: must be a positive integer")
+    for flag, path in (("--checkpoint", args.checkpoint), ("--eval", args.eval)):
+        if not storage.exists(path):
+            parser.error(f"{flag} {path}: no such file")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = model_mod.create_model(args.model, pretrained=_local_copy(args.checkpoint, tmp), device=device)
+    tokenizer = model_mod.tokenizer_for(args.model)
+    eval_set = load_eval_set(args.eval, model_mod.image_size_of(model))
+    result = evaluate(model, tokenizer, eval_set, device, args.batch_size)
+    if args.out:
+        write_result(args.out, result, {"checkpoint": args.checkpoint, "eval": args.eval, "skipped": eval_set.skipped})
+    print(result.details())
+    print(result.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
