@@ -41,7 +41,7 @@ def _run(command: list[str], title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.local.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=12000, help="URL-list rows in the synthetic web")
+    parser.add_argument("--rows", type=int, default=20000, help="URL-list rows in the synthetic web")
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpus and the eval set")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", 8765)),
                         help="port of the demo web server on 127.0.0.1 (env DEMO_PORT)")
