@@ -64,10 +64,7 @@ class ZeroShotResult:
 
     def details(self) -> str:
         """Colour / shape accuracy and sample counts, printed before the summary line."""
-
-        def f(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}"
-
+        f = _rate
         return (
             f"zero-shot colour/shape: seen {f(self.seen_colour)}/{f(self.seen_shape)} (n={self.n_seen}), "
             f"unseen {f(self.unseen_colour)}/{f(self.unseen_shape)} (n={self.n_unseen})"
@@ -75,14 +72,15 @@ class ZeroShotResult:
 
     def line(self) -> str:
         """The one-line summary the trainer prints last."""
-
-        def f(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}"
-
+        f = _rate
         return (
             f"zero-shot top1: seen={f(self.seen)} unseen={f(self.unseen)} unseen_only={f(self.unseen_only)} "
             f"chance={self.chance:.3f} ({self.classes} classes)"
         )
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def load_eval_set(path: str, image_size: int) -> EvalSet:
@@ -219,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        model = model_mod.create_model(args.model, pretrained=_local_copy(args.checkpoint, tmp), device=device)
+        local = _local_copy(args.checkpoint, tmp)
+        saved = torch.load(local, map_location="cpu", weights_only=True)
+        image_size = saved.get("image_size") if isinstance(saved, dict) else None  # set by our trainer
+        del saved
+        model = model_mod.create_model(args.model, pretrained=local, image_size=image_size, device=device)
     tokenizer = model_mod.tokenizer_for(args.model)
     eval_set = load_eval_set(args.eval, model_mod.image_size_of(model))
     result = evaluate(model, tokenizer, eval_set, device, args.batch_size)
