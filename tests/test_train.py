@@ -330,7 +330,7 @@ def test_short_run_writes_open_clip_checkpoints(tmp_path, shards_dir, eval_tar, 
     assert state["progress"]["step"] == 4 and "state" in state["optimizer"]
 
     figures = json.load(open(os.path.join(config.run_dir, "zeroshot.json")))
-    assert figures["seen"] == result.seen and figures["train"]["steps"] == 4
+    assert figures["seen"] == round(result.seen, 4) and figures["train"]["steps"] == 4
     assert len(_losses(config.run_dir)) == 4
 
     # Standalone evaluation of the saved checkpoint gives the same figures.
@@ -381,3 +381,10 @@ def test_shards_and_checkpoints_on_s3(tmp_path, shards_dir, eval_tar, tiny_model
     capsys.readouterr()
     zeroshot.main(["--checkpoint", path, "--model", "webclip-test-tiny", "--eval", config.data.eval_tar])
     assert capsys.readouterr().out.strip().splitlines()[-1] == result.line()
+
+
+def test_a_stream_without_readable_shards_fails_instead_of_spinning(tmp_path):
+    (tmp_path / "00000.tar").write_bytes(b"this is not a tar file" * 10)
+    stream = _stream(data_mod.list_shards(str(tmp_path)), repeat=True)
+    with pytest.raises(RuntimeError, match="read no samples in epoch 0"):
+        next(iter(stream))

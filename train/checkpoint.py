@@ -5,10 +5,13 @@ For step ``N`` in the checkpoint folder (local or ``s3://``):
 * ``step_{N:08d}.pt`` — ``{"state_dict": ..., "model_name": ..., "step": N, ...}``:
   what ``open_clip.create_model_and_transforms(name, pretrained=path)`` loads
   (its ``load_state_dict`` takes the ``state_dict`` entry; every other entry is a
-  plain int/str so ``torch.load(weights_only=True)`` accepts the file);
+  plain int/str so ``torch.load(weights_only=True)`` accepts the file). Our model
+  names are known to open_clip once ``train.model`` is imported (or after
+  ``open_clip.add_model_config("train/model_configs")``); a run with
+  ``model.image_size`` set needs the same ``force_image_size`` when loading;
 * ``step_{N:08d}.state.pt`` — optimizer, step, samples seen, epoch, RNG states: what a
   resume needs and an open_clip user does not;
-* ``latest.json`` — names the two files above; written last, so a reader that follows
+* ``latest.json`` — names the two files above and the step; written last, so a reader that follows
   it never finds a half-written checkpoint (each file is itself written atomically).
 """
 
@@ -58,6 +61,7 @@ def save_checkpoint(
     progress: TrainProgress,
     model_name: str,
     config: dict[str, Any],
+    image_size: int,
 ) -> str:
     """Write model, training state and the ``latest`` pointer; returns the model file's path.
 
@@ -69,7 +73,9 @@ def save_checkpoint(
     weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     _write(
         model_path,
-        _to_bytes({"state_dict": weights, "model_name": model_name, "step": progress.step}),
+        _to_bytes(
+            {"state_dict": weights, "model_name": model_name, "image_size": image_size, "step": progress.step}
+        ),
     )
     _write(
         state_path,

@@ -286,9 +286,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             epoch = self.start_epoch
             while True:
                 state["epoch"] = epoch
-                yield from self._epoch_samples(epoch, reader, readers, skipped)
+                count = 0
+                for sample in self._epoch_samples(epoch, reader, readers, skipped):
+                    count += 1
+                    yield sample
                 if not self.repeat:
                     return
+                if count == 0:  # looping again would spin forever on the same failures
+                    raise RuntimeError(
+                        f"reader {reader} of {readers} read no samples in epoch {epoch} "
+                        f"(skipped: {dict(skipped) or 'none'}); are the shards still there?"
+                    )
                 epoch += 1
 
         rng = random.Random(f"buffer:{self.seed}:{self.rank}:{worker}:{self.start_epoch}")

@@ -220,6 +220,7 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], world: distributed
                 "epoch": epoch,
                 "data_wait_s": round(data_wait, 2),
                 "elapsed_s": round(now - start, 1),
+                "skipped": dict(skipped),  # this rank's corrupt/incomplete samples so far, by reason
             }
             last_time, last_samples = now, samples_seen
             if world.is_main:
@@ -282,7 +283,13 @@ def _save(config, world, bare_model, optimizer, step, samples_seen, epoch) -> st
     if world.is_main:
         progress = ckpt.TrainProgress(step=step, samples_seen=samples_seen, epoch=epoch)
         path = ckpt.save_checkpoint(
-            config.checkpoint_dir, bare_model, optimizer, progress, config.model.name, config.to_dict()
+            config.checkpoint_dir,
+            bare_model,
+            optimizer,
+            progress,
+            config.model.name,
+            config.to_dict(),
+            model_mod.image_size_of(bare_model),
         )
         log.info("checkpoint: %s", path)
     distributed.barrier(world)
