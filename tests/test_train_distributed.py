@@ -116,6 +116,7 @@ def _worker(out_path: str) -> None:
                     {"loss": loss.item(), "grad_image": grad_image.tolist(), "grad_text": grad_text.tolist()},
                     handle,
                 )
+        distributed.barrier(world)  # leave together: gloo may abort a rank whose peer tears down first
     finally:
         distributed.cleanup()
 

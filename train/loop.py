@@ -104,7 +104,9 @@ def train(config: TrainConfig) -> zeroshot.ZeroShotResult | None:
     shards = check_inputs(config)
     world = distributed.init(config.device)
     try:
-        return _train(config, shards, world)
+        result = _train(config, shards, world)
+        distributed.barrier(world)  # leave together: gloo may abort a rank whose peer tears down first
+        return result
     finally:
         distributed.cleanup()
 
@@ -115,6 +117,8 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], world: distributed
     local_batch = config.batch_size // world.world_size
     steps = total_steps(config, shards)
     on_gpu = world.device.type == "cuda"
+    if config.precision == "bf16" and not on_gpu:
+        raise ConfigError("precision='bf16': bf16 autocast is used on GPU only, and no GPU is in use; use fp32")
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and on_gpu)
     threads = config.threads or max(1, (os.cpu_count() or 1) // world.local_world_size)
     torch.set_num_threads(threads)
