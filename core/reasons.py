@@ -39,6 +39,8 @@ class Reason(str, Enum):
     TOO_LARGE = "too_large"  # more bytes than --max_bytes
     TRUNCATED = "truncated"  # body shorter than announced / connection cut
     NOT_IMAGE = "not_image"  # content type says it is not an image
+    # -- input: the row itself, decided before any request ---------------------------
+    CAPTION_NOT_UTF8 = "caption_not_utf8"  # caption bytes are not valid UTF-8: not fetched
     # -- decode: turning bytes into a resized image ---------------------------------
     DECODE_ERROR = "decode_error"
     TOO_MANY_PIXELS = "too_many_pixels"  # from the header, before the full decode
@@ -73,6 +75,7 @@ _STAGE: dict[Reason, Stage] = {
         for r in (Reason.DECODE_ERROR, Reason.TOO_MANY_PIXELS, Reason.TOO_SMALL, Reason.ASPECT_RATIO)
     },
 }
+_STAGE[Reason.CAPTION_NOT_UTF8] = Stage.FETCH  # a pool row that never reached the network
 _STAGE.update({r: Stage.FILTER for r in Reason if r not in _STAGE})
 
 _DESCRIPTION: dict[Reason, str] = {
@@ -93,6 +96,7 @@ _DESCRIPTION: dict[Reason, str] = {
     Reason.TOO_LARGE: "the body was larger than the byte cap",
     Reason.TRUNCATED: "the body ended before its announced length",
     Reason.NOT_IMAGE: "the content type is not an image",
+    Reason.CAPTION_NOT_UTF8: "the caption's bytes are not valid UTF-8 (kept with U+FFFD replacements; not fetched)",
     Reason.DECODE_ERROR: "the bytes are not a decodable image",
     Reason.TOO_MANY_PIXELS: "the image header announces more pixels than the cap",
     Reason.TOO_SMALL: "the image is smaller than the minimum side",
