@@ -18,6 +18,7 @@ class Stage(str, Enum):
     FETCH = "fetch"  # ingest: network, HTTP, safety
     DECODE = "decode"  # ingest: image decode / resize
     FILTER = "filter"  # filter: quality, captions, dedupe
+    TRAIN = "train"  # train: reading shards and turning samples into tensors
 
 
 class Reason(str, Enum):
@@ -53,6 +54,11 @@ class Reason(str, Enum):
     DUP_EXACT = "dup_exact"
     DUP_NEAR = "dup_near"
     LOW_CLIP_SCORE = "low_clip_score"
+    # -- train: reading train shards (decode_error, too_many_pixels, caption_missing reused) --
+    IMAGE_MISSING = "image_missing"  # a key with no image member (caption_not_utf8 is above)
+    SHARD_ERROR = "shard_error"  # a shard that cannot be opened, or ends mid-member
+    TRANSFORM_ERROR = "transform_error"  # the image decoded but the transform to a tensor failed
+    LABEL_MISSING = "label_missing"  # an eval sample without a usable class label
 
     @property
     def stage(self) -> Stage:
@@ -76,6 +82,12 @@ _STAGE: dict[Reason, Stage] = {
     },
 }
 _STAGE[Reason.CAPTION_NOT_UTF8] = Stage.FETCH  # a pool row that never reached the network
+_STAGE.update(
+    {
+        r: Stage.TRAIN
+        for r in (Reason.IMAGE_MISSING, Reason.SHARD_ERROR, Reason.TRANSFORM_ERROR, Reason.LABEL_MISSING)
+    }
+)
 _STAGE.update({r: Stage.FILTER for r in Reason if r not in _STAGE})
 
 _DESCRIPTION: dict[Reason, str] = {
@@ -107,6 +119,10 @@ _DESCRIPTION: dict[Reason, str] = {
     Reason.DUP_EXACT: "the same image bytes (sha256) appeared earlier in the pool",
     Reason.DUP_NEAR: "a perceptually near-identical image appeared earlier in the pool",
     Reason.LOW_CLIP_SCORE: "image and caption are too dissimilar under a CLIP model",
+    Reason.IMAGE_MISSING: "the sample has a caption but no image member",
+    Reason.SHARD_ERROR: "the shard could not be opened or ends mid-member; the rest of it is lost",
+    Reason.TRANSFORM_ERROR: "turning the decoded image into a training tensor failed",
+    Reason.LABEL_MISSING: "the eval sample has no usable class label",
 }
 
 
