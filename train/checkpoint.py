@@ -9,10 +9,13 @@ For step ``N`` in the checkpoint folder (local or ``s3://``):
   names are known to open_clip once ``train.model`` is imported (or after
   ``open_clip.add_model_config("train/model_configs")``); a run with
   ``model.image_size`` set needs the same ``force_image_size`` when loading;
-* ``step_{N:08d}.state.pt`` — optimizer, step, samples seen, epoch, RNG states: what a
-  resume needs and an open_clip user does not;
-* ``latest.json`` — names the two files above and the step; written last, so a reader that follows
-  it never finds a half-written checkpoint (each file is itself written atomically).
+* ``step_{N:08d}.state.pt`` — what a resume needs and an open_clip user does not: the
+  optimizer and grad scaler, the schedule's inputs, step and samples seen, and per rank
+  the data readers' positions, skip counts and RNG states (all plain tensors, numbers
+  and lists, so it too loads with ``weights_only=True``: no pickled code);
+* ``latest.json`` — names the two files above and the step; written last, so a reader
+  that follows it never finds a half-written checkpoint. Each file is itself written
+  atomically: a temporary name then a rename on local disk, one PUT per object on S3.
 """
 
 from __future__ import annotations
@@ -22,18 +25,20 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from core import storage
 
 LATEST = "latest.json"
+STATE_SUFFIX = ".state.pt"
 
 
 @dataclass(frozen=True)
 class TrainProgress:
     step: int
     samples_seen: int
-    epoch: int  # the epoch the data readers were in (approximate under shuffling)
+    epoch: int  # the epoch rank 0's first data reader was in
 
 
 def _to_bytes(obj: Any) -> bytes:
@@ -47,29 +52,58 @@ def _write(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+def _load(path: str) -> Any:
+    with storage.open_file(path, "rb") as handle:
+        data = handle.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+# -- RNG state -----------------------------------------------------------------------------
+
+
 def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """This process's RNG states, as plain tensors and lists (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(np.asarray(keys).copy()), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device only
     return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- save ------------------------------------------------------------------------------------
 
 
 def save_checkpoint(
     folder: str,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
     progress: TrainProgress,
     model_name: str,
-    config: dict[str, Any],
     image_size: int,
+    state: dict[str, Any],
 ) -> str:
-    """Write model, training state and the ``latest`` pointer; returns the model file's path.
+    """Write model, training state and (last) the ``latest`` pointer; returns the model file's path.
 
-    ``model`` is the bare model (not the DDP wrapper), so keys carry no ``module.`` prefix.
+    ``model`` is the bare model (not the DDP or compiled wrapper), so keys carry no prefix.
+    ``state`` is everything else a resume needs (see the module docstring).
     """
     name = f"step_{progress.step:08d}"
     model_path = storage.join(folder, f"{name}.pt")
-    state_path = storage.join(folder, f"{name}.state.pt")
+    state_path = storage.join(folder, f"{name}{STATE_SUFFIX}")
     weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     _write(
         model_path,
@@ -77,22 +111,15 @@ def save_checkpoint(
             {"state_dict": weights, "model_name": model_name, "image_size": image_size, "step": progress.step}
         ),
     )
-    _write(
-        state_path,
-        _to_bytes(
-            {
-                "optimizer": optimizer.state_dict(),
-                "progress": asdict(progress),
-                "rng": rng_state(),
-                "config": config,
-            }
-        ),
-    )
+    _write(state_path, _to_bytes({**state, "progress": asdict(progress)}))
     storage.write_json(
         storage.join(folder, LATEST),
-        {"checkpoint": f"{name}.pt", "state": f"{name}.state.pt", **asdict(progress), "model_name": model_name},
+        {"checkpoint": f"{name}.pt", "state": f"{name}{STATE_SUFFIX}", **asdict(progress), "model_name": model_name},
     )
     return model_path
+
+
+# -- find and load -----------------------------------------------------------------------------
 
 
 def latest_checkpoint(folder: str) -> str | None:
@@ -101,3 +128,31 @@ def latest_checkpoint(folder: str) -> str | None:
     if not storage.exists(pointer):
         return None
     return storage.join(folder, storage.read_json(pointer)["checkpoint"])
+
+
+def resolve_resume(resume: str, checkpoint_dir: str) -> str | None:
+    """The model file to resume from: ``"latest"`` (None if the folder has none yet), a folder, or a file.
+
+    Raises ``FileNotFoundError`` naming the path when an explicit path does not exist.
+    """
+    if resume == "latest":
+        return latest_checkpoint(checkpoint_dir)
+    path = resume
+    if path.endswith(STATE_SUFFIX):
+        path = path[: -len(STATE_SUFFIX)] + ".pt"
+    if not path.endswith(".pt"):  # a folder holding latest.json
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"resume={resume!r}: no {LATEST} in that folder")
+        return found
+    if not storage.exists(path):
+        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint")
+    return path
+
+
+def load_checkpoint(model_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model file contents, training state) of the checkpoint whose model file is ``model_path``."""
+    state_path = model_path[: -len(".pt")] + STATE_SUFFIX
+    if not storage.exists(state_path):
+        raise FileNotFoundError(f"{model_path}: its training state {state_path} is missing; cannot resume exactly")
+    return _load(model_path), _load(state_path)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -34,9 +34,14 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train_shards: str = "data/demo/train"  # folder of {n:05d}.tar (+ manifest.json), local or s3://
-    eval_tar: str | None = "data/demo/eval/eval.tar"  # zero-shot eval set; null = no eval
+    resampled: bool = False  # draw shards with replacement (seeded), for datasets too large for epochs
+    eval_tar: str | None = "data/demo/eval/eval.tar"  # zero-shot images with labels; null = no zero-shot
+    eval_classnames: str | None = None  # text file, one class name per line; null = the demo's 48 classes
+    eval_templates: str | None = None  # text file, one prompt per line with {} for the class name
+    eval_shards: str | None = None  # folder of held-out tars for image-text retrieval; null = none
+    eval_max_samples: int = 5000  # retrieval uses at most this many held-out samples
     workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)
-    shuffle_buffer: int = 2000  # samples held for shuffling, per reader
+    shuffle_buffer: int = 2000  # samples held for shuffling, per reader (drained at each epoch's end)
     max_image_pixels: int = 1 << 26  # images announcing more pixels are skipped (decompression bombs)
 
 
@@ -46,6 +51,7 @@ class ModelConfig:
     config_file: str | None = None  # extra open_clip model JSON; registered under its file stem
     image_size: int | None = None  # override the model config's image size; null = the config's
     channels_last: bool = True  # NHWC memory layout: faster convolutions on CPU (oneDNN) and GPU
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward: less memory, ~30% more compute
 
 
 @dataclass
@@ -72,15 +78,20 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    batch_size: int = 256  # global: split evenly over ranks, so results do not depend on world size
+    batch_size: int = 256  # global samples per optimizer step, split evenly over ranks and accum_steps
+    accum_steps: int = 1  # micro-batches per optimizer step; each micro-batch is its own contrastive batch
     steps: int | None = None  # optimizer steps; exactly one of steps / epochs
     epochs: float | None = None  # passes over the manifest's sample count (needs manifest.json)
     seed: int = 0
+    resume: str | None = None  # "latest" (the checkpoint dir's latest.json; fresh start if none) or a .pt path
     run_dir: str = "runs/default"  # log.jsonl, config.yaml, zeroshot.json (local path)
     log_every: int = 10  # steps between log lines
     eval_every: int = 0  # also run zero-shot eval every N steps (logged to log.jsonl); 0 = only at the end
     device: str = "auto"  # auto = cuda when available
-    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; fp16 (GPU) uses a GradScaler
+    compile: bool = False  # torch.compile the model (GPU mostly; on CPU it needs a C++ compiler)
+    tensorboard: bool = True  # also log to {run_dir}/tensorboard
+    peak_tflops: float | None = None  # per-device peak for MFU; null = known GPUs' bf16 dense peak, none on CPU
     threads: int = 0  # torch intra-op threads per rank; 0 = CPU cores / local ranks
     eval_batch_size: int = 256
 
@@ -233,6 +244,8 @@ def validate(config: TrainConfig) -> None:
     positive_int("log_every", c.log_every)
     positive_int("eval_every", c.eval_every, allow_zero=True)
     positive_int("eval_batch_size", c.eval_batch_size)
+    positive_int("accum_steps", c.accum_steps)
+    positive_int("data.eval_max_samples", c.data.eval_max_samples)
     positive_int("threads", c.threads, allow_zero=True)
     positive_int("data.workers", c.data.workers, allow_zero=True)
     positive_int("data.shuffle_buffer", c.data.shuffle_buffer)
@@ -258,17 +271,36 @@ def validate(config: TrainConfig) -> None:
         errors.append(f"precision={c.precision!r}: choose one of {', '.join(PRECISIONS)}")
     if c.device not in DEVICES:
         errors.append(f"device={c.device!r}: choose one of {', '.join(DEVICES)}")
-    if c.device == "cpu" and c.precision == "bf16":
-        errors.append("precision='bf16' with device='cpu': bf16 autocast is used on GPU only; use fp32")
+    if c.device == "cpu" and c.precision in ("bf16", "fp16"):
+        errors.append(f"precision={c.precision!r} with device='cpu': autocast is used on GPU only; use fp32")
+    if c.batch_size > 0 and c.accum_steps > 0 and c.batch_size % c.accum_steps:
+        errors.append(f"batch_size={c.batch_size}: must be a multiple of accum_steps={c.accum_steps}")
+    if c.peak_tflops is not None:
+        finite("peak_tflops", c.peak_tflops, 0.0, 1e6, low_open=True)
+    if c.resume is not None and not c.resume.strip():
+        errors.append("resume='': give 'latest' or the path of a step_*.pt checkpoint (or null)")
     if not c.data.train_shards:
         errors.append("data.train_shards is empty: give the folder of training shards")
     if "://" in c.run_dir and not c.run_dir.startswith("file://"):
         errors.append(f"run_dir={c.run_dir!r}: must be a local folder (checkpoint.dir may be s3://)")
-    for key, value in (("data.train_shards", c.data.train_shards), ("data.eval_tar", c.data.eval_tar)):
+    for key, value in (
+        ("data.train_shards", c.data.train_shards),
+        ("data.eval_tar", c.data.eval_tar),
+        ("data.eval_shards", c.data.eval_shards),
+        ("data.eval_classnames", c.data.eval_classnames),
+        ("data.eval_templates", c.data.eval_templates),
+        ("checkpoint.dir", c.checkpoint.dir),
+        ("resume", c.resume),
+    ):
         if value and value.startswith("pipe:"):
             errors.append(f"{key}={value!r}: pipe: URLs are not supported; give a local or s3:// path")
-    if c.eval_every and not c.data.eval_tar:
-        errors.append(f"eval_every={c.eval_every} but data.eval_tar is null: give an eval tar or set eval_every=0")
+    if c.eval_every and not (c.data.eval_tar or c.data.eval_shards):
+        errors.append(
+            f"eval_every={c.eval_every} but data.eval_tar and data.eval_shards are null: "
+            "give an eval set or set eval_every=0"
+        )
+    if c.data.eval_classnames and not c.data.eval_tar:
+        errors.append(f"data.eval_classnames={c.data.eval_classnames!r} needs data.eval_tar (the labelled images)")
     if errors:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
 

@@ -6,14 +6,20 @@ Why it is built this way:
   through fsspec (local or ``s3://``) with ``tarfile`` in stream mode; only the shuffle
   buffer's raw bytes are held. No ``pipe:`` URLs, no subprocesses, no unpickling: a
   shard member is bytes that we decode as a JPEG or as UTF-8 text, nothing else.
-* **Deterministic.** The shard order of epoch ``e`` is a permutation seeded by
-  ``(seed, e)``, the same on every rank; readers (rank x DataLoader worker) take
-  disjoint slices of it; each reader's shuffle buffer is seeded by
-  ``(seed, rank, worker)``. The same data, seed and world layout give the same batches.
+* **Deterministic, so a resume is exact.** The shard order of epoch ``e`` is a
+  permutation seeded by ``(seed, e)``, the same on every rank; readers (rank x
+  DataLoader worker) take disjoint slices of it (or, in ``resampled`` mode, each draws
+  shards with replacement from its own ``(seed, e, reader)`` stream); each reader's
+  shuffle buffer is seeded by ``(seed, e, reader)`` and drained at the epoch's end. A
+  reader's output is therefore a pure function of (seed, layout, epoch, position), and
+  every batch says where its reader stood when the batch was completed. A resumed run
+  replays each reader's current epoch up to that position *without decoding* (tar
+  bytes are read and dropped) and continues with the identical next batch.
 * **Every sample accounted for.** A corrupt or incomplete sample (bad image, missing or
-  non-UTF-8 caption, a truncated shard) is skipped and counted by reason. The counts
-  ride along with each batch as a delta, so the training process sees the totals even
-  when the reading happens in DataLoader worker processes.
+  non-UTF-8 caption, a truncated shard, a transform that raises) is skipped and
+  counted by reason (codes from ``core.reasons``). The counts ride along with each
+  batch as a delta, so the training process sees the totals even when the reading
+  happens in DataLoader worker processes.
 * **No random crop or flip**: captions say "left" and "right". Images are only resized
   to the model's size (the JPEG decoder's DCT scaling does most of it for free).
 """
@@ -22,12 +28,13 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import posixpath
 import random
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from core import storage
+from core.layout import STATS_SUFFIX
 from core.reasons import Reason
 
 log = logging.getLogger(__name__)
@@ -44,14 +52,15 @@ CAPTION_EXTENSION = "txt"
 
 
 class Skip:
-    """Why a sample was skipped; shared codes come from ``core.reasons``."""
+    """The ``core.reasons`` codes a training sample can be skipped for."""
 
     DECODE_ERROR = Reason.DECODE_ERROR.value  # image bytes that do not decode
     TOO_MANY_PIXELS = Reason.TOO_MANY_PIXELS.value  # header announces more than the cap
     CAPTION_MISSING = Reason.CAPTION_MISSING.value  # no .txt member, or an empty caption
-    IMAGE_MISSING = "image_missing"  # no image member for the key
-    CAPTION_NOT_UTF8 = "caption_not_utf8"
-    SHARD_ERROR = "shard_error"  # a shard that cannot be opened, or ends mid-member
+    IMAGE_MISSING = Reason.IMAGE_MISSING.value  # no image member for the key
+    CAPTION_NOT_UTF8 = Reason.CAPTION_NOT_UTF8.value
+    SHARD_ERROR = Reason.SHARD_ERROR.value  # a shard that cannot be opened, or ends mid-member
+    TRANSFORM_ERROR = Reason.TRANSFORM_ERROR.value  # anything else that fails on the way to a tensor
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,17 @@ def list_shards(folder: str) -> list[Shard]:
     paths = storage.list_files(folder, ".tar")
     if not paths:
         raise FileNotFoundError(f"data.train_shards={folder!r}: no manifest.json and no *.tar files there")
+    # A pool or img2dataset folder commits each shard with {shard}_stats.json, written last:
+    # where markers exist, a tar without one is half-written (a killed job) and is left out.
+    markers = {p[: -len(STATS_SUFFIX)] for p in storage.list_files(folder, STATS_SUFFIX)}
+    if markers:
+        committed = [p for p in paths if p[: -len(".tar")] in markers]
+        if len(committed) < len(paths):
+            log.warning("%s: %d tar(s) without %s (uncommitted) are not read", folder,
+                        len(paths) - len(committed), STATS_SUFFIX)  # fmt: skip
+        paths = committed
+        if not paths:
+            raise FileNotFoundError(f"data.train_shards={folder!r}: no committed shard (none has a {STATS_SUFFIX})")
     return [Shard(p, None) for p in paths]
 
 
@@ -198,6 +218,8 @@ class Batch(NamedTuple):
     keys: list[str]
     skipped: dict[str, int]  # samples skipped by reason since the previous batch of this reader
     epoch: int  # the reader's epoch when the batch was completed
+    worker: int  # the logical worker (see ShardStream) that made the batch
+    position: tuple[int, int]  # (epoch, samples drawn in it): where this reader resumes after this batch
 
 
 def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]:
@@ -205,6 +227,16 @@ def epoch_shard_order(shards: list[Shard], seed: int, epoch: int) -> list[Shard]
     order = list(shards)
     random.Random(f"shards:{seed}:{epoch}").shuffle(order)
     return order
+
+
+def resampled_shards(shards: list[Shard], seed: int, epoch: int, reader: int, readers: int) -> list[Shard]:
+    """Resampled mode: ``ceil(len(shards) / readers)`` shards drawn with replacement for one reader.
+
+    An "epoch" here is only a unit of bookkeeping (about one pass over the data across all
+    readers); it keeps resume replays short and makes the draw a pure function of its inputs.
+    """
+    rng = random.Random(f"resample:{seed}:{epoch}:{reader}:{readers}")
+    return [rng.choice(shards) for _ in range(math.ceil(len(shards) / readers))]
 
 
 def shuffled(items: Iterator[RawSample], buffer_size: int, rng: random.Random) -> Iterator[RawSample]:
@@ -233,6 +265,12 @@ class ShardStream(torch.utils.data.IterableDataset):
     Readers are ``world_size * workers``. With at least as many shards as readers,
     each reader gets whole shards of each epoch's order; with fewer, every reader reads
     every shard and keeps every ``n``-th sample (correct, but more bytes read).
+
+    Resuming: the DataLoader takes batches from its workers in turn (0, 1, ..., 0, 1, ...).
+    After ``k`` batches, the next one is due from worker ``k % workers``; so a resumed
+    stream is given ``worker_offset = k % workers`` and its physical worker ``p`` plays
+    logical worker ``(p + worker_offset) % workers``, whose reading starts at
+    ``start_positions[logical]`` (an ``(epoch, drawn)`` pair from ``Batch.position``).
     """
 
     shards: list[Shard]
@@ -244,9 +282,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     world_size: int = 1
     shuffle_buffer: int = 2000
     repeat: bool = True
-    start_epoch: int = 0
+    resampled: bool = False
+    start_epoch: int = 0  # where a logical worker without a start position begins
+    start_positions: tuple[tuple[int, int], ...] = ()  # per logical worker: (epoch, samples drawn)
+    worker_offset: int = 0
     max_image_pixels: int = 1 << 26
-    _warned: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -254,22 +294,25 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError("ShardStream needs at least one shard")
 
     def _reader(self) -> tuple[int, int, int]:
-        """(reader index, reader count, worker index) of the calling process."""
+        """(reader index, reader count, logical worker index) of the calling process."""
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        logical = (worker + self.worker_offset) % workers
         # Interleaved (worker-major), so each rank's workers get shards spread over the order
         # and ranks end up with equal shares whenever the shard count allows.
-        return worker * self.world_size + self.rank, self.world_size * workers, worker
+        return logical * self.world_size + self.rank, self.world_size * workers, logical
 
     def _epoch_samples(self, epoch: int, reader: int, readers: int, skipped: Counter) -> Iterator[RawSample]:
+        """This reader's samples of one epoch, in shard order (before the shuffle buffer)."""
+        if self.resampled:
+            for shard in resampled_shards(self.shards, self.seed, epoch, reader, readers):
+                yield from iter_tar_samples(shard.path, skipped)
+            return
         order = epoch_shard_order(self.shards, self.seed, epoch)
         if len(order) >= readers:
             for shard in order[reader::readers]:
                 yield from iter_tar_samples(shard.path, skipped)
             return
-        if not self._warned:
-            log.warning("%d shards for %d readers: every reader reads every shard", len(order), readers)
-            self._warned = True
         index = 0
         for shard in order:
             for sample in iter_tar_samples(shard.path, skipped):
@@ -277,49 +320,66 @@ class ShardStream(torch.utils.data.IterableDataset):
                     yield sample
                 index += 1
 
+    def _drawn(self, reader: int, readers: int, logical: int, skipped: Counter) -> Iterator[tuple[int, int, RawSample]]:
+        """``(epoch, n, sample)``: the shuffled stream, where ``sample`` is the epoch's ``n``-th draw.
+
+        Draws up to the start position are replayed and dropped without decoding; the skip
+        counts they raise were already reported before the checkpoint, so they are dropped too.
+        """
+        epoch, resume_at = (
+            self.start_positions[logical] if logical < len(self.start_positions) else (self.start_epoch, 0)
+        )
+        while True:
+            rng = random.Random(f"buffer:{self.seed}:{epoch}:{reader}:{readers}")
+            drawn = 0
+            for sample in shuffled(self._epoch_samples(epoch, reader, readers, skipped), self.shuffle_buffer, rng):
+                drawn += 1
+                if drawn <= resume_at:
+                    if drawn == resume_at:
+                        skipped.clear()
+                    continue
+                yield epoch, drawn, sample
+            if not self.repeat:
+                return
+            if drawn == 0:  # looping again would spin forever on the same failures
+                raise RuntimeError(
+                    f"reader {reader} of {readers} read no samples in epoch {epoch} "
+                    f"(skipped: {dict(skipped) or 'none'}); are the shards still there?"
+                )
+            epoch, resume_at = epoch + 1, 0
+
     def __iter__(self) -> Iterator[Batch]:
-        reader, readers, worker = self._reader()
+        reader, readers, logical = self._reader()
+        if not self.resampled and len(self.shards) < readers and reader == 0:
+            log.warning("%d shards for %d readers: every reader reads every shard", len(self.shards), readers)
         skipped: Counter = Counter()
-        state = {"epoch": self.start_epoch}
-
-        def raw() -> Iterator[RawSample]:
-            epoch = self.start_epoch
-            while True:
-                state["epoch"] = epoch
-                count = 0
-                for sample in self._epoch_samples(epoch, reader, readers, skipped):
-                    count += 1
-                    yield sample
-                if not self.repeat:
-                    return
-                if count == 0:  # looping again would spin forever on the same failures
-                    raise RuntimeError(
-                        f"reader {reader} of {readers} read no samples in epoch {epoch} "
-                        f"(skipped: {dict(skipped) or 'none'}); are the shards still there?"
-                    )
-                epoch += 1
-
-        rng = random.Random(f"buffer:{self.seed}:{self.rank}:{worker}:{self.start_epoch}")
         images: list[torch.Tensor] = []
         captions: list[str] = []
         keys: list[str] = []
-        for sample in shuffled(raw(), self.shuffle_buffer, rng):
+        position = (self.start_epoch, 0)
+        for epoch, drawn, sample in self._drawn(reader, readers, logical, skipped):
+            position = (epoch, drawn)
             try:
                 caption = decode_caption(sample.members)
                 image = decode_image(image_bytes(sample.members), self.image_size, self.max_image_pixels)
             except SkipSample as skip:
                 skipped[skip.reason] += 1
                 continue
+            except Exception as exc:  # noqa: BLE001 - one bad sample must not end a week-long run
+                skipped[Skip.TRANSFORM_ERROR] += 1
+                if skipped[Skip.TRANSFORM_ERROR] == 1:
+                    log.warning("sample %s: transform failed (%s: %s); skipped", sample.key, type(exc).__name__, exc)
+                continue
             images.append(image)
             captions.append(caption)
             keys.append(sample.key)
             if len(images) == self.batch_size:
-                yield self._batch(images, captions, keys, skipped, state["epoch"])
+                yield self._batch(images, captions, keys, skipped, logical, position)
                 images, captions, keys = [], [], []
         if images or skipped:  # with no images left, an empty batch still carries the counts
-            yield self._batch(images, captions, keys, skipped, state["epoch"])
+            yield self._batch(images, captions, keys, skipped, logical, position)
 
-    def _batch(self, images, captions, keys, skipped: Counter, epoch: int) -> Batch:
+    def _batch(self, images, captions, keys, skipped: Counter, logical: int, position: tuple[int, int]) -> Batch:
         """Assemble a batch; takes (and clears) the skip counts gathered since the last one."""
         delta = dict(skipped)
         skipped.clear()  # cleared, not replaced: the readers hold this same Counter
@@ -329,11 +389,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         else:
             stacked = torch.empty((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
             tokens = torch.empty((0, 0), dtype=torch.long)
-        return Batch(stacked, tokens, keys, delta, epoch)
+        return Batch(stacked, tokens, keys, delta, position[0], logical, position)
 
 
 def make_loader(stream: ShardStream, workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader that passes the stream's ready-made batches through unchanged."""
+    """A DataLoader that passes the stream's ready-made batches through unchanged.
+
+    Its workers are taken in strict turn (the default ``in_order``): the resume
+    bookkeeping in ``ShardStream`` relies on it.
+    """
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,  # the stream batches (so skip counts travel with batches)
@@ -341,4 +405,5 @@ def make_loader(stream: ShardStream, workers: int) -> torch.utils.data.DataLoade
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        in_order=True,
     )

@@ -2,14 +2,17 @@
 
 Set up from torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``); without
 it the run is a single process and no process group is created. gloo on CPU, nccl on
-GPU. Nothing else in ``train/`` touches ``torch.distributed`` except the loss's
-gather and DDP wrapping in the loop.
+GPU. Several nodes work through torchrun's usual rendezvous (``--nnodes``,
+``--rdzv_endpoint``): ranks are global, devices are chosen by ``LOCAL_RANK``. Nothing
+else in ``train/`` touches ``torch.distributed`` except the loss's gather and DDP
+wrapping in the loop.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -68,6 +71,15 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=world.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor.tolist()
+
+
+def all_gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * world.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier(world: World) -> None:

@@ -1,8 +1,17 @@
-"""Zero-shot classification on the demo world: does the model read colour *and* shape?
+"""Zero-shot classification: the demo world's 48 classes by default, or any classes from files.
 
-The classifier is text only: for each of the 48 (colour, shape) classes, the
-embeddings of ``scenes.prompts(colour, shape)`` averaged and re-normalised. Images
-are scored against all 48 classes. Reported, with chance = 1/48:
+The classifier is text only: for each class, the embeddings of its prompts averaged
+and re-normalised; images are scored against every class.
+
+**Classes from files** (``data.eval_classnames``: one class name per line;
+``data.eval_templates``: one prompt per line, ``{}`` standing for the class name): the
+eval tar's samples carry their label as ``{key}.cls`` (an integer, the WebDataset
+convention) or as ``label`` / ``class_index`` in ``{key}.json``; reported are top-1 and
+top-5 accuracy (``TopKResult``).
+
+**The demo world** (no class-name file): does the model read colour *and* shape? The
+prompts are ``scenes.prompts(colour, shape)`` (or the template file's, with
+``"{colour} {shape}"`` as the class name). Reported, with chance = 1/48:
 
 * ``seen``        top-1 on images of pairs that occur in training;
 * ``unseen``      top-1 on images of the held-out pairs, among all 48 classes
@@ -31,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from core import storage
+from core.reasons import Reason
 from infra.local import scenes
 from train import data as data_mod
 from train import model as model_mod
@@ -83,27 +93,87 @@ def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def load_eval_set(path: str, image_size: int) -> EvalSet:
-    """Read the eval tar: ``{i}.jpg`` plus ``{i}.json`` with colour, shape, class_index, seen.
+@dataclass
+class TopKResult:
+    """Zero-shot accuracy over classes from files."""
 
-    The label is taken from (colour, shape), and a ``class_index`` that disagrees with
+    top1: float | None
+    top5: float | None
+    n: int
+    classes: int
+
+    def details(self) -> str:
+        return f"zero-shot: {self.n} images, {self.classes} classes"
+
+    def line(self) -> str:
+        return f"zero-shot top1={_rate(self.top1)} top5={_rate(self.top5)} ({self.classes} classes)"
+
+
+def read_lines(path: str) -> list[str]:
+    """Non-empty, stripped lines of a text file (local or ``s3://``)."""
+    with storage.open_file(path, "r") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def file_prompts(classnames: list[str], templates: list[str] | None) -> list[list[str]]:
+    """Per class, its prompts: each template with ``{}`` replaced by the class name."""
+    templates = templates or ["a photo of a {}."]
+    return [[t.replace("{}", name) for t in templates] for name in classnames]
+
+
+def demo_prompts(templates: list[str] | None = None) -> list[list[str]]:
+    """Per demo class, in ``scenes.CLASSES`` order: the demo's own prompts, or the templates'."""
+    if templates is None:
+        return [scenes.prompts(colour, shape) for colour, shape in scenes.CLASSES]
+    return file_prompts([f"{colour} {shape}" for colour, shape in scenes.CLASSES], templates)
+
+
+def _file_label(sample: data_mod.RawSample, num_classes: int) -> int:
+    """The class index of a sample from ``.cls`` or ``.json``; ValueError if none is usable."""
+    if "cls" in sample.members:
+        label = int(sample.members["cls"].decode("utf-8").strip())
+    else:
+        meta = json.loads(sample.members["json"].decode("utf-8"))
+        label = meta["label"] if "label" in meta else meta["class_index"]
+    if not isinstance(label, int) or not 0 <= label < num_classes:
+        raise ValueError(f"label {label!r} outside 0..{num_classes - 1}")
+    return label
+
+
+def load_eval_set(path: str, image_size: int, num_classes: int | None = None) -> EvalSet:
+    """Read a labelled eval tar; ``num_classes=None`` means the demo world's layout.
+
+    Demo layout: ``{i}.jpg`` plus ``{i}.json`` with colour, shape, class_index, seen. The
+    label is taken from (colour, shape), and a ``class_index`` that disagrees with
     ``scenes.CLASSES`` is an error: a silently shifted label would fake any accuracy.
+    With ``num_classes`` the label comes from ``.cls`` / ``.json`` (see the module doc)
+    and every sample counts as "seen".
     """
     skipped: Counter = Counter()
     images, labels, seen = [], [], []
     for sample in data_mod.iter_tar_samples(path, skipped):
         try:
-            meta = json.loads(sample.members["json"].decode("utf-8"))
-            pair = (meta["colour"], meta["shape"])
             image = data_mod.decode_image(data_mod.image_bytes(sample.members), image_size)
         except data_mod.SkipSample as skip:
             skipped[skip.reason] += 1
             continue
+        if num_classes is not None:
+            try:
+                labels.append(_file_label(sample, num_classes))
+            except (KeyError, ValueError, TypeError, UnicodeDecodeError):
+                skipped[Reason.LABEL_MISSING.value] += 1
+                continue
+            images.append(image)
+            seen.append(True)
+            continue
+        try:
+            meta = json.loads(sample.members["json"].decode("utf-8"))
+            pair = (meta["colour"], meta["shape"])
         except (KeyError, ValueError, TypeError):
-            skipped["bad_metadata"] += 1
+            skipped[Reason.LABEL_MISSING.value] += 1
             continue
         if pair not in scenes.CLASSES:
-            skipped["unknown_class"] += 1
+            skipped[Reason.LABEL_MISSING.value] += 1
             continue
         label = scenes.CLASSES.index(pair)
         if "class_index" in meta and meta["class_index"] != label:
@@ -120,14 +190,30 @@ def load_eval_set(path: str, image_size: int) -> EvalSet:
 
 
 @torch.no_grad()
-def class_embeddings(model: torch.nn.Module, tokenizer, device: torch.device) -> torch.Tensor:
-    """(48, D): per class, the normalised mean of its normalised prompt embeddings."""
+def class_embeddings(
+    model: torch.nn.Module, tokenizer, device: torch.device, prompts: list[list[str]] | None = None
+) -> torch.Tensor:
+    """(classes, D): per class, the normalised mean of its normalised prompt embeddings."""
     rows = []
-    for colour, shape in scenes.CLASSES:
-        tokens = tokenizer(scenes.prompts(colour, shape)).to(device)
+    for class_prompts in prompts if prompts is not None else demo_prompts():
+        tokens = tokenizer(class_prompts).to(device)
         features = model.encode_text(tokens, normalize=True).float()
         rows.append(torch.nn.functional.normalize(features.mean(dim=0), dim=-1))
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def score_images(
+    model: torch.nn.Module, images: torch.Tensor, classifier: torch.Tensor, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """(N, classes) similarities of uint8 ``images`` to the classifier's rows (model in eval mode)."""
+    mean, std = model_mod.normaliser(model, device)
+    scores = [torch.empty((0, classifier.shape[0]))]
+    for start in range(0, len(images), batch_size):
+        batch = model_mod.normalise(images[start : start + batch_size].to(device), mean, std)
+        features = model.encode_image(batch, normalize=True).float()
+        scores.append((features @ classifier.T).cpu())
+    return torch.cat(scores)
 
 
 @torch.no_grad()
@@ -136,14 +222,19 @@ def predict(model: torch.nn.Module, tokenizer, eval_set: EvalSet, device: torch.
     was_training = model.training
     model.eval()
     classifier = class_embeddings(model, tokenizer, device)
-    mean, std = model_mod.normaliser(model, device)
-    scores = []
-    for start in range(0, len(eval_set.images), batch_size):
-        images = model_mod.normalise(eval_set.images[start : start + batch_size].to(device), mean, std)
-        features = model.encode_image(images, normalize=True).float()
-        scores.append((features @ classifier.T).cpu())
+    scores = score_images(model, eval_set.images, classifier, device, batch_size)
     model.train(was_training)
-    return torch.cat(scores)
+    return scores
+
+
+def topk_metrics(scores: torch.Tensor, labels: torch.Tensor) -> TopKResult:
+    """Top-1 and top-5 accuracy from similarities; pure."""
+    n, classes = scores.shape
+    if n == 0:
+        return TopKResult(None, None, 0, classes)
+    top = scores.topk(min(5, classes), dim=1).indices
+    hits = top == labels[:, None]
+    return TopKResult(float(hits[:, 0].float().mean()), float(hits.any(dim=1).float().mean()), n, classes)
 
 
 def metrics(scores: torch.Tensor, labels: torch.Tensor, seen: torch.Tensor) -> ZeroShotResult:

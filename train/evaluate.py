@@ -1,0 +1,143 @@
+"""Evaluation during and after training: zero-shot classification and image-text retrieval.
+
+Every rank takes part and does a share of the work: rank ``r`` scores its contiguous
+slice of the zero-shot images and embeds its readers' part of the retrieval shards;
+the results are gathered to every rank and the metrics computed from the whole. No
+rank sits at a barrier while another evaluates alone (a long evaluation would hit the
+process group's timeout), and the figures are the same whatever the world size.
+
+Retrieval: each held-out sample is one image and its caption; recall@k is the share of
+images whose own caption is among the k most similar captions (image->text), and the
+share of captions whose own image is among the k most similar images (text->image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from train import data as data_mod
+from train import distributed, zeroshot
+from train import model as model_mod
+
+RECALL_AT = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What to evaluate, loaded once at start (every rank holds the zero-shot images)."""
+
+    zeroshot_set: zeroshot.EvalSet | None
+    prompts: list[list[str]] | None  # per class; None = the demo's own prompts
+    demo: bool  # demo metrics (seen / unseen) rather than top-1 / top-5
+    retrieval_shards: list[data_mod.Shard] | None
+    max_samples: int
+    batch_size: int
+
+
+def plan(config, image_size: int) -> EvalPlan | None:
+    """Read class names, templates and the zero-shot tar named by ``config.data``; None if nothing to do."""
+    d = config.data
+    if not d.eval_tar and not d.eval_shards:
+        return None
+    templates = zeroshot.read_lines(d.eval_templates) if d.eval_templates else None
+    zeroshot_set, prompts, demo = None, None, True
+    if d.eval_tar:
+        if d.eval_classnames:
+            classnames = zeroshot.read_lines(d.eval_classnames)
+            prompts, demo = zeroshot.file_prompts(classnames, templates), False
+            zeroshot_set = zeroshot.load_eval_set(d.eval_tar, image_size, num_classes=len(classnames))
+        else:
+            prompts = None if templates is None else zeroshot.demo_prompts(templates)
+            zeroshot_set = zeroshot.load_eval_set(d.eval_tar, image_size)
+    shards = data_mod.list_shards(d.eval_shards) if d.eval_shards else None
+    return EvalPlan(zeroshot_set, prompts, demo, shards, d.eval_max_samples, config.eval_batch_size)
+
+
+@torch.no_grad()
+def run(model, tokenizer, eval_plan: EvalPlan, world, autocast=contextlib.nullcontext()):
+    """All ranks call this together. Returns (zero-shot result or None, retrieval figures or None)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast:
+            result = _zeroshot(model, tokenizer, eval_plan, world) if eval_plan.zeroshot_set is not None else None
+            retrieval = _retrieval(model, tokenizer, eval_plan, world) if eval_plan.retrieval_shards else None
+    finally:
+        model.train(was_training)
+    return result, retrieval
+
+
+def _zeroshot(model, tokenizer, eval_plan: EvalPlan, world):
+    eval_set = eval_plan.zeroshot_set
+    classifier = zeroshot.class_embeddings(model, tokenizer, world.device, eval_plan.prompts)
+    n = len(eval_set.images)
+    lo, hi = n * world.rank // world.world_size, n * (world.rank + 1) // world.world_size
+    mine = zeroshot.score_images(model, eval_set.images[lo:hi], classifier, world.device, eval_plan.batch_size)
+    scores = torch.cat(distributed.all_gather_objects(mine, world))  # rank order = image order
+    if eval_plan.demo:
+        return zeroshot.metrics(scores, eval_set.labels, eval_set.seen)
+    return zeroshot.topk_metrics(scores, eval_set.labels)
+
+
+def _retrieval(model, tokenizer, eval_plan: EvalPlan, world) -> dict:
+    stream = data_mod.ShardStream(
+        eval_plan.retrieval_shards,
+        batch_size=eval_plan.batch_size,
+        image_size=model_mod.image_size_of(model),
+        tokenize=tokenizer,
+        rank=world.rank,
+        world_size=world.world_size,
+        shuffle_buffer=1,  # no shuffling: the same held-out samples every time
+        repeat=False,
+    )
+    limit = max(1, eval_plan.max_samples // world.world_size)
+    mean, std = model_mod.normaliser(model, world.device)
+    image_rows, text_rows, skipped, taken = [], [], Counter(), 0
+    for batch in stream:
+        skipped.update(batch.skipped)
+        if taken >= limit or not batch.keys:
+            continue  # read on (only the counts matter now): cheap next to the model
+        images = model_mod.normalise(batch.images[: limit - taken].to(world.device), mean, std)
+        texts = batch.texts[: limit - taken].to(world.device)
+        image_rows.append(model.encode_image(images, normalize=True).float().cpu())
+        text_rows.append(model.encode_text(texts, normalize=True).float().cpu())
+        taken += len(images)
+        if taken >= limit:
+            break
+    gathered = distributed.all_gather_objects((image_rows, text_rows, dict(skipped)), world)
+    image_features = torch.cat([row for rank_rows, _, _ in gathered for row in rank_rows] or [torch.empty(0, 1)])
+    text_features = torch.cat([row for _, rank_rows, _ in gathered for row in rank_rows] or [torch.empty(0, 1)])
+    total_skipped: Counter = Counter()
+    for _, _, counts in gathered:
+        total_skipped.update(counts)
+    figures = recall_at_k(image_features, text_features)
+    return {**figures, "n": len(image_features), "skipped": dict(total_skipped)}
+
+
+def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, ks=RECALL_AT, chunk: int = 1024) -> dict:
+    """``image_to_text_R@k`` and ``text_to_image_R@k``; pair ``i`` is image ``i`` with text ``i``. Pure.
+
+    The similarity matrix is built ``chunk`` rows at a time, so memory is linear in N.
+    A tie with the true partner counts in the partner's favour.
+    """
+    n = len(image_features)
+    if n == 0:
+        return {f"{d}_R@{k}": None for d in ("image_to_text", "text_to_image") for k in ks}
+    figures = {}
+    for direction, queries, keys in (
+        ("image_to_text", image_features, text_features),
+        ("text_to_image", text_features, image_features),
+    ):
+        ranks = []
+        for start in range(0, n, chunk):
+            sims = queries[start : start + chunk] @ keys.T
+            own = sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))]
+            ranks.append((sims > own[:, None]).sum(dim=1))
+        rank = torch.cat(ranks)
+        for k in ks:
+            figures[f"{direction}_R@{k}"] = round(float((rank < k).float().mean()), 4)
+    return figures
