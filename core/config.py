@@ -43,6 +43,20 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
+def _list_items(value: Any) -> list:
+    """A list from YAML, ``a,b`` or a list literal (``'["a","b"]'``, as img2dataset's CLI takes)."""
+    if not isinstance(value, str):
+        return list(value)
+    if value.strip().startswith("["):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not a list literal: {exc}") from None
+        if isinstance(parsed, list):
+            return [str(v) if not isinstance(v, (str, int, float, bool)) else v for v in parsed]
+    return value.split(",")
+
+
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(type, optional) for ``X``, ``X | None`` and ``Optional[X]``."""
     origin = typing.get_origin(annotation)
@@ -62,7 +76,7 @@ def coerce(name: str, annotation: Any, value: Any) -> Any:
     try:
         if typing.get_origin(base) is list:
             (item,) = typing.get_args(base)
-            items = value.split(",") if isinstance(value, str) else list(value)
+            items = _list_items(value)
             return [coerce(name, item, v.strip() if isinstance(v, str) else v) for v in items if v != ""]
         if base is bool:
             return value if isinstance(value, bool) else _parse_bool(value)

@@ -1,12 +1,24 @@
-"""ShardWriter: one shard (pool or train), committed atomically or not at all.
+"""Shard writers: one shard, committed atomically or not at all, in one of three layouts.
 
-Ingest writes pool shards with it and shards/ writes train shards, so both share
-one layout (core.layout). Samples arrive in key order; each becomes a parquet row
-(failures too, in a pool) and, on success, three tar members. Nothing is visible
-under the shard's final names until ``commit``: tar and parquet are staged as
-temporary files, then renamed (or uploaded) into place, and ``_stats.json`` goes
-last — its presence is what marks a shard as done for readers and for resume. The tar bytes are deterministic (fixed
-member metadata), so a rerun of the same input writes the same shard.
+Ingest writes pool shards with them and shards/ writes train shards, so both share
+one layout (core.layout). The layouts are img2dataset's ``output_format``s:
+
+* ``webdataset`` (``ShardWriter``): ``{N}.tar`` with ``{key}.jpg|txt|json`` per
+  success, and ``{N}.parquet`` with one metadata row per input row;
+* ``files`` (``FilesShardWriter``): a folder ``{N}/`` holding the same three files
+  per success, and the same ``{N}.parquet``;
+* ``parquet`` (``ParquetShardWriter``): ``{N}.parquet`` alone, the metadata row of
+  each input row plus the image bytes in a column named after the encode format
+  (``jpg``), null for failures.
+
+All three take samples in key order through ``add(row, image)`` and publish with
+``commit(stats)``. Nothing is visible under a shard's final names until ``commit``:
+everything is staged under a temporary name, then renamed (locally) or uploaded
+(object storage: a PUT is atomic per object), and ``{N}_stats.json`` goes last — its
+presence is what marks a shard as done for readers and for resume. A staged shard
+that was never committed is simply redone by the next run. Tar bytes are
+deterministic (fixed member metadata), so a rerun of the same input writes the
+same shard.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import pyarrow.parquet as pq
 from core import storage
 from core.layout import POOL_SCHEMA, STATS_SUFFIX, shard_name
 
+OUTPUT_FORMATS = ("webdataset", "parquet", "files")
+
 
 def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -44,7 +58,20 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-class ShardWriter:
+def _publish_file(local: str, target: str) -> None:
+    """Move a finished staged file to its final name: a rename locally, one PUT remotely."""
+    if storage.is_local(target):
+        with open(local, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(local, storage.filesystem(target)[1])
+        return
+    with open(local, "rb") as src, storage.atomic_write(target) as dst:
+        shutil.copyfileobj(src, dst, length=1 << 20)
+
+
+class _StagedShard:
+    """What every layout shares: staging folder, metadata columns, commit order."""
+
     def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
         self.output_folder = output_folder
         self.name = shard_name(shard_id)
@@ -55,26 +82,32 @@ class ShardWriter:
         if local:
             storage.makedirs(output_folder)
         self._tmpdir = tempfile.mkdtemp(prefix=f".tmp-{self.name}-", dir=output_folder if local else None)
-        self._tar_path = os.path.join(self._tmpdir, f"{self.name}.tar")
-        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
         self._columns: dict[str, list[Any]] = {f.name: [] for f in POOL_SCHEMA} | {c: [] for c in self.extra_columns}
+
+    @property
+    def metadata_schema(self) -> pa.Schema:
+        return pa.schema(list(POOL_SCHEMA) + [pa.field(c, pa.string()) for c in self.extra_columns])
 
     def add(self, row: dict[str, Any], image: bytes | None) -> None:
         """Record one input row; ``image`` is the encoded image on success."""
         for column, values in self._columns.items():
             values.append(row.get(column))
-        if image is None:
-            return
-        key = row["key"]
-        meta = {k: v for k, v in row.items() if k in self._columns and v is not None}
-        add_tar_member(self._tar, f"{key}.{self.encode_format}", image)
-        if row.get("caption") is not None:
-            add_tar_member(self._tar, f"{key}.txt", row["caption"].encode("utf-8"))
-        add_tar_member(self._tar, f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+        if image is not None:
+            meta = {k: v for k, v in row.items() if k in self._columns and v is not None}
+            self._add_sample(row["key"], image, row.get("caption"), meta)
 
-    def _table(self) -> pa.Table:
-        extra = [pa.field(c, pa.string()) for c in self.extra_columns]
-        schema = pa.schema(list(POOL_SCHEMA) + extra)
+    def _add_sample(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _sample_files(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]):
+        """The three members of a successful sample, as (name, bytes)."""
+        yield f"{key}.{self.encode_format}", image
+        if caption is not None:
+            yield f"{key}.txt", caption.encode("utf-8")
+        yield f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
+
+    def _metadata_table(self) -> pa.Table:
+        schema = self.metadata_schema
         arrays = [
             pa.array([None if v is None else str(v) for v in self._columns[f.name]], f.type)
             if f.name in self.extra_columns
@@ -83,25 +116,20 @@ class ShardWriter:
         ]
         return pa.Table.from_arrays(arrays, schema=schema)
 
+    def _publish_samples(self) -> dict[str, Any]:
+        """Publish the image data (before the metadata parquet); return its manifest entry."""
+        raise NotImplementedError
+
+    def _write_metadata(self, path: str) -> None:
+        pq.write_table(self._metadata_table(), path, compression="zstd")
+
     def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Publish tar, parquet, then the stats marker; return the tar's name, bytes and sha256."""
-        self._tar.close()
-        entry = {"name": f"{self.name}.tar", "bytes": os.path.getsize(self._tar_path), "sha256": _sha256(self._tar_path)}
-        parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
-        pq.write_table(self._table(), parquet_tmp, compression="zstd")
+        """Publish images, then the parquet, then the stats marker; return the data's entry."""
         try:
-            for local, final in (
-                (self._tar_path, f"{self.name}.tar"),
-                (parquet_tmp, f"{self.name}.parquet"),
-            ):
-                target = storage.join(self.output_folder, final)
-                if storage.is_local(target):
-                    with open(local, "rb") as handle:
-                        os.fsync(handle.fileno())
-                    os.replace(local, target)
-                    continue
-                with open(local, "rb") as src, storage.atomic_write(target) as dst:
-                    shutil.copyfileobj(src, dst, length=1 << 20)
+            entry = self._publish_samples()
+            parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
+            self._write_metadata(parquet_tmp)
+            _publish_file(parquet_tmp, storage.join(self.output_folder, f"{self.name}.parquet"))
             storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), stats)
         finally:
             self.close()
@@ -109,6 +137,132 @@ class ShardWriter:
 
     def close(self) -> None:
         """Drop temporary files (after commit, or to abandon the shard)."""
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+class ShardWriter(_StagedShard):
+    """``webdataset``: ``{N}.tar`` + ``{N}.parquet`` + ``{N}_stats.json``."""
+
+    def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
+        super().__init__(output_folder, shard_id, encode_format, extra_columns)
+        self._tar_path = os.path.join(self._tmpdir, f"{self.name}.tar")
+        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
+
+    def _add_sample(self, key, image, caption, meta) -> None:
+        for name, data in self._sample_files(key, image, caption, meta):
+            add_tar_member(self._tar, name, data)
+
+    def _publish_samples(self) -> dict[str, Any]:
+        self._tar.close()
+        entry = {"name": f"{self.name}.tar", "bytes": os.path.getsize(self._tar_path), "sha256": _sha256(self._tar_path)}
+        _publish_file(self._tar_path, storage.join(self.output_folder, f"{self.name}.tar"))
+        return entry
+
+    def close(self) -> None:
         if not self._tar.closed:
             self._tar.close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        super().close()
+
+
+class FilesShardWriter(_StagedShard):
+    """``files``: a folder ``{N}/`` of ``{key}.jpg|txt|json`` + ``{N}.parquet`` + stats.
+
+    Locally the whole folder is renamed into place at once; on object storage each
+    file is one PUT and the stats marker, written last, commits the folder. Small
+    files are not fsynced one by one (that would dominate the run); the rename is
+    what makes the folder appear whole.
+    """
+
+    def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
+        super().__init__(output_folder, shard_id, encode_format, extra_columns)
+        self._folder = os.path.join(self._tmpdir, self.name)
+        os.mkdir(self._folder)
+        self._bytes = 0
+
+    def _add_sample(self, key, image, caption, meta) -> None:
+        for name, data in self._sample_files(key, image, caption, meta):
+            with open(os.path.join(self._folder, name), "wb") as handle:
+                handle.write(data)
+            self._bytes += len(data)
+
+    def _publish_samples(self) -> dict[str, Any]:
+        target = storage.join(self.output_folder, self.name)
+        fs, path = storage.filesystem(target)
+        if storage.is_local(target):
+            if os.path.exists(path):  # left by a run killed before its marker: replace it whole
+                shutil.rmtree(path)
+            os.replace(self._folder, path)
+        else:
+            names = sorted(os.listdir(self._folder))
+            if names:
+                fs.put([os.path.join(self._folder, n) for n in names], [f"{path}/{n}" for n in names])
+        return {"name": f"{self.name}/", "bytes": self._bytes}
+
+
+class ParquetShardWriter(_StagedShard):
+    """``parquet``: ``{N}.parquet`` alone, image bytes in a ``jpg`` (``webp``, ``png``) column.
+
+    Rows are written in row groups as they come, so a shard's images are never all
+    in memory at once.
+    """
+
+    ROWS_PER_GROUP = 256
+
+    def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
+        super().__init__(output_folder, shard_id, encode_format, extra_columns)
+        if encode_format in self._columns:
+            raise ValueError(f"a column is already named {encode_format!r}")
+        self._images: list[bytes | None] = []
+        self._path = os.path.join(self._tmpdir, f"{self.name}.parquet")
+        schema = self.metadata_schema.append(pa.field(encode_format, pa.binary()))
+        self._writer = pq.ParquetWriter(self._path, schema, compression="zstd")
+        self._bytes = 0
+
+    def add(self, row: dict[str, Any], image: bytes | None) -> None:
+        super().add(row, image)
+        self._images.append(image)
+        if len(self._images) >= self.ROWS_PER_GROUP:
+            self._flush()
+
+    def _add_sample(self, key, image, caption, meta) -> None:
+        self._bytes += len(image)
+
+    def _flush(self) -> None:
+        if not self._images:
+            return
+        table = self._metadata_table().append_column(pa.field(self.encode_format, pa.binary()), pa.array(self._images, pa.binary()))
+        self._writer.write_table(table)
+        self._columns = {name: [] for name in self._columns}
+        self._images = []
+
+    def _publish_samples(self) -> dict[str, Any]:
+        return {"name": f"{self.name}.parquet", "bytes": self._bytes}
+
+    def _write_metadata(self, path: str) -> None:
+        self._flush()
+        self._writer.close()
+        if os.path.abspath(path) != os.path.abspath(self._path):
+            os.replace(self._path, path)
+
+    def close(self) -> None:
+        if self._writer.is_open:
+            self._writer.close()
+        super().close()
+
+
+WRITERS: dict[str, type[_StagedShard]] = {
+    "webdataset": ShardWriter,
+    "files": FilesShardWriter,
+    "parquet": ParquetShardWriter,
+}
+
+
+def open_shard_writer(
+    output_format: str, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]
+) -> _StagedShard:
+    """The writer for ``output_format`` (one of ``OUTPUT_FORMATS``)."""
+    try:
+        writer = WRITERS[output_format]
+    except KeyError:
+        raise ValueError(f"output_format={output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}") from None
+    return writer(output_folder, shard_id, encode_format, extra_columns)

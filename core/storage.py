@@ -57,6 +57,7 @@ def makedirs(path: str) -> None:
 
 def exists(path: str) -> bool:
     fs, p = filesystem(path)
+    fs.invalidate_cache(p)  # another process may have written it since (s3fs caches listings)
     return fs.exists(p)
 
 
@@ -69,6 +70,7 @@ def open_file(path: str, mode: str = "rb") -> IO:
 def list_files(folder: str, suffix: str = "") -> list[str]:
     """Full paths (with scheme for remote storage) of files in ``folder`` ending with ``suffix``."""
     fs, p = filesystem(folder)
+    fs.invalidate_cache(p)  # listings are cached per process; other processes write shards
     if not fs.exists(p):
         return []
     protocol = "" if is_local(folder) else folder.split("://", 1)[0] + "://"

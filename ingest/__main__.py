@@ -9,18 +9,27 @@ from ingest.config import IngestConfig
 from ingest.run import run_ingest
 
 DESCRIPTION = """\
-Download (url, caption) rows into WebDataset pool shards: {shard}.tar with the
-images, {shard}.parquet with every input row (failures included, with a reason),
-and {shard}_stats.json written last. Runs on Ray (a local instance unless
---ray_address or RAY_ADDRESS names a cluster). Rerun the same command to resume:
-committed shards are skipped. Option names follow img2dataset.
+Download (url, caption) rows into pool shards. Each input row ends as one row of
+{shard}.parquet (status, reason code, sizes, hashes, content type, final URL);
+each success also as {key}.jpg/.txt/.json in {shard}.tar (webdataset), in a folder
+{shard}/ (files) or in the parquet's jpg column (parquet). {shard}_stats.json is
+written last and commits the shard: rerun the same command after a crash and only
+uncommitted shards are redone.
 
-Private, loopback, link-local and metadata addresses are refused unless listed in
---allow_networks (e.g. 127.0.0.1/32 for a local test server).
+Option names and meanings follow img2dataset, so its command lines work unchanged
+(list options take '["a","b"]' or a,b). Defaults that differ: output_format
+webdataset (img2dataset: files), distributor ray (img2dataset: multiprocessing,
+also accepted here), thread_count 64, processes_count 0 (one per CPU).
 
-example:
+Safe by default: http(s) only; private, loopback, link-local and metadata
+addresses are refused, after DNS and on every redirect, unless listed in
+--allow_networks (e.g. 127.0.0.1/32 for a local test server); bytes, pixels and
+time per sample are capped; X-Robots-Tag opt-outs are honoured.
+
+examples:
   python -m ingest --url_list urls.parquet --input_format parquet \\
       --url_col url --caption_col caption --output_folder s3://bucket/pool
+  python -m ingest --config configs/demo/ingest.yaml --processes_count 8
 """
 
 

@@ -11,72 +11,120 @@ import dataclasses
 from dataclasses import dataclass
 
 from core.config import ConfigError, option
+from core.layout import POOL_SCHEMA
+from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
+from ingest.reader import INPUT_FORMATS
 from ingest.resizer import ENCODE_FORMATS, RESIZE_MODES, ResizeConfig
 from ingest.safety import NetworkPolicy
 
-INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl", "txt")
-DISTRIBUTORS = ("ray", "inline")
+DISTRIBUTORS = ("ray", "multiprocessing", "inline")
+HASHES = ("sha256", "md5", "sha512", "none")
+_GZ_FORMATS = tuple(f"{f}.gz" for f in INPUT_FORMATS if f != "parquet")
 
 
 @dataclass
 class IngestConfig:
-    url_list: str = option("", "input file or folder of files (local or s3://)")
-    output_folder: str = option("", "where pool shards go (local or s3://)")
-    input_format: str = option("txt", f"one of {', '.join(INPUT_FORMATS)} (a .gz suffix is also read)")
-    url_col: str = option("url", "column holding the image URL")
+    url_list: str = option("", "input file, or folder of files, of URLs (local or s3://)")
+    output_folder: str = option("", "where shards go (local or s3://); created if missing")
+    input_format: str = option(
+        "txt",
+        "txt (one URL a line), csv, tsv (with a header row), json (an array of objects, or JSON lines), "
+        "jsonl, parquet; txt/csv/tsv/json/jsonl may end in .gz",
+    )
+    url_col: str = option("url", "column holding the image URL (csv, tsv, json, jsonl, parquet)")
     caption_col: str | None = option(None, "column holding the caption (none: no captions)")
-    save_additional_columns: list[str] = option([], "extra input columns to keep in parquet and json")
-    output_format: str = option("webdataset", "webdataset (tar + parquet + stats per shard)")
-    image_size: int = option(256, "target size in pixels")
-    resize_mode: str = option("border", f"one of {', '.join(RESIZE_MODES)}")
-    resize_only_if_bigger: bool = option(False, "never upscale")
-    encode_format: str = option("jpg", f"one of {', '.join(ENCODE_FORMATS)}")
-    encode_quality: int = option(95, "encoder quality, 1..100")
-    min_image_size: int = option(0, "refuse images whose short side is smaller (0: no minimum)")
-    max_image_area: float = option(float("inf"), "refuse images with more pixels than this")
-    max_aspect_ratio: float = option(float("inf"), "refuse images more elongated than this")
-    number_sample_per_shard: int = option(10000, "input rows per shard (the unit of work and of resume)")
-    processes_count: int = option(0, "shards processed at once (0: one per CPU of the Ray cluster)")
-    thread_count: int = option(64, "concurrent downloads per shard")
-    per_host_limit: int = option(16, "concurrent connections per host, per shard worker")
-    timeout: float = option(10.0, "overall deadline per request in seconds, redirects and body included")
-    retries: int = option(0, "retries per sample, for retryable failures only (timeouts, 429, 5xx, resets)")
-    max_bytes: int = option(20_000_000, "refuse bodies larger than this many bytes")
-    max_pixels: int = option(178_956_970, "refuse images announcing more pixels than this (from the header)")
-    max_redirects: int = option(5, "redirects followed per request")
-    allow_networks: list[str] = option([], "CIDRs exempt from the private-address block, e.g. 127.0.0.1/32")
+    save_additional_columns: list[str] = option(
+        [], "extra input columns copied to each sample's parquet row and .json, e.g. '[\"license\",\"NSFW\"]' or a,b"
+    )
+    output_format: str = option(
+        "webdataset",
+        "webdataset: {shard}.tar of {key}.jpg/.txt/.json; files: a folder {shard}/ of the same files; "
+        "parquet: images in a 'jpg' column of {shard}.parquet. Every format also writes {shard}.parquet "
+        "(one row per input row, failures included) and {shard}_stats.json, last, as the commit marker",
+    )
+    image_size: int = option(256, "target size in pixels (the meaning depends on resize_mode)")
+    resize_mode: str = option(
+        "border",
+        "no: keep the size; border: fit inside image_size x image_size, pad with white; keep_ratio: "
+        "short side to image_size; keep_ratio_largest: long side to image_size; center_crop: short side "
+        "to image_size, then crop the centre square",
+    )
+    resize_only_if_bigger: bool = option(False, "never upscale: resize only images larger than the target")
+    encode_format: str = option("jpg", f"image encoding of the output: one of {', '.join(ENCODE_FORMATS)}")
+    encode_quality: int = option(95, "encoder quality for jpg and webp, 1..100")
+    min_image_size: int = option(0, "refuse images whose short side is smaller, in pixels (0: no minimum)")
+    max_image_area: float = option(float("inf"), "refuse images with more pixels (width x height) than this")
+    max_aspect_ratio: float = option(float("inf"), "refuse images whose long side / short side is larger than this")
+    number_sample_per_shard: int = option(10000, "input rows per shard (the unit of work, of retry and of resume)")
+    processes_count: int = option(
+        0, "shards downloaded at once, one per process/Ray task (0: one per CPU of this machine or Ray cluster)"
+    )
+    thread_count: int = option(64, "concurrent downloads within each shard (async requests, not OS threads)")
+    per_host_limit: int = option(16, "concurrent connections to one host, per shard")
+    timeout: float = option(10.0, "overall deadline per request in seconds: connection, redirects and body included")
+    retries: int = option(0, "retries per sample, for retryable failures only (timeouts, resets, 429, 5xx)")
+    max_bytes: int = option(20_000_000, "refuse bodies larger than this many bytes (checked while reading)")
+    max_pixels: int = option(178_956_970, "refuse images announcing more pixels than this, from the header, before decoding")
+    max_redirects: int = option(5, "redirects followed per request; more is too_many_redirects")
+    allow_networks: list[str] = option(
+        [], "CIDRs exempt from the private/loopback/link-local/metadata block, e.g. 127.0.0.1/32 (comma-separated)"
+    )
     user_agent_token: str | None = option(None, "your contact or project name, added to the User-Agent")
     disallowed_header_directives: list[str] = option(
-        ["noai", "noimageai", "noindex", "noimageindex"], "X-Robots-Tag directives that opt a URL out"
+        ["noai", "noimageai", "noindex", "noimageindex"],
+        "X-Robots-Tag directives that opt a URL out (checked before the body is read); '[]' honours none",
     )
-    compute_hash: str = option("sha256", "hash of the downloaded bytes (sha256)")
-    incremental_mode: str = option("incremental", "incremental: skip committed shards; overwrite: start over")
-    distributor: str = option("ray", f"one of {', '.join(DISTRIBUTORS)} (inline: this process, for debugging)")
-    ray_address: str | None = option(None, "Ray cluster address (none: RAY_ADDRESS, else a local instance)")
-    max_shards_in_flight: int = option(0, "shards submitted but unfinished (0: 2 x processes_count)")
-    progress: bool = option(True, "show a progress bar")
+    compute_hash: str = option(
+        "sha256",
+        "hash of the downloaded bytes: sha256, md5, sha512 or none. sha256 is always stored (the filter's "
+        "exact dedupe needs it); md5 or sha512 adds a column of that name, as img2dataset does",
+    )
+    incremental_mode: str = option(
+        "incremental", "incremental: skip shards already committed (resume); overwrite: delete the output first"
+    )
+    distributor: str = option(
+        "ray",
+        "ray: Ray tasks, on a local instance or the cluster at ray_address; multiprocessing: a pool of "
+        "processes_count local processes (img2dataset's default); inline: this process, one shard at a time",
+    )
+    ray_address: str | None = option(None, "Ray cluster address (none: RAY_ADDRESS if set, else a local instance)")
+    max_shards_in_flight: int = option(0, "shards submitted but unfinished, bounding memory (0: 2 x processes_count)")
+    max_shard_retry: int = option(3, "times a shard whose worker died or failed is redone (Ray: the task's max_retries)")
+    progress: bool | None = option(None, "live progress bar on stderr (none: only when stderr is a terminal)")
+    enable_wandb: bool = option(False, "accepted for img2dataset compatibility; Weights & Biases logging is not supported")
 
     def __post_init__(self) -> None:
         if not self.url_list:
             raise ConfigError("url_list: required (a file or folder of URL lists)")
         if not self.output_folder:
             raise ConfigError("output_folder: required")
-        fmt = self.input_format.removesuffix(".gz")
-        if fmt not in INPUT_FORMATS:
-            raise ConfigError(f"input_format={self.input_format!r}: choose one of {', '.join(INPUT_FORMATS)}")
-        if self.output_format != "webdataset":
-            raise ConfigError(f"output_format={self.output_format!r}: only webdataset is supported so far")
+        if self.input_format not in INPUT_FORMATS + _GZ_FORMATS:
+            raise ConfigError(
+                f"input_format={self.input_format!r}: choose one of {', '.join(INPUT_FORMATS + _GZ_FORMATS)}"
+            )
+        if self.output_format not in OUTPUT_FORMATS:
+            raise ConfigError(f"output_format={self.output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+        if self.distributor == "pyspark":
+            raise ConfigError("distributor='pyspark': not supported; use ray (a cluster via --ray_address)")
         if self.distributor not in DISTRIBUTORS:
             raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
         if self.incremental_mode not in ("incremental", "overwrite"):
             raise ConfigError(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
-        if self.compute_hash != "sha256":
-            raise ConfigError(f"compute_hash={self.compute_hash!r}: only sha256 is supported")
+        self.compute_hash = (self.compute_hash or "none").lower()
+        if self.compute_hash not in HASHES:
+            raise ConfigError(f"compute_hash={self.compute_hash!r}: choose one of {', '.join(HASHES)}")
+        clashes = sorted(set(self.save_additional_columns) & set(POOL_SCHEMA.names + self.hash_columns()))
+        if clashes:
+            raise ConfigError(
+                f"save_additional_columns: {clashes} clash with the pool's own columns "
+                f"({', '.join(POOL_SCHEMA.names)}); rename them in the input"
+            )
         for name in ("number_sample_per_shard", "thread_count", "per_host_limit", "max_bytes", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
-        for name in ("processes_count", "retries", "max_redirects", "max_shards_in_flight", "min_image_size"):
+        for name in ("processes_count", "retries", "max_redirects", "max_shards_in_flight", "min_image_size",
+                     "max_shard_retry"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more")
         if not self.timeout > 0:
@@ -84,6 +132,14 @@ class IngestConfig:
         # Build the parts once so their own checks run now, before any work.
         self.resize_config()
         self.network_policy()
+
+    def hash_columns(self) -> list[str]:
+        """Extra hash columns besides sha256 (img2dataset names the column after the hash)."""
+        return [self.compute_hash] if self.compute_hash in ("md5", "sha512") else []
+
+    def extra_columns(self) -> list[str]:
+        """Columns after the pool's own: the input's saved columns, then extra hashes."""
+        return list(self.save_additional_columns) + self.hash_columns()
 
     def resize_config(self) -> ResizeConfig:
         try:

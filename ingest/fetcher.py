@@ -61,6 +61,8 @@ class Fetched:
     data: bytes
     http_status: int
     sha256: str
+    content_type: str | None = None  # media type as announced, parameters dropped
+    final_url: str = ""  # the URL the body came from, after redirects
 
 
 class _GuardedResolver(AbstractResolver):
@@ -163,10 +165,10 @@ class Fetcher:
                         raise SampleError(Reason.HTTP_OTHER, f"{response.status} without Location")
                     url = urljoin(url, location)
                     continue
-                return await self._read(response)
+                return await self._read(response, url)
         raise SampleError(Reason.TOO_MANY_REDIRECTS, f"more than {self.cfg.max_redirects}")
 
-    async def _read(self, response: aiohttp.ClientResponse) -> Fetched:
+    async def _read(self, response: aiohttp.ClientResponse, url: str) -> Fetched:
         if not 200 <= response.status < 300:
             raise SampleError(http_reason(response.status), f"HTTP {response.status}")
         directive = opt_out_directive(
@@ -176,9 +178,9 @@ class Fetcher:
         )
         if directive:
             raise SampleError(Reason.OPT_OUT, f"X-Robots-Tag: {directive}")
-        content_type = response.headers.get("Content-Type", "").lower()
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type.startswith(NON_IMAGE_TYPES):
-            raise SampleError(Reason.NOT_IMAGE, content_type.split(";")[0])
+            raise SampleError(Reason.NOT_IMAGE, content_type)
         if response.content_length is not None and response.content_length > self.cfg.max_bytes:
             raise SampleError(Reason.TOO_LARGE, f"Content-Length {response.content_length}")
         body = bytearray()
@@ -187,4 +189,10 @@ class Fetcher:
             if len(body) > self.cfg.max_bytes:
                 raise SampleError(Reason.TOO_LARGE, f"more than {self.cfg.max_bytes} bytes")
         data = bytes(body)
-        return Fetched(data=data, http_status=response.status, sha256=hashlib.sha256(data).hexdigest())
+        return Fetched(
+            data=data,
+            http_status=response.status,
+            sha256=hashlib.sha256(data).hexdigest(),
+            content_type=content_type or None,
+            final_url=url,
+        )

@@ -117,6 +117,8 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         width, height = image.size  # header only, nothing decoded yet
     except UnidentifiedImageError:
         raise SampleError(Reason.DECODE_ERROR, "not a recognised image format") from None
+    except Image.DecompressionBombError as exc:  # if another library restored Pillow's own cap
+        raise SampleError(Reason.TOO_MANY_PIXELS, str(exc)[:200]) from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise SampleError(Reason.DECODE_ERROR, str(exc)[:200]) from None
     if width < 1 or height < 1 or width * height > cfg.max_pixels:

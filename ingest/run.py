@@ -8,19 +8,21 @@ half-written shard is never visible (see ``core.shard_writer``).
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from core import storage
 from core.config import to_dict
 from core.layout import STATS_SUFFIX, shard_id_of
 from ingest.config import IngestConfig
 from ingest.distributor import DISTRIBUTORS
+from ingest.progress import Progress, progress_enabled
 from ingest.reader import input_files, read_shards
 
 SUMMARY_FILE = "_ingest_summary.json"
@@ -72,13 +74,21 @@ def _total_rows(cfg: IngestConfig) -> int | None:
 
 
 def _clean_stale_temporaries(output_folder: str) -> None:
-    """Remove staging folders a killed run left behind (local output only)."""
+    """Remove what a killed run was still staging (local output only).
+
+    Staging folders (``.tmp-*``) and half-written files (``.NAME.xxxx.tmp``) never
+    carry a final shard name, so readers ignore them anyway; this only frees the disk.
+    On object storage nothing is staged in the bucket (each object is one PUT).
+    """
     if not storage.is_local(output_folder):
         return
     fs, path = storage.filesystem(output_folder)
     for entry in fs.ls(path, detail=False):
-        if entry.rsplit("/", 1)[-1].startswith(".tmp-"):
+        name = entry.rsplit("/", 1)[-1]
+        if name.startswith(".tmp-"):
             shutil.rmtree(entry, ignore_errors=True)
+        elif name.startswith(".") and name.endswith(".tmp"):
+            os.remove(entry)
 
 
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
@@ -90,13 +100,14 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     done = committed_shards(cfg.output_folder)
     summary = IngestSummary()
 
-    total = _total_rows(cfg)
-    bar = tqdm(total=total, unit="sample", desc="ingest", disable=not cfg.progress, smoothing=0.1)
+    if cfg.enable_wandb:
+        print("ingest: enable_wandb is accepted but ignored; progress goes to stderr, stats to *_stats.json",
+              file=sys.stderr)
+    progress = Progress(_total_rows(cfg), progress_enabled(cfg.progress))
 
     def on_done(stats: dict[str, Any]) -> None:
         summary.add(stats)
-        bar.update(stats["count"])
-        bar.set_postfix(shards=summary.shards_total, ok=f"{summary.successes / max(summary.count, 1):.1%}")
+        progress.shard_done(stats)
 
     def pending_shards():
         for shard in read_shards(
@@ -114,9 +125,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             yield shard
 
     try:
-        DISTRIBUTORS[cfg.distributor](pending_shards(), cfg, on_done)
+        on_progress = progress.shard_progress if progress.enabled else None
+        DISTRIBUTORS[cfg.distributor](pending_shards(), cfg, on_done, on_progress)
     finally:
-        bar.close()
+        progress.close()
     summary.duration = time.time() - start
     storage.write_json(
         storage.join(cfg.output_folder, SUMMARY_FILE),

@@ -2,15 +2,22 @@
 
 For each input row: fetch (async, many at once) → decode and resize (in a thread:
 Pillow releases the GIL while decoding) → one pool row, success or failure with
-its reason. Every row is recorded in exactly one place, ``_record``; results are
-written in row order through a small reorder buffer, so keys, tar order and bytes
-do not depend on which download finished first.
+its reason. A failure becomes a row in exactly one place, ``_record_failure``, and
+every row reaches the writer in one place, ``record``; results are written in row
+order through a small reorder buffer, so keys, tar order and bytes do not depend on
+which download finished first.
+
+Live progress: when the distributor passes ``report``, the worker calls it with the
+shard's running (rows, successes) at most twice a second — absolute counts, so a
+lost or repeated report cannot skew the total.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +27,10 @@ from ingest.config import IngestConfig
 from ingest.fetcher import Fetcher
 from ingest.reader import ShardInput
 from ingest.resizer import ResizeConfig, ResizedImage, resize_image
-from core.shard_writer import ShardWriter
+from core.shard_writer import open_shard_writer
+
+Report = Callable[[int, int, int], None]  # (shard id, rows done, successes)
+REPORT_INTERVAL_S = 0.5
 
 
 class _ShardAccount:
@@ -45,15 +55,30 @@ class _ShardAccount:
 
 
 async def _process_row(
-    url: str | None, fetcher: Fetcher, resize_cfg: ResizeConfig, decode_pool: ThreadPoolExecutor
+    url: str | None,
+    known_error: tuple[Reason, str] | None,
+    fetcher: Fetcher,
+    resize_cfg: ResizeConfig,
+    hashes: list[str],
+    decode_pool: ThreadPoolExecutor,
 ) -> tuple[dict[str, Any], bytes | None]:
     row: dict[str, Any] = {"status": "success"}
     fetched = None
     try:
+        if known_error is not None:  # found bad by the reader: counted, never fetched
+            raise SampleError(*known_error)
         if not url:
             raise SampleError(Reason.INVALID_URL, "empty URL")
         fetched = await fetcher.fetch(url)
-        row.update(http_status=fetched.http_status, download_bytes=len(fetched.data), sha256=fetched.sha256)
+        row.update(
+            http_status=fetched.http_status,
+            download_bytes=len(fetched.data),
+            sha256=fetched.sha256,
+            content_type=fetched.content_type,
+            final_url=fetched.final_url,
+        )
+        for name in hashes:
+            row[name] = hashlib.new(name, fetched.data).hexdigest()
         loop = asyncio.get_running_loop()
         image: ResizedImage = await loop.run_in_executor(decode_pool, resize_image, fetched.data, resize_cfg)
     except SampleError as error:
@@ -76,16 +101,18 @@ def _record_failure(row: dict[str, Any], error: SampleError) -> dict[str, Any]:
     return row
 
 
-async def _download(shard: ShardInput, cfg: IngestConfig, writer: ShardWriter, account: _ShardAccount) -> None:
+async def _download(shard: ShardInput, cfg: IngestConfig, writer, account: _ShardAccount, report: Report | None) -> None:
     n = cfg.number_sample_per_shard
     resize_cfg = cfg.resize_config()
+    hashes = cfg.hash_columns()
+    last_report = time.monotonic()
     window = 8 * cfg.thread_count  # rows finished but waiting for an earlier, slower row
     pending: dict[int, tuple[dict[str, Any], bytes | None]] = {}
     next_to_write = 0
     gate = asyncio.Semaphore(cfg.thread_count)  # bounds in-flight requests, hence bytes
 
     def record(index: int, row: dict[str, Any], image: bytes | None) -> None:
-        nonlocal next_to_write
+        nonlocal next_to_write, last_report
         row.update(key=sample_key(shard.shard_id, index, n), url=shard.urls[index], caption=shard.captions[index])
         for column, values in shard.extras.items():
             row[column] = values[index]
@@ -95,10 +122,15 @@ async def _download(shard: ShardInput, cfg: IngestConfig, writer: ShardWriter, a
             writer.add(ready_row, ready_image)
             account.add(ready_row)
             next_to_write += 1
+        if report is not None and time.monotonic() - last_report >= REPORT_INTERVAL_S:
+            last_report = time.monotonic()
+            report(shard.shard_id, account.count, account.successes)
 
     async def one(index: int) -> None:
         async with gate:
-            row, image = await _process_row(shard.urls[index], fetcher, resize_cfg, decode_pool)
+            row, image = await _process_row(
+                shard.urls[index], shard.row_errors.get(index), fetcher, resize_cfg, hashes, decode_pool
+            )
         record(index, row, image)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decode_pool:
@@ -116,13 +148,15 @@ async def _download(shard: ShardInput, cfg: IngestConfig, writer: ShardWriter, a
                 await asyncio.gather(*tasks)
 
 
-def download_shard(shard: ShardInput, cfg: IngestConfig) -> dict[str, Any]:
+def download_shard(shard: ShardInput, cfg: IngestConfig, report: Report | None = None) -> dict[str, Any]:
     """Download, resize and commit one pool shard; return its stats."""
     start = time.time()
     account = _ShardAccount()
-    writer = ShardWriter(cfg.output_folder, shard.shard_id, cfg.encode_format, cfg.save_additional_columns)
+    writer = open_shard_writer(
+        cfg.output_format, cfg.output_folder, shard.shard_id, cfg.encode_format, cfg.extra_columns()
+    )
     try:
-        asyncio.run(_download(shard, cfg, writer, account))
+        asyncio.run(_download(shard, cfg, writer, account, report))
         end = time.time()
         stats = {
             "shard": shard_name(shard.shard_id),
