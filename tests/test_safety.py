@@ -18,6 +18,8 @@ LOCAL_ONLY = NetworkPolicy.from_cidrs(["127.0.0.1/32"])
         "169.254.169.254", "169.254.0.1", "fe80::1",  # link-local, cloud metadata
         "fd00:ec2::254", "fc00::1", "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255",
         "::ffff:10.0.0.1", "::ffff:169.254.169.254",  # IPv4-mapped IPv6 does not sneak through
+        "10.255.255.255", "172.20.1.1", "192.168.255.255", "169.254.170.2",  # ranges' far ends, ECS metadata
+        "fdff:ffff::1", "fe80::1%eth0", "::ffff:127.0.0.1",  # fc00::/7's far end, scoped link-local
     ],
 )
 def test_non_public_addresses_are_refused_by_default(address):
@@ -27,7 +29,8 @@ def test_non_public_addresses_are_refused_by_default(address):
     assert error.value.reason is Reason.SSRF_BLOCKED
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "93.184.216.34"])
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "93.184.216.34",
+                                     "172.32.0.1", "11.0.0.1", "192.169.0.1"])  # just outside private ranges
 def test_public_addresses_are_allowed(address):
     assert DEFAULT.refusal(address) is None
 
