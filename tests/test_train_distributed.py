@@ -76,25 +76,52 @@ def test_two_rank_loss_and_gradients_equal_one_process(tmp_path):
 
 
 @pytest.mark.integration
-def test_torchrun_training_runs_and_checkpoints(tmp_path):
+def test_torchrun_training_evaluates_checkpoints_and_resumes(tmp_path):
+    """2 ranks: periodic and final eval (zero-shot + retrieval on every rank), then an exact 2-rank resume.
+
+    The eval at step 2 and at the end runs on both ranks with gathered results: the job
+    must end (no rank left at a barrier) with the figures in the log. Resuming the step-2
+    checkpoint in a second torchrun job must reproduce the first job's step-4 weights.
+    """
     shards = tmp_path / "shards"
     fx.write_train_shards(str(shards), samples=16, per_shard=4, seed=2, noise=0.0)
+    held_out = tmp_path / "held_out"
+    fx.write_train_shards(str(held_out), samples=10, per_shard=5, seed=9, noise=0.0)
     eval_tar = tmp_path / "eval.tar"
     fx.write_eval_tar(str(eval_tar), per_class=1)
     model_config = fx.write_tiny_model_config(str(tmp_path))
+    common = [
+        "--set", f"data.train_shards={shards}", "--set", f"model.config_file={model_config}",
+        "--set", "model.name=webclip-test-tiny", "--set", "batch_size=8", "--set", "steps=4",
+        "--set", "log_every=1", "--set", "data.workers=0", "--set", "data.shuffle_buffer=4",
+        "--set", "optim.warmup_steps=1", "--set", "checkpoint.every_steps=2", "--set", "tensorboard=false",
+    ]  # fmt: skip
     run_dir = tmp_path / "run"
     done = _torchrun(
-        "-m", "train",
-        "--set", f"data.train_shards={shards}", "--set", f"data.eval_tar={eval_tar}",
-        "--set", f"model.config_file={model_config}", "--set", "model.name=webclip-test-tiny",
-        "--set", "batch_size=8", "--set", "steps=3", "--set", "log_every=1", "--set", "data.workers=0",
-        "--set", "data.shuffle_buffer=4", "--set", "optim.warmup_steps=1", "--set", f"run_dir={run_dir}",
+        "-m", "train", *common, "--set", f"run_dir={run_dir}", "--set", f"data.eval_tar={eval_tar}",
+        "--set", f"data.eval_shards={held_out}", "--set", "eval_every=2",
     )  # fmt: skip
     last = done.stdout.strip().splitlines()[-1]
     assert re.match(r"^zero-shot top1: seen=\S+ unseen=\S+ unseen_only=\S+ chance=0\.021 \(48 classes\)$", last)
     summary = json.loads((run_dir / "zeroshot.json").read_text())
-    assert summary["train"]["world_size"] == 2 and summary["train"]["samples_seen"] == 24
-    assert (run_dir / "checkpoints" / "step_00000003.pt").exists()
+    assert summary["train"]["world_size"] == 2 and summary["train"]["samples_seen"] == 32
+    assert summary["n_seen"] + summary["n_unseen"] == 48  # every eval image scored once, over both ranks
+    assert summary["retrieval"]["n"] == 10  # both ranks' held-out samples gathered
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "retrieval" in r] == [2, 4]
+    assert (run_dir / "checkpoints" / "step_00000004.pt").exists()
+
+    resumed_dir = tmp_path / "resumed"
+    _torchrun(
+        "-m", "train", *common, "--set", f"run_dir={resumed_dir}", "--set", "data.eval_tar=null",
+        "--resume", str(run_dir / "checkpoints" / "step_00000002.pt"),
+    )  # fmt: skip
+    original = torch.load(run_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["state_dict"]
+    resumed = torch.load(resumed_dir / "checkpoints" / "step_00000004.pt", weights_only=True)["state_dict"]
+    for key, value in original.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    state = torch.load(resumed_dir / "checkpoints" / "step_00000004.state.pt", weights_only=True)
+    assert [sorted(r["positions"]) for r in state["ranks"]] == [[0], [0]]  # each rank saved its own reader
 
 
 def _worker(out_path: str) -> None:

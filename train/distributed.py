@@ -10,6 +10,7 @@ wrapping in the loop.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -74,12 +75,19 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
 
 
 def all_gather_objects(obj: Any, world: World) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    """Every rank's ``obj`` (tensors, numbers, strings, lists, dicts), in rank order, on every rank.
+
+    Serialised with ``torch.save`` and read back with ``weights_only=True``: tensors travel
+    intact (``all_gather_object``'s own pickling of tensors fails on some torch builds)
+    and nothing a peer sends is unpickled as code.
+    """
     if not world.distributed:
         return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     gathered: list[Any] = [None] * world.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), map_location="cpu", weights_only=True) for data in gathered]
 
 
 def barrier(world: World) -> None:
