@@ -1,8 +1,18 @@
 """IngestConfig: every option of the download stage, with img2dataset's names.
 
 An existing img2dataset command line works unchanged: the option names and their
-meanings follow img2dataset's ``download()``. Options of our own (network safety,
-byte caps, per-host limits) use the same style.
+meanings follow img2dataset's ``download()`` (list options also take its
+``'["a","b"]'`` spelling). Options of our own (network safety, byte caps, per-host
+limits) use the same style. Where we differ, on purpose:
+
+* defaults: ``output_format`` webdataset (what filter/ and shards/ read; img2dataset:
+  files), ``distributor`` ray (img2dataset: multiprocessing, also offered here as a
+  local process pool), ``thread_count`` 64 async requests per shard (img2dataset:
+  256 threads), ``processes_count`` 0 = one per CPU (img2dataset: 1);
+* ``compute_hash``: sha256 is always stored (exact dedupe in filter/ needs it); md5
+  or sha512 adds a column of that name, as img2dataset's does;
+* ``enable_wandb`` is accepted so command lines run, but nothing is sent anywhere;
+  ``pyspark`` is refused with a pointer to ray.
 """
 
 from __future__ import annotations

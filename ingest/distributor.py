@@ -155,7 +155,7 @@ def multiprocessing_distributor(
                 for future in done:
                     shard, attempt = in_flight.pop(future)
                     try:
-                        on_done(future.result())
+                        stats = future.result()
                     except BrokenProcessPool:
                         raise RuntimeError(
                             "a worker process died (out of memory?); rerun the same command to resume"
@@ -164,6 +164,8 @@ def multiprocessing_distributor(
                         if attempt >= cfg.max_shard_retry:
                             raise
                         in_flight[pool.submit(_pool_task, shard, cfg)] = (shard, attempt + 1)
+                        continue
+                    on_done(stats)
 
         for shard in shards:
             collect(wait_for_all=False)
