@@ -39,7 +39,7 @@ class DataConfig:
     eval_classnames: str | None = None  # text file, one class name per line; null = the demo's 48 classes
     eval_templates: str | None = None  # text file, one prompt per line with {} for the class name
     eval_shards: str | None = None  # folder of held-out tars for image-text retrieval; null = none
-    eval_max_samples: int = 5000  # retrieval uses at most this many held-out samples
+    eval_max_samples: int = 5000  # retrieval uses at most this many held-out samples (split over ranks)
     workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)
     shuffle_buffer: int = 2000  # samples held for shuffling, per reader (drained at each epoch's end)
     max_image_pixels: int = 1 << 26  # images announcing more pixels are skipped (decompression bombs)
@@ -86,7 +86,7 @@ class TrainConfig:
     resume: str | None = None  # "latest" (the checkpoint dir's latest.json; fresh start if none) or a .pt path
     run_dir: str = "runs/default"  # log.jsonl, config.yaml, zeroshot.json (local path)
     log_every: int = 10  # steps between log lines
-    eval_every: int = 0  # also run zero-shot eval every N steps (logged to log.jsonl); 0 = only at the end
+    eval_every: int = 0  # also evaluate (zero-shot, retrieval) every N steps, into the logs; 0 = only at the end
     device: str = "auto"  # auto = cuda when available
     precision: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; fp16 (GPU) uses a GradScaler
     compile: bool = False  # torch.compile the model (GPU mostly; on CPU it needs a C++ compiler)
