@@ -69,7 +69,7 @@ def _publish_file(local: str, target: str) -> None:
         shutil.copyfileobj(src, dst, length=1 << 20)
 
 
-class _StagedShard:
+class BaseShardWriter:
     """What every layout shares: staging folder, metadata columns, commit order."""
 
     def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
@@ -140,7 +140,7 @@ class _StagedShard:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-class ShardWriter(_StagedShard):
+class ShardWriter(BaseShardWriter):
     """``webdataset``: ``{N}.tar`` + ``{N}.parquet`` + ``{N}_stats.json``."""
 
     def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
@@ -164,7 +164,7 @@ class ShardWriter(_StagedShard):
         super().close()
 
 
-class FilesShardWriter(_StagedShard):
+class FilesShardWriter(BaseShardWriter):
     """``files``: a folder ``{N}/`` of ``{key}.jpg|txt|json`` + ``{N}.parquet`` + stats.
 
     Locally the whole folder is renamed into place at once; on object storage each
@@ -199,7 +199,7 @@ class FilesShardWriter(_StagedShard):
         return {"name": f"{self.name}/", "bytes": self._bytes}
 
 
-class ParquetShardWriter(_StagedShard):
+class ParquetShardWriter(BaseShardWriter):
     """``parquet``: ``{N}.parquet`` alone, image bytes in a ``jpg`` (``webp``, ``png``) column.
 
     Rows are written in row groups as they come, so a shard's images are never all
@@ -250,7 +250,7 @@ class ParquetShardWriter(_StagedShard):
         super().close()
 
 
-WRITERS: dict[str, type[_StagedShard]] = {
+WRITERS: dict[str, type[BaseShardWriter]] = {
     "webdataset": ShardWriter,
     "files": FilesShardWriter,
     "parquet": ParquetShardWriter,
@@ -259,7 +259,7 @@ WRITERS: dict[str, type[_StagedShard]] = {
 
 def open_shard_writer(
     output_format: str, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]
-) -> _StagedShard:
+) -> BaseShardWriter:
     """The writer for ``output_format`` (one of ``OUTPUT_FORMATS``)."""
     try:
         writer = WRITERS[output_format]

@@ -27,7 +27,7 @@ from ingest.config import IngestConfig
 from ingest.fetcher import Fetcher
 from ingest.reader import ShardInput
 from ingest.resizer import ResizeConfig, ResizedImage, resize_image
-from core.shard_writer import open_shard_writer
+from core.shard_writer import BaseShardWriter, open_shard_writer
 
 Report = Callable[[int, int, int], None]  # (shard id, rows done, successes)
 REPORT_INTERVAL_S = 0.5
@@ -101,7 +101,9 @@ def _record_failure(row: dict[str, Any], error: SampleError) -> dict[str, Any]:
     return row
 
 
-async def _download(shard: ShardInput, cfg: IngestConfig, writer, account: _ShardAccount, report: Report | None) -> None:
+async def _download(
+    shard: ShardInput, cfg: IngestConfig, writer: BaseShardWriter, account: _ShardAccount, report: Report | None
+) -> None:
     n = cfg.number_sample_per_shard
     resize_cfg = cfg.resize_config()
     hashes = cfg.hash_columns()

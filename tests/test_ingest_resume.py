@@ -169,16 +169,31 @@ def test_kill_9_on_s3_never_shows_a_half_written_shard(tmp_path, s3_env, web, re
     assert_same_result(output, str(ref_pool), urls)
 
 
-def _ray_task_pids() -> list[int]:
-    """Processes of ours that Ray titled as running a shard task right now."""
-    pids = []
+def _ray_workers_connected_to(port: int) -> set[int]:
+    """Our Ray task processes holding a connection to ``port`` on loopback right now.
+
+    Found through /proc: sockets whose remote port is ``port``, then the processes
+    owning them, kept if Ray titled them as running a shard task. Exactly the
+    worker stuck on the hanging request, whatever other Ray workers exist.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                if int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(f"socket:[{fields[9]}]")
+    pids = set()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::_ray_task"):
-                    pids.append(int(entry.name))
-            except OSError:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if not (entry / "cmdline").read_bytes().startswith(b"ray::_ray_task"):
                 continue
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.add(int(entry.name))
+        except OSError:
+            continue
     return pids
 
 
@@ -192,10 +207,10 @@ def test_a_lost_ray_worker_costs_one_shard(tmp_path, web, reference, capfd):
     def kill_the_worker_of_shard_3() -> None:
         if web.hanging.wait(120):
             time.sleep(0.3)  # the rest of shard 3's rows are fetched: all of them will be redone
-            pids = _ray_task_pids()
-            assert len(pids) == 1, pids  # processes_count 1: one task runs at a time
-            os.kill(pids[0], signal.SIGKILL)
-            killed.extend(pids)
+            pids = _ray_workers_connected_to(web.port)
+            assert len(pids) == 1, pids
+            os.kill(pids.pop(), signal.SIGKILL)  # that worker, by its id: kill -9 mid-shard
+            killed.append(1)
 
     web.arm_hang()
     seen_before = len(web.log)
