@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from bench.measure import run_measured, tail
+from bench.measure import run_measured, tail, tree_rss_bytes
 from infra.local.corpus import generate, load_ground_truth, write_url_list
 from infra.local.webserver import load_routes, serve
 from ingest.resizer import ResizeConfig, resize_image
@@ -69,6 +69,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--psnr_samples", type=int, default=300)
     p.add_argument("--limit_images", type=int, default=3000, help="images in the machine-limit loop")
+    p.add_argument("--ours", default="ray,multiprocessing",
+                   help="our distributors to run, comma-separated (img2dataset always uses multiprocessing)")
     p.add_argument("--work", default="data/bench/ingest", help="scratch folder (outputs are removed)")
     return p.parse_args()
 
@@ -85,13 +87,13 @@ def _common_options(args, url_list: str, out: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _commands(args, url_list: str, out: str) -> dict[str, list[str]]:
+def _command(args, tool: str, url_list: str, out: str) -> list[str]:
     common = _common_options(args, url_list, out)
-    return {
-        "webclip": [str(ROOT / ".venv/bin/python"), "-m", "ingest", *common,
-                    "--distributor", "ray", "--allow_networks", "127.0.0.1/32"],
-        "img2dataset": [str(PEER), *common, "--distributor", "multiprocessing", "--enable_wandb", "False"],
-    }  # fmt: skip
+    if tool == "img2dataset":
+        return [str(PEER), *common, "--distributor", "multiprocessing", "--enable_wandb", "False"]
+    distributor = tool.split("-", 1)[1]  # webclip-ray, webclip-multiprocessing
+    return [str(ROOT / ".venv/bin/python"), "-m", "ingest", *common,
+            "--distributor", distributor, "--allow_networks", "127.0.0.1/32"]  # fmt: skip
 
 
 def _successes(out: str) -> tuple[int, int]:
@@ -210,6 +212,14 @@ def _machine_limit(args, ok: pa.Table, site: Path) -> dict:
     return {"images": len(blobs), "seconds": round(seconds, 2), "images_per_s": round(len(blobs) / seconds, 1)}
 
 
+def _server_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's children: the web server, between runs."""
+    cpu: dict[int, float] = {}
+    tree_rss_bytes(os.getpid(), cpu)
+    cpu.pop(os.getpid(), None)
+    return sum(cpu.values())
+
+
 # -- the run -----------------------------------------------------------------------------
 
 
@@ -229,13 +239,16 @@ def main() -> int:
         url_list, ok = _url_list(corpus, work)
         print(f"bench: {ok.num_rows} URLs on {base_url}", file=sys.stderr)
         kept: dict[str, str] = {}
+        ours = [f"webclip-{d}" for d in args.ours.split(",")]
         for repeat in range(args.repeat):
-            order = ["webclip", "img2dataset"] if repeat % 2 == 0 else ["img2dataset", "webclip"]
+            order = [*ours, "img2dataset"] if repeat % 2 == 0 else ["img2dataset", *reversed(ours)]
             for tool in order:
                 out = str(work / f"out-{tool}")
                 shutil.rmtree(out, ignore_errors=True)
                 log = str(work / f"{tool}-{repeat}.log")
-                measured = run_measured(_commands(args, url_list, out)[tool], log_path=log)
+                server_cpu = _server_cpu_seconds()
+                measured = run_measured(_command(args, tool, url_list, out), log_path=log)
+                server_cpu = _server_cpu_seconds() - server_cpu
                 if measured.returncode != 0:
                     print(f"{tool} failed (exit {measured.returncode}):\n{tail(log)}", file=sys.stderr)
                     return 1
@@ -243,7 +256,10 @@ def main() -> int:
                 run = {"tool": tool, "repeat": repeat, "seconds": round(measured.seconds, 2),
                        "count": count, "successes": successes,
                        "samples_per_s": round(count / measured.seconds, 1),
-                       "peak_rss_mib": round(measured.peak_rss_bytes / 2**20)}  # fmt: skip
+                       "peak_rss_mib": round(measured.peak_rss_bytes / 2**20),
+                       "cpu_s": round(measured.cpu_seconds, 1),
+                       "cpu_ms_per_sample": round(1000 * measured.cpu_seconds / max(count, 1), 2),
+                       "server_cpu_s": round(server_cpu, 1)}  # fmt: skip
                 print(json.dumps(run), file=sys.stderr, flush=True)
                 runs.append(run)
                 kept[tool] = out
@@ -253,20 +269,22 @@ def main() -> int:
     def best(tool: str) -> dict:
         return max((r for r in runs if r["tool"] == tool), key=lambda r: r["samples_per_s"])
 
-    ours, theirs = best("webclip"), best("img2dataset")
+    theirs = best("img2dataset")
+
+    def median_rate(tool: str) -> float:
+        return statistics.median(r["samples_per_s"] for r in runs if r["tool"] == tool)
+
     summary = {
         "bench": "ingest_vs_img2dataset",
         "urls": ok.num_rows, "processes": args.processes, "threads": args.threads,
         "image_size": args.image_size, "resize_mode": args.resize_mode,
         "runs": runs,
-        "speed_ratio_best": round(ours["samples_per_s"] / theirs["samples_per_s"], 2),
-        "speed_ratio_median": round(
-            statistics.median(r["samples_per_s"] for r in runs if r["tool"] == "webclip")
-            / statistics.median(r["samples_per_s"] for r in runs if r["tool"] == "img2dataset"), 2),
-        "successes": {"webclip": ours["successes"], "img2dataset": theirs["successes"]},
+        "speed_ratio_median": {t: round(median_rate(t) / median_rate("img2dataset"), 2) for t in ours},
+        "speed_ratio_best": {t: round(best(t)["samples_per_s"] / theirs["samples_per_s"], 2) for t in ours},
+        "successes": {t: best(t)["successes"] for t in [*ours, "img2dataset"]},
         "quality": quality,
         "machine_limit": limit,
-        "share_of_limit": round(ours["successes"] / ours["seconds"] / limit["images_per_s"], 2),
+        "share_of_limit": {t: round(best(t)["successes"] / best(t)["seconds"] / limit["images_per_s"], 2) for t in ours},
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "command": " ".join(sys.argv),
     }  # fmt: skip

@@ -22,6 +22,7 @@ class Measured:
     seconds: float
     peak_rss_bytes: int
     returncode: int
+    cpu_seconds: float  # user + system of the tree, as last sampled per process (a lower bound)
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -38,16 +39,30 @@ def _children_map() -> dict[int, list[int]]:
     return children
 
 
-def tree_rss_bytes(root_pid: int) -> int:
-    """Summed RSS of ``root_pid`` and all its descendants, now."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(root_pid: int) -> list[int]:
     children = _children_map()
-    total, stack = 0, [root_pid]
+    pids, stack = [], [root_pid]
     while stack:
         pid = stack.pop()
+        pids.append(pid)
         stack.extend(children.get(pid, ()))
+    return pids
+
+
+def tree_rss_bytes(root_pid: int, cpu: dict[int, float] | None = None) -> int:
+    """Summed RSS of ``root_pid`` and all its descendants, now; CPU seconds per pid into ``cpu``."""
+    total = 0
+    for pid in tree_pids(root_pid):
         try:
             with open(f"/proc/{pid}/statm", "rb") as f:
                 total += int(f.read().split()[1]) * _PAGE
+            if cpu is not None:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
         except OSError:
             continue
     return total
@@ -58,6 +73,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, log_path: str | Non
     """Run ``cmd`` to completion; its output goes to ``log_path`` (or is discarded)."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     peak = 0
+    cpu: dict[int, float] = {}
     start = time.perf_counter()
     try:
         process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -66,7 +82,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, log_path: str | Non
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                peak = max(peak, tree_rss_bytes(process.pid))
+                peak = max(peak, tree_rss_bytes(process.pid, cpu))
                 done.wait(interval_s)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -83,7 +99,7 @@ def run_measured(cmd: list[str], *, env: dict | None = None, log_path: str | Non
     finally:
         if log_path:
             out.close()
-    return Measured(seconds=seconds, peak_rss_bytes=peak, returncode=returncode)
+    return Measured(seconds=seconds, peak_rss_bytes=peak, returncode=returncode, cpu_seconds=sum(cpu.values()))
 
 
 def tail(path: str, limit: int = 3000) -> str:

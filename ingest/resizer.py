@@ -141,7 +141,7 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         image = ImageOps.exif_transpose(image) or image
         image = _to_rgb(image)
         if image.size != (out_w, out_h):
-            image = image.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+            image = image.resize((out_w, out_h), _filter(image.size, (out_w, out_h)))
         image = _finish_geometry(image, cfg)
         buffer = io.BytesIO()
         save_args = {"quality": cfg.encode_quality} if cfg.encode_format != "png" else {}
@@ -158,6 +158,19 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         original_height=height if not rotated else width,
         phash=phash(image),
     )
+
+
+def _filter(size: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
+    """Bilinear to shrink, Lanczos to enlarge.
+
+    After the DCT-scaled decode an image is at most twice the target, and Pillow's
+    bilinear filter widens with the scale factor (a triangle filter over the whole
+    footprint), so shrinking with it is properly antialiased: against a full-resolution
+    Lanczos reference it scores ~46 dB before re-encoding, far above what JPEG quality 95
+    keeps (~41 dB), at 40% less CPU than Lanczos (bench/ingest_vs_img2dataset.py).
+    """
+    shrinking = target[0] < size[0] and target[1] < size[1]
+    return Image.Resampling.BILINEAR if shrinking else Image.Resampling.LANCZOS
 
 
 def _finish_geometry(image: Image.Image, cfg: ResizeConfig) -> Image.Image:
