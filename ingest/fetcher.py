@@ -120,6 +120,7 @@ class Fetcher:
             headers={"User-Agent": self.cfg.user_agent},
             auto_decompress=True,
             trust_env=False,  # never route through a proxy the environment names
+            cookie_jar=aiohttp.DummyCookieJar(),  # image URLs need no cookies; parsing them costs CPU
         )
         return self
 

@@ -18,6 +18,7 @@ near-duplicate dedupe.
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,9 @@ class ResizeConfig:
     max_image_area: float = float("inf")  # original width * height; refused above
     max_aspect_ratio: float = float("inf")  # original long side / short side
     max_pixels: int = 178_956_970  # decompression-bomb cap, checked from the header
+    # JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) giving at least this
+    # many times the output size; 0 turns reduced-scale decoding off.
+    decode_margin: float = 1.0
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -51,6 +55,8 @@ class ResizeConfig:
             raise ValueError(f"encode_format={self.encode_format!r}: choose one of {', '.join(ENCODE_FORMATS)}")
         if self.image_size < 8:
             raise ValueError(f"image_size={self.image_size}: must be at least 8 pixels")
+        if not (self.decode_margin == 0 or self.decode_margin >= 1):
+            raise ValueError(f"decode_margin={self.decode_margin}: must be 0 (full decode) or at least 1")
         if not 1 <= self.encode_quality <= 100:
             raise ValueError(f"encode_quality={self.encode_quality}: must be within 1..100")
 
@@ -134,9 +140,15 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         orientation = image.getexif().get(0x0112, 1)
         rotated = orientation in (5, 6, 7, 8)
         out_w, out_h = _target_size(height, width, cfg) if rotated else _target_size(width, height, cfg)
-        if image.format == "JPEG":
-            request = (out_h, out_w) if rotated else (out_w, out_h)
-            image.draft("RGB", request)  # reduced-scale DCT decode, never below request
+        if image.format == "JPEG" and cfg.decode_margin:
+            # Reduced-scale DCT decode, never below the request. With margin 1 a JPEG
+            # lands between 1x and 2x the output: the fastest, 40 dB mean PSNR against a
+            # full-resolution decode, but a few images that land just above 1x lose up
+            # to 8 dB; margin 1.5 brings the worst case level with img2dataset's full
+            # decode for ~50% more decode CPU (BENCHMARKS.md, ingest).
+            w, h = (out_h, out_w) if rotated else (out_w, out_h)
+            margin = cfg.decode_margin
+            image.draft("RGB", (math.ceil(w * margin), math.ceil(h * margin)))
         image.load()
         image = ImageOps.exif_transpose(image) or image
         image = _to_rgb(image)
@@ -163,11 +175,11 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
 def _filter(size: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
     """Bilinear to shrink, Lanczos to enlarge.
 
-    After the DCT-scaled decode an image is at most twice the target, and Pillow's
-    bilinear filter widens with the scale factor (a triangle filter over the whole
-    footprint), so shrinking with it is properly antialiased: against a full-resolution
-    Lanczos reference it scores ~46 dB before re-encoding, far above what JPEG quality 95
-    keeps (~41 dB), at 40% less CPU than Lanczos (bench/ingest_vs_img2dataset.py).
+    After the DCT-scaled decode a JPEG is at most 2x the target (times the margin), and Pillow's bilinear
+    filter widens with the scale factor (a triangle filter over the whole footprint),
+    so shrinking with it is properly antialiased: against a full-resolution Lanczos
+    reference it loses well under 1 dB to Lanczos after JPEG re-encoding at quality
+    95, at 40% less CPU (bench/ingest_vs_img2dataset.py, BENCHMARKS.md).
     """
     shrinking = target[0] < size[0] and target[1] < size[1]
     return Image.Resampling.BILINEAR if shrinking else Image.Resampling.LANCZOS

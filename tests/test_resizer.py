@@ -129,3 +129,17 @@ def test_phash_is_stable_under_reencoding_and_differs_across_images():
     c = int(phash(other), 16)
     assert bin(a ^ b).count("1") <= 4
     assert bin(a ^ c).count("1") > 10
+
+
+def test_decode_margin_trades_decode_size_for_fidelity():
+    """Margin 0 decodes at full size; margin 1 lets libjpeg shrink first; both give the output size."""
+    big = Image.new("RGB", (1600, 1200), (10, 200, 30))
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG", quality=90)
+    data = buffer.getvalue()
+    fast = resize_image(data, ResizeConfig(image_size=200, resize_mode="keep_ratio_largest", decode_margin=1.0))
+    full = resize_image(data, ResizeConfig(image_size=200, resize_mode="keep_ratio_largest", decode_margin=0))
+    assert (fast.width, fast.height) == (full.width, full.height) == (200, 150)
+    assert (fast.original_width, fast.original_height) == (1600, 1200)
+    with pytest.raises(ValueError, match="decode_margin=0.5"):
+        ResizeConfig(decode_margin=0.5)
