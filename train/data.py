@@ -44,6 +44,7 @@ from PIL import Image, UnidentifiedImageError
 from core import storage
 from core.layout import STATS_SUFFIX
 from core.reasons import Reason
+from train.tarstream import TarStreamError, iter_tar_files
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +129,21 @@ def iter_tar_samples(path: str, skipped: Counter) -> Iterator[RawSample]:
     """Group a tar's consecutive members by key; a broken shard ends early and is counted."""
     current: RawSample | None = None
     try:
-        with storage.open_file(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_name(member.name)
+        with storage.open_file(path, "rb") as handle:
+            for name, data in iter_tar_files(handle, reopen=lambda: storage.open_file(path, "rb")):
+                key, ext = _split_name(name)
                 if current is not None and current.key != key:
                     yield current  # complete: before reading on, which may fail
                     current = None
                 if current is None:
                     current = RawSample(key, {})
-                extracted = tar.extractfile(member)
-                current.members[ext] = extracted.read() if extracted is not None else b""
-    except (tarfile.TarError, OSError, EOFError) as exc:
+                current.members[ext] = data
+    except (TarStreamError, tarfile.TarError, OSError, EOFError) as exc:
         skipped[Skip.SHARD_ERROR] += 1
         log.warning("shard %s: stopped reading (%s); samples after this point are skipped", path, exc)
-        current = None  # the last sample may be incomplete
+        cut = getattr(exc, "member", None)
+        if current is not None and (cut is None or _split_name(cut)[0] == current.key):
+            current = None  # the damage is inside this sample: it may be incomplete
     if current is not None:
         yield current
 
