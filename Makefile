@@ -19,7 +19,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-web ingest filter shards report train test clean-demo
+.PHONY: help venv demo demo-web ingest filter shards report train test bench bench-peers clean-demo
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -59,6 +59,15 @@ train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONF
 
 test: $(STAMP) ## unit and integration tests (real HTTP server, Ray, S3 server, torchrun)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-peers: ## the peers' own venvs under .bench/ (img2dataset 1.47, open_clip_train + webdataset 0.2.86)
+	VENV=$(VENV) bash bench/peers.sh
+
+bench: $(STAMP) bench-peers ## the benchmarks of BENCHMARKS.md (after `make demo`; ~25 min on 2 cores)
+	$(PY) -m bench.ingest_vs_img2dataset --repeat 2
+	$(PY) -m bench.ingest_memory
+	$(PY) bench/reader_memory.py
+	$(PY) -m bench.train_vs_openclip --repeat 2
 
 clean-demo: ## remove the demo's data and runs
 	rm -rf data/demo runs/demo

@@ -65,6 +65,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=32)
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--resize_mode", default="border")
+    p.add_argument("--copies", type=int, default=1,
+                   help="repeat the URL list this many times (copies after the first get ?copy=K): longer runs")
     p.add_argument("--shard_size", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--psnr_samples", type=int, default=300)
@@ -106,11 +108,16 @@ def _successes(out: str) -> tuple[int, int]:
     return count, successes
 
 
-def _url_list(corpus: Path, work: Path) -> tuple[str, pa.Table]:
+def _url_list(corpus: Path, work: Path, copies: int) -> tuple[str, pa.Table]:
     truth = load_ground_truth(corpus)
     ok = truth.filter(pc.is_null(truth.column("expected_ingest_reason")))
+    urls, captions = ok.column("url").to_pylist(), ok.column("caption").to_pylist()
+    table = pa.table({
+        "url": [u if k == 0 else f"{u}?copy={k}" for k in range(copies) for u in urls],
+        "caption": captions * copies,
+    })  # fmt: skip
     path = work / "urls.parquet"
-    pq.write_table(ok.select(["url", "caption"]), path)
+    pq.write_table(table, path)
     return str(path), ok
 
 
@@ -236,8 +243,8 @@ def main() -> int:
     runs: list[dict] = []
     with serve(site) as base_url:
         write_url_list(corpus, base_url)
-        url_list, ok = _url_list(corpus, work)
-        print(f"bench: {ok.num_rows} URLs on {base_url}", file=sys.stderr)
+        url_list, ok = _url_list(corpus, work, args.copies)
+        print(f"bench: {ok.num_rows * args.copies} URLs on {base_url}", file=sys.stderr)
         kept: dict[str, str] = {}
         ours = [f"webclip-{d}" for d in args.ours.split(",")]
         for repeat in range(args.repeat):
@@ -276,7 +283,7 @@ def main() -> int:
 
     summary = {
         "bench": "ingest_vs_img2dataset",
-        "urls": ok.num_rows, "processes": args.processes, "threads": args.threads,
+        "urls": ok.num_rows * args.copies, "processes": args.processes, "threads": args.threads,
         "image_size": args.image_size, "resize_mode": args.resize_mode,
         "runs": runs,
         "speed_ratio_median": {t: round(median_rate(t) / median_rate("img2dataset"), 2) for t in ours},
