@@ -105,6 +105,12 @@ def reshard(cfg: ShardsConfig) -> dict[str, Any]:
     pool_ids = sorted(committed_shards(cfg.pool))
     if not pool_ids:
         raise SystemExit(f"shards: no committed pool shards in {cfg.pool!r} (run ingest first)")
+    first_tar = storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.tar")
+    if not storage.exists(first_tar):
+        raise SystemExit(
+            f"shards: {first_tar} not found: shards/ reads webdataset pools (tar + parquet per shard); "
+            "ingest with --output_format webdataset (parquet and files pools are not supported here yet)"
+        )
     storage.makedirs(cfg.output_folder)
     _remove_old_outputs(cfg.output_folder)
     sink: _TrainShardSink | None = None
