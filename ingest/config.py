@@ -102,7 +102,8 @@ class IngestConfig:
     distributor: str = option(
         "ray",
         "ray: Ray tasks, on a local instance or the cluster at ray_address; multiprocessing: a pool of "
-        "processes_count local processes (img2dataset's default); inline: this process, one shard at a time",
+        "processes_count local processes (img2dataset's default; on one machine it is faster: no Ray start-up or "
+        "daemons); inline: this process, one shard at a time",
     )
     ray_address: str | None = option(None, "Ray cluster address (none: RAY_ADDRESS if set, else a local instance)")
     max_shards_in_flight: int = option(0, "shards submitted but unfinished, bounding memory (0: 2 x processes_count)")
