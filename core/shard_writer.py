@@ -24,11 +24,9 @@ same shard.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
-import tarfile
 import tempfile
 from typing import Any
 
@@ -37,17 +35,9 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.layout import POOL_SCHEMA, STATS_SUFFIX, shard_name
+from core.tarwriter import TarWriter
 
 OUTPUT_FORMATS = ("webdataset", "parquet", "files")
-
-
-def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o444
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _sha256(path: str) -> str:
@@ -146,11 +136,11 @@ class ShardWriter(BaseShardWriter):
     def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
         super().__init__(output_folder, shard_id, encode_format, extra_columns)
         self._tar_path = os.path.join(self._tmpdir, f"{self.name}.tar")
-        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = TarWriter(self._tar_path)
 
     def _add_sample(self, key, image, caption, meta) -> None:
         for name, data in self._sample_files(key, image, caption, meta):
-            add_tar_member(self._tar, name, data)
+            self._tar.add(name, data)
 
     def _publish_samples(self) -> dict[str, Any]:
         self._tar.close()

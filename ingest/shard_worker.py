@@ -137,17 +137,35 @@ async def _download(
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as decode_pool:
         async with Fetcher(cfg.fetch_config(), cfg.network_policy()) as fetcher:
-            # Start tasks lazily in row order: few tasks exist at once, and a slow row
-            # cannot make the reorder buffer grow beyond the window.
+            # Start tasks lazily in row order: at most 2 x thread_count exist at once (each
+            # frees its slot when done; no scan of all tasks per completion), and a slow
+            # row cannot make the reorder buffer grow beyond the window.
+            slots = asyncio.Semaphore(2 * cfg.thread_count)
+            progressed = asyncio.Event()
             tasks: set[asyncio.Task] = set()
+            bugs: list[BaseException] = []
+
+            def finished(task: asyncio.Task) -> None:
+                tasks.discard(task)
+                slots.release()
+                progressed.set()
+                if not task.cancelled() and task.exception() is not None:
+                    bugs.append(task.exception())
+
             for index in range(len(shard)):
-                while len(tasks) >= 2 * cfg.thread_count or index - next_to_write >= window:
-                    done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()  # surface a bug at once instead of at the end
-                tasks.add(asyncio.create_task(one(index)))
+                await slots.acquire()
+                while index - next_to_write >= window and not bugs:
+                    progressed.clear()
+                    await progressed.wait()
+                if bugs:
+                    raise bugs[0]  # surface a bug at once instead of at the end
+                task = asyncio.create_task(one(index))
+                tasks.add(task)
+                task.add_done_callback(finished)
             if tasks:
                 await asyncio.gather(*tasks)
+            if bugs:
+                raise bugs[0]
 
 
 def download_shard(shard: ShardInput, cfg: IngestConfig, report: Report | None = None) -> dict[str, Any]:

@@ -25,18 +25,17 @@ import multiprocessing
 import os
 import random
 import sys
-import tarfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
 
+from core.tarwriter import TarWriter
 from infra.local import scenes
 from ingest.resizer import RESIZE_MODES, ResizeConfig, resize_image
 
 SOURCE_JPEG_QUALITY = 90  # the "web" encoding before the ingest resize
-FIXED_MTIME = 0
 
 
 @dataclass(frozen=True)
@@ -65,16 +64,6 @@ def make_sample(index: int, per_class: int, seed: int, image_size: int, resize_m
     return EvalSample(index, resized.data, scenes.caption(scene, rng), label)
 
 
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = FIXED_MTIME
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
 def write_evalset(
     path: str | os.PathLike,
     per_class: int,
@@ -95,15 +84,15 @@ def write_evalset(
     partial_path = target.with_name(f".{target.name}.partial")
     make = partial(make_sample, per_class=per_class, seed=seed, image_size=image_size, resize_mode=resize_mode)
     workers = workers or os.cpu_count() or 1
-    with tarfile.open(partial_path, "w", format=tarfile.USTAR_FORMAT) as tar, tqdm(
+    with TarWriter(partial_path) as tar, tqdm(
         total=total, desc="rendering evalset", unit="image", disable=not progress
     ) as bar:
 
         def add(sample: EvalSample) -> None:
             key = f"{sample.index:06d}"
-            _tar_member(tar, f"{key}.jpg", sample.image)
-            _tar_member(tar, f"{key}.txt", sample.caption.encode())
-            _tar_member(tar, f"{key}.json", json.dumps(sample.label, sort_keys=True).encode())
+            tar.add(f"{key}.jpg", sample.image)
+            tar.add(f"{key}.txt", sample.caption.encode())
+            tar.add(f"{key}.json", json.dumps(sample.label, sort_keys=True).encode())
             bar.update()
 
         if workers <= 1:
