@@ -90,7 +90,9 @@ class ZeroShotResult:
 
 
 def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+    # Rounded as zeroshot.json stores it first, so a line printed from the live result
+    # and one printed from the file agree (0.22499 and 0.225 would not).
+    return "n/a" if value is None else f"{round(value, 4):.2f}"
 
 
 @dataclass
