@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from bench.measure import run_measured, tail
+from bench.measure import run_measured, save_result, tail
 from infra.local.corpus import generate, load_ground_truth, write_url_list
 from infra.local.webserver import serve
 
@@ -88,9 +88,7 @@ def main() -> int:
         "peak_ratio_large_over_small": round(runs[1]["peak_rss_mib"] / runs[0]["peak_rss_mib"], 3),
         "command": " ".join(sys.argv), "cpus": os.cpu_count(),
     }  # fmt: skip
-    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench/results/ingest_memory.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    save_result("ingest_memory", summary)
     return 0
 
 

@@ -49,7 +49,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from bench.measure import run_measured, tail, tree_rss_bytes
+from bench.measure import run_measured, save_result, tail, tree_rss_bytes
 from infra.local.corpus import generate, load_ground_truth, write_url_list
 from infra.local.webserver import load_routes, serve
 from ingest.resizer import ResizeConfig, resize_image
@@ -295,10 +295,7 @@ def main() -> int:
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "command": " ".join(sys.argv),
     }  # fmt: skip
-    out_dir = ROOT / "bench/results"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ingest_vs_img2dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    save_result("ingest_vs_img2dataset", summary)
     return 0
 
 

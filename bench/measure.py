@@ -8,11 +8,13 @@ children this way. Linux only, like the benchmarks' machine.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -106,3 +108,14 @@ def tail(path: str, limit: int = 3000) -> str:
     with open(path, "rb") as f:
         data = f.read()
     return data[-limit:].decode("utf-8", "replace")
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save_result(name: str, summary: dict) -> None:
+    """Write ``bench/results/{name}.json`` and print it: the figures BENCHMARKS.md quotes."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary, indent=2) + "\n"
+    (RESULTS / f"{name}.json").write_text(text)
+    print(text, end="")

@@ -36,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.measure import run_measured, tail
+from bench.measure import run_measured, save_result, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = ROOT / ".venv/bin/python"
@@ -174,9 +174,7 @@ def main() -> int:
         "interop": "open_clip_train trained from our shards without conversion",
         "cpus": os.cpu_count(), "python": platform.python_version(), "command": " ".join(sys.argv),
     }  # fmt: skip
-    (ROOT / "bench/results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench/results/train_vs_openclip.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    save_result("train_vs_openclip", summary)
     return 0
 
 

@@ -24,6 +24,7 @@ same shard.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 import os
 import shutil
@@ -59,7 +60,7 @@ def _publish_file(local: str, target: str) -> None:
         shutil.copyfileobj(src, dst, length=1 << 20)
 
 
-class BaseShardWriter:
+class BaseShardWriter(ABC):
     """What every layout shares: staging folder, metadata columns, commit order."""
 
     def __init__(self, output_folder: str, shard_id: int, encode_format: str, extra_columns: list[str]):
@@ -86,8 +87,9 @@ class BaseShardWriter:
             meta = {k: v for k, v in row.items() if k in self._columns and v is not None}
             self._add_sample(row["key"], image, row.get("caption"), meta)
 
+    @abstractmethod
     def _add_sample(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Stage the members of one successful sample (each layout its own way)."""
 
     def _sample_files(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]):
         """The three members of a successful sample, as (name, bytes)."""
@@ -106,9 +108,9 @@ class BaseShardWriter:
         ]
         return pa.Table.from_arrays(arrays, schema=schema)
 
+    @abstractmethod
     def _publish_samples(self) -> dict[str, Any]:
         """Publish the image data (before the metadata parquet); return its manifest entry."""
-        raise NotImplementedError
 
     def _write_metadata(self, path: str) -> None:
         pq.write_table(self._metadata_table(), path, compression="zstd")

@@ -25,7 +25,7 @@ from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
 from ingest.reader import INPUT_FORMATS
-from ingest.resizer import ENCODE_FORMATS, RESIZE_MODES, ResizeConfig
+from ingest.resizer import ENCODE_FORMATS, ResizeConfig
 from ingest.safety import NetworkPolicy
 
 DISTRIBUTORS = ("ray", "multiprocessing", "inline")
