@@ -87,9 +87,10 @@ def _parquet_batches(path: str, columns: list[str]) -> Iterator[Batch]:
             yield {c: batch.column(c).to_pylist() for c in dict.fromkeys(columns)}
 
 
-def _text_batches(path: str, fmt: str, columns: list[str], gzipped: bool) -> Iterator[Batch]:
+def _text_batches(path: str, fmt: str, columns: list[str]) -> Iterator[Batch]:
     fs, fs_path = storage.filesystem(path)
-    compression = "gzip" if gzipped or path.endswith(".gz") else None
+    # By each file's own name: a folder may mix list.csv and list.csv.gz under either format.
+    compression = "gzip" if path.endswith(".gz") else None
     with fs.open(fs_path, "rb", compression=compression) as raw:
         # surrogateescape keeps undecodable bytes recoverable, so a bad row is flagged, not guessed at
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
@@ -197,7 +198,7 @@ def read_shards(
         batches = (
             _parquet_batches(path, columns)
             if fmt == "parquet"
-            else _text_batches(path, fmt, columns, input_format.endswith(".gz"))
+            else _text_batches(path, fmt, columns)
         )
         for batch in batches:
             size, start = len(batch[url_col]), 0

@@ -177,6 +177,17 @@ def test_json_lines_in_a_json_file_and_gz_forms(tmp_path):
         assert [len(s) for s in shards] == [3, 3, 1]
 
 
+def test_a_folder_mixing_plain_and_gz_files_reads_both(tmp_path):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "a.csv").write_text("url,caption\nhttp://a/1.jpg,one\n")
+    with gzip.open(folder / "b.csv.gz", "wt") as f:
+        f.write("url,caption\nhttp://a/2.jpg,two\n")
+    for fmt in ("csv", "csv.gz"):
+        shards = list(read_shards(str(folder), fmt, "url", "caption", [], 10))
+        assert [u for s in shards for u in s.urls] == ["http://a/1.jpg", "http://a/2.jpg"], fmt
+
+
 def test_broken_json_array_is_a_clear_error(tmp_path):
     (tmp_path / "list.json").write_text('[{"url": "http://a/1.jpg"}, {"url": ')
     with pytest.raises(ConfigError, match="list.json"):

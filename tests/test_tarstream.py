@@ -69,3 +69,16 @@ def test_missing_end_marker_and_partial_header():
     assert list(iter_tar_files(io.BytesIO(body))) == MEMBERS[:2]
     with pytest.raises(TarStreamError, match="truncated header"):
         list(iter_tar_files(io.BytesIO(body + b"\x01" * 100)))
+
+
+def test_signed_checksum_of_old_writers_is_accepted():
+    data = bytearray(_tar(tarfile.USTAR_FORMAT, [("cafe.txt", b"x")]))
+    header = data[512:1024]  # the member after the folder entry
+    header[0:8] = b"caf\xe9.txt"  # a Latin-1 name: one byte above 127
+    header[148:156] = b"        "
+    signed = sum(b - 256 if b > 127 else b for b in header)  # as old writers summed signed chars
+    header[148:156] = b"%06o\0 " % signed
+    data[512:1024] = header
+    with tarfile.open(fileobj=io.BytesIO(bytes(data)), encoding="latin-1") as tar:  # tarfile accepts it
+        assert [m.name for m in tar.getmembers() if m.isfile()] == ["caf\xe9.txt"]
+    assert [d for _, d in iter_tar_files(io.BytesIO(bytes(data)))] == [b"x"]

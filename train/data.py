@@ -166,7 +166,8 @@ def decode_image(data: bytes, size: int, max_pixels: int = 1 << 26) -> torch.Ten
                 raise SkipSample(Skip.TOO_MANY_PIXELS)
             scale = size / min(width, height)
             image.draft("RGB", (max(size, round(width * scale)), max(size, round(height * scale))))
-            rgb = image.convert("RGB")
+            image.load()  # decode now, while the file is open
+            rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
     except SkipSample:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -179,8 +180,8 @@ def decode_image(data: bytes, size: int, max_pixels: int = 1 << 26) -> torch.Ten
             rgb = rgb.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - size) // 2, (new_h - size) // 2
         rgb = rgb.crop((left, top, left + size, top + size))
-    array = np.asarray(rgb, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    # One copy into a writable array; the CHW view is made contiguous by torch.stack later.
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class SkipSample(Exception):

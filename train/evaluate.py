@@ -99,8 +99,8 @@ def _retrieval(model, tokenizer, eval_plan: EvalPlan, world) -> dict:
     image_rows, text_rows, skipped, taken = [], [], Counter(), 0
     for batch in stream:
         skipped.update(batch.skipped)
-        if taken >= limit or not batch.keys:
-            continue  # read on (only the counts matter now): cheap next to the model
+        if not batch.keys:
+            continue  # every sample of this batch was skipped (counted above)
         images = model_mod.normalise(batch.images[: limit - taken].to(world.device), mean, std)
         texts = batch.texts[: limit - taken].to(world.device)
         image_rows.append(model.encode_image(images, normalize=True).float().cpu())

@@ -266,7 +266,6 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
     start = last_time = time.perf_counter()
     paused = last_paused = data_wait = 0.0  # seconds in eval and checkpoints: not training time
     last_samples = samples_seen
-    loss_sum = torch.zeros((), device=world.device)
     model.train()
     while step < steps:
         lr = cosine_lr(

@@ -71,7 +71,8 @@ def _plain(handle: BinaryIO, header: bytes) -> Iterator[tuple[str, bytes]]:
         size = pax_size if pax_size is not None else _number(header[124:136])
         kind = header[156:157]
         try:
-            data = _read_exact(handle, (size + BLOCK - 1) // BLOCK * BLOCK)[:size]
+            data = _read_exact(handle, size)  # the bytes themselves, not copied again to drop padding
+            _read_exact(handle, -size % BLOCK)
         except TarStreamError as exc:
             name = (long_name or _ustar_name(header)).decode("utf-8", "replace")
             raise TarStreamError(f"{name}: {exc}", member=name) from None
@@ -113,7 +114,8 @@ def _check_checksum(header: bytes) -> None:
     stored = _number(header[148:156])
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32
     if stored != unsigned:
-        signed = unsigned - 2 * sum(b for b in header if b > 127)  # some old writers sign bytes
+        high = sum(1 for b in header[:148] if b > 127) + sum(1 for b in header[156:] if b > 127)
+        signed = unsigned - 256 * high  # some old writers summed the bytes as signed chars
         if stored != signed:
             raise TarStreamError("bad header checksum")
 
@@ -138,6 +140,8 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
 
 
 def _read_exact(handle: BinaryIO, n: int) -> bytes:
+    if n == 0:
+        return b""
     data = handle.read(n)
     while len(data) < n:
         more = handle.read(n - len(data))
