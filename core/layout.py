@@ -18,7 +18,10 @@ import re
 
 import pyarrow as pa
 
+from core import storage
+
 STATS_SUFFIX = "_stats.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # image members a reader takes, in order of preference
 _SHARD_FILE = re.compile(r"(\d+)(?:\.tar|\.parquet|_stats\.json)$")
 
 # Columns of a pool parquet, in order; extra input columns follow them.
@@ -51,6 +54,12 @@ def shard_name(shard_id: int) -> str:
 def shard_id_of(path: str) -> int | None:
     match = _SHARD_FILE.search(path.rsplit("/", 1)[-1])
     return int(match.group(1)) if match else None
+
+
+def committed_shards(folder: str) -> set[int]:
+    """Ids of the shards in ``folder`` whose ``_stats.json`` commit marker exists."""
+    ids = {shard_id_of(p) for p in storage.list_files(folder, STATS_SUFFIX)}
+    return {i for i in ids if i is not None}
 
 
 def key_digits(samples_per_shard: int) -> int:

@@ -5,7 +5,7 @@ every field through generic helpers — about a fifth of an ingest worker's non-
 CPU per sample (three members each). Our members are all alike (regular files,
 read-only, mtime 0, no owner names, short ASCII-safe names), so the 512-byte header
 is a template with the name, size and checksum filled in. The output is a POSIX
-ustar archive that tarfile, GNU tar and webdataset read (tests/test_tarwriter.py),
+ustar archive that tarfile, GNU tar and webdataset read (tests/test_tarwriter.py; core/tarreader.py is the reading side),
 and it is the same bytes whatever Python version wrote it, which keeps shards
 byte-identical across reruns and machines.
 """

@@ -19,10 +19,9 @@ from tqdm import tqdm
 
 from core import storage
 from core.config import to_dict
-from core.layout import shard_name
+from core.layout import committed_shards, shard_name
 from filter.config import FilterConfig
 from filter.rules import Deduper, decide
-from ingest.run import committed_shards
 
 DECISION_SCHEMA = pa.schema([("key", pa.string()), ("keep", pa.bool_()), ("reason", pa.string())])
 STATS_FILE = "_filter_stats.json"

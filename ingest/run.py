@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.config import to_dict
-from core.layout import STATS_SUFFIX, shard_id_of
+from core.layout import STATS_SUFFIX, committed_shards
 from ingest.config import IngestConfig
 from ingest.distributor import DISTRIBUTORS
 from ingest.progress import Progress, progress_enabled
@@ -55,11 +55,6 @@ class IngestSummary:
         ]
         out += [f"  {reason:<20} {n}" for reason, n in sorted(self.reasons.items(), key=lambda kv: -kv[1])]
         return out
-
-
-def committed_shards(output_folder: str) -> set[int]:
-    ids = {shard_id_of(p) for p in storage.list_files(output_folder, STATS_SUFFIX)}
-    return {i for i in ids if i is not None}
 
 
 def _total_rows(cfg: IngestConfig) -> int | None:

@@ -16,9 +16,8 @@ from urllib.parse import urlsplit
 import pyarrow.parquet as pq
 
 from core import storage
-from core.layout import shard_name
+from core.layout import committed_shards, shard_name
 from core.reasons import Reason
-from ingest.run import committed_shards
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"

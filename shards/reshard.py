@@ -9,7 +9,6 @@ layout. Keys stay the pool keys, so any train sample traces back to its input ro
 from __future__ import annotations
 
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,14 +19,13 @@ from tqdm import tqdm
 
 from core import __version__, storage
 from core.config import to_dict
-from core.layout import POOL_SCHEMA, STATS_SUFFIX, shard_id_of, shard_name
+from core.layout import IMAGE_EXTENSIONS, POOL_SCHEMA, STATS_SUFFIX, committed_shards, shard_id_of, shard_name
+from core.tarreader import iter_tar_files
 from core.shard_writer import ShardWriter
 from filter.run import load_decisions
-from ingest.run import committed_shards
 from shards.config import ShardsConfig
 
 MANIFEST = "manifest.json"
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
 
 
 @dataclass
@@ -39,15 +37,11 @@ class PoolSample:
 
 def iter_tar_samples(path: str) -> Iterator[PoolSample]:
     """Images of a shard tar, grouped by key; other members and odd entries are skipped."""
-    with storage.open_file(path) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
+    with storage.open_file(path) as handle:
+        for name, data in iter_tar_files(handle, reopen=lambda: storage.open_file(path)):
+            key, _, ext = name.rpartition("/")[2].partition(".")
             if ext.lower() in IMAGE_EXTENSIONS:
-                data = tar.extractfile(member)
-                if data is not None:
-                    yield PoolSample(key, data.read(), ext.lower())
+                yield PoolSample(key, data, ext.lower())
 
 
 def code_version() -> str:

@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 from core.tarwriter import RECORD, TarWriter, tar_header
-from train.tarstream import iter_tar_files
+from core.tarreader import iter_tar_files
 
 MEMBERS = [("000000001.jpg", b"\xff\xd8" + bytes(range(256)) * 7), ("000000001.txt", "café ☕".encode()),
            ("000000001.json", b"{}"), ("000000002.jpg", b""), ("000000002.txt", b"x" * 512)]  # fmt: skip

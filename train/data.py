@@ -3,7 +3,7 @@
 Why it is built this way:
 
 * **Streaming, constant memory.** Each shard is read once per epoch, front to back,
-  through fsspec (local or ``s3://``) with ``tarfile`` in stream mode; only the shuffle
+  through fsspec (local or ``s3://``) with ``core.tarreader`` (a streaming reader); only the shuffle
   buffer's raw bytes are held. No ``pipe:`` URLs, no subprocesses, no unpickling: a
   shard member is bytes that we decode as a JPEG or as UTF-8 text, nothing else.
 * **Deterministic, so a resume is exact.** The shard order of epoch ``e`` is a
@@ -42,13 +42,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from core import storage
-from core.layout import STATS_SUFFIX
+from core.layout import IMAGE_EXTENSIONS, STATS_SUFFIX, committed_shards, shard_id_of
 from core.reasons import Reason
-from train.tarstream import TarStreamError, iter_tar_files
+from core.tarreader import TarStreamError, iter_tar_files
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSION = "txt"
 
 
@@ -91,9 +90,9 @@ def list_shards(folder: str) -> list[Shard]:
         raise FileNotFoundError(f"data.train_shards={folder!r}: no manifest.json and no *.tar files there")
     # A pool or img2dataset folder commits each shard with {shard}_stats.json, written last:
     # where markers exist, a tar without one is half-written (a killed job) and is left out.
-    markers = {p[: -len(STATS_SUFFIX)] for p in storage.list_files(folder, STATS_SUFFIX)}
+    markers = committed_shards(folder)
     if markers:
-        committed = [p for p in paths if p[: -len(".tar")] in markers]
+        committed = [p for p in paths if shard_id_of(p) in markers]
         if len(committed) < len(paths):
             log.warning("%s: %d tar(s) without %s (uncommitted) are not read", folder,
                         len(paths) - len(committed), STATS_SUFFIX)  # fmt: skip

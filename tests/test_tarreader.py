@@ -1,4 +1,4 @@
-"""train/tarstream.py reads what tarfile writes, and stops at damage with a clear error."""
+"""core/tarreader.py reads what tarfile writes, and stops at damage with a clear error."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from train.tarstream import TarStreamError, iter_tar_files
+from core.tarreader import TarStreamError, iter_tar_files
 
 LONG = "deep/" * 30 + "000000001.jpg"  # > 100 characters: needs a GNU or pax header
 

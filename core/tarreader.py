@@ -2,7 +2,8 @@
 
 Why not ``tarfile``: in stream mode it builds a ``TarInfo`` object through a dozen
 Python calls per member, and a training shard has three members per sample; on the
-data-loading path that was a third of the reader's CPU. The format needs far less:
+data-loading path that was a third of the reader's CPU. The trainer and shards/ read
+every shard through it. The format needs far less:
 a 512-byte header (name, size, type, checksum), the data padded to 512 bytes, and
 two metadata types that carry long names or big sizes (GNU ``L``, POSIX pax ``x``),
 all of which is handled here. Compressed tars (``.tar.gz`` and friends) go to
