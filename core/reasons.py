@@ -19,6 +19,7 @@ class Stage(str, Enum):
     DECODE = "decode"  # ingest: image decode / resize
     FILTER = "filter"  # filter: quality, captions, dedupe
     TRAIN = "train"  # train: reading shards and turning samples into tensors
+    CRAWL = "crawl"  # crawl: pages and WARC records becoming (image URL, caption) pairs
 
 
 class Reason(str, Enum):
@@ -59,6 +60,23 @@ class Reason(str, Enum):
     SHARD_ERROR = "shard_error"  # a shard that cannot be opened, or ends mid-member
     TRANSFORM_ERROR = "transform_error"  # the image decoded but the transform to a tensor failed
     LABEL_MISSING = "label_missing"  # an eval sample without a usable class label
+    # -- crawl: a page (fetched or from a WARC), one of its images, or one of its links --
+    # (fetch reasons above are reused for page requests: http_404, timeout, ssrf_blocked, opt_out, ...)
+    ROBOTS_DISALLOWED = "robots_disallowed"  # page: robots.txt disallows it for us; never requested
+    ROBOTS_UNREACHABLE = "robots_unreachable"  # page: robots.txt failed (5xx, network): host treated as disallowed
+    CRAWL_DELAY_TOO_LONG = "crawl_delay_too_long"  # page: robots.txt asks for a longer delay than we wait
+    PAGE_TOO_LARGE = "page_too_large"  # page: more bytes than --max_page_bytes
+    NOT_HTML = "not_html"  # page: content type or bytes say it is not HTML
+    BAD_ENCODING = "bad_encoding"  # page: neither declared nor detected charset (or content coding) decodes it
+    HTML_PARSE_ERROR = "html_parse_error"  # page: the HTML parser gave up on it
+    WARC_TRUNCATED = "warc_truncated"  # WARC record cut short (file or gzip member ends early)
+    WARC_MALFORMED = "warc_malformed"  # WARC/WAT record whose header or JSON cannot be read
+    DATA_URI = "data_uri"  # image: only a data: URI, no fetchable URL
+    ALT_MEANINGLESS = "alt_meaningless"  # image: no caption: alt empty, a file name or a generic word
+    DUP_IN_PAGE = "dup_in_page"  # image: the same URL earlier on the same page
+    OUT_OF_SCOPE = "out_of_scope"  # link: host outside the allowed domains; not followed
+    DEPTH_LIMIT = "depth_limit"  # link: deeper than --max_depth; not followed
+    PAGE_LIMIT = "page_limit"  # link: --max_pages already scheduled; not followed
 
     @property
     def stage(self) -> Stage:
@@ -88,6 +106,8 @@ _STAGE.update(
         for r in (Reason.IMAGE_MISSING, Reason.SHARD_ERROR, Reason.TRANSFORM_ERROR, Reason.LABEL_MISSING)
     }
 )
+_CRAWL_FIRST, _CRAWL_LAST = list(Reason).index(Reason.ROBOTS_DISALLOWED), list(Reason).index(Reason.PAGE_LIMIT)
+_STAGE.update({r: Stage.CRAWL for r in list(Reason)[_CRAWL_FIRST : _CRAWL_LAST + 1]})
 _STAGE.update({r: Stage.FILTER for r in Reason if r not in _STAGE})
 
 _DESCRIPTION: dict[Reason, str] = {
@@ -123,6 +143,21 @@ _DESCRIPTION: dict[Reason, str] = {
     Reason.SHARD_ERROR: "the shard could not be opened or ends mid-member; the rest of it is lost",
     Reason.TRANSFORM_ERROR: "turning the decoded image into a training tensor failed",
     Reason.LABEL_MISSING: "the eval sample has no usable class label",
+    Reason.ROBOTS_DISALLOWED: "robots.txt disallows this page for our user agent; it was not requested",
+    Reason.ROBOTS_UNREACHABLE: "robots.txt could not be fetched (server error or network failure): the host is treated as fully disallowed",
+    Reason.CRAWL_DELAY_TOO_LONG: "robots.txt asks for a longer Crawl-delay than --max_crawl_delay; the host was not crawled",
+    Reason.PAGE_TOO_LARGE: "the page is larger than the page byte cap",
+    Reason.NOT_HTML: "the page's content type or its bytes say it is not HTML",
+    Reason.BAD_ENCODING: "the page's bytes decode under neither the declared nor a detected charset (or content coding)",
+    Reason.HTML_PARSE_ERROR: "the HTML parser could not read the page",
+    Reason.WARC_TRUNCATED: "the WARC record (or its gzip member) ends before its announced length; the rest of the file is lost",
+    Reason.WARC_MALFORMED: "the WARC/WAT record's header or JSON could not be read",
+    Reason.DATA_URI: "the image is only an inline data: URI, with no URL to download",
+    Reason.ALT_MEANINGLESS: "the image has no usable caption: alt text empty, a file name or a generic word, and no figcaption",
+    Reason.DUP_IN_PAGE: "the same image URL appeared earlier on the same page",
+    Reason.OUT_OF_SCOPE: "the link leaves the allowed domains; not followed",
+    Reason.DEPTH_LIMIT: "the link is deeper than the maximum crawl depth; not followed",
+    Reason.PAGE_LIMIT: "the maximum number of pages was already scheduled; not followed",
 }
 
 
