@@ -49,6 +49,11 @@ class FetchConfig:
     per_host_limit: int = 16
     user_agent_token: str | None = None
     disallowed_header_directives: tuple[str, ...] = ("noai", "noimageai", "noindex", "noimageindex")
+    # The crawler fetches pages and robots.txt through this same safety layer: it accepts
+    # every type (refused_types=()) and schedules each redirect itself (follow_redirects=False),
+    # so that a redirect target gets its own robots.txt check and per-host delay.
+    refused_types: tuple[str, ...] = NON_IMAGE_TYPES  # answered as not_image, before the body
+    follow_redirects: bool = True  # False: a 3xx comes back as Fetched(location=...), unfollowed
 
     @property
     def user_agent(self) -> str:
@@ -63,6 +68,8 @@ class Fetched:
     sha256: str
     content_type: str | None = None  # media type as announced, parameters dropped
     final_url: str = ""  # the URL the body came from, after redirects
+    charset: str | None = None  # the Content-Type's charset parameter, if any
+    location: str | None = None  # with follow_redirects=False: the absolute redirect target
 
 
 class _GuardedResolver(AbstractResolver):
@@ -164,7 +171,11 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise SampleError(Reason.HTTP_OTHER, f"{response.status} without Location")
-                    url = urljoin(url, location)
+                    target = urljoin(url, location)
+                    if not self.cfg.follow_redirects:
+                        return Fetched(b"", response.status, hashlib.sha256(b"").hexdigest(), final_url=url,
+                                       location=target)
+                    url = target
                     continue
                 return await self._read(response, url)
         raise SampleError(Reason.TOO_MANY_REDIRECTS, f"more than {self.cfg.max_redirects}")
@@ -180,7 +191,7 @@ class Fetcher:
         if directive:
             raise SampleError(Reason.OPT_OUT, f"X-Robots-Tag: {directive}")
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type.startswith(NON_IMAGE_TYPES):
+        if content_type.startswith(self.cfg.refused_types):
             raise SampleError(Reason.NOT_IMAGE, content_type)
         if response.content_length is not None and response.content_length > self.cfg.max_bytes:
             raise SampleError(Reason.TOO_LARGE, f"Content-Length {response.content_length}")
@@ -196,4 +207,5 @@ class Fetcher:
             sha256=hashlib.sha256(data).hexdigest(),
             content_type=content_type or None,
             final_url=url,
+            charset=response.charset,
         )
