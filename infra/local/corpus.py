@@ -10,6 +10,7 @@ pipeline's decisions row by row rather than eyeballing totals.
 Outputs (``generate(out_dir, ...)`` or ``python -m infra.local.corpus --out DIR``)::
 
     DIR/site/                 what the server serves (images, pages) + routes.json + stamp.json
+    DIR/crawl_*.parquet       the crawler's ground truth for the HTML pages (see ``infra.local.pages``)
     DIR/urls.parquet          the input URL list: columns url, caption (list order)
     DIR/ground_truth.parquet  per URL-list row: what was planted and what must happen
     DIR/corpus.json           summary: counts per kind, rates, held-out pairs
@@ -76,12 +77,12 @@ from tqdm import tqdm
 
 from core.reasons import Reason, SampleError
 from filter.config import FilterConfig
-from infra.local import scenes
+from infra.local import pages, scenes
 from ingest.resizer import ResizeConfig, resize_image
 
 # Bump when the generator's output changes for the same (rows, seed, slow_delay):
 # stale sites are then re-rendered instead of silently reused.
-CORPUS_FORMAT = 3
+CORPUS_FORMAT = 4  # 4: HTML pages and robots.txt for the crawler (infra.local.pages)
 
 # Planted defects, as fractions of all rows; "clean" takes the rest (about 49%).
 # "mismatch" is about 19% of the rows whose download yields a scene image.
@@ -743,7 +744,10 @@ def generate(
     ordered_jobs = sorted(jobs.values(), key=lambda job: job.file)
     facts = _make_files(staging, ordered_jobs, workers or os.cpu_count() or 1, progress)
     _check_duplicates(planned, facts)
-    _write_atomically(staging / "routes.json", _routes_bytes(_site_routes(planned, facts)))
+    routes = _site_routes(planned, facts)
+    clean_images = [(row.path, row.caption) for row in planned if row.kind == "clean"]
+    routes.update(pages.write_pages(staging, out, clean_images, seed))  # the crawler's pages, /web/ and /robots.txt
+    _write_atomically(staging / "routes.json", _routes_bytes(dict(sorted(routes.items()))))
 
     truth = _ground_truth_table(planned, facts, base_url)
     _write_parquet(out / "ground_truth.parquet", truth)

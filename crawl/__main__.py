@@ -1,0 +1,60 @@
+"""``python -m crawl``: seed pages and/or WARC/WAT archives → a URL list for ingest."""
+
+from __future__ import annotations
+
+import sys
+
+from core.config import ConfigError, parse_config
+from crawl.config import CrawlConfig
+from crawl.run import run_crawl
+
+DESCRIPTION = """\
+Turn web pages into (image URL, caption) pairs, as LAION and DataComp did from
+Common Crawl: <img> alt texts (or the <figcaption> of their <figure>), the largest
+srcset candidate, lazy-loading attributes (data-src, ...), URLs resolved against the
+page and its <base>. data: URIs, meaningless alt texts ("", "image", "logo",
+"IMG_1234.jpg") and repeats within a page are counted, not kept.
+
+Inputs, either or both:
+  --warc FILES/FOLDERS   WARC or WAT archives (.gz too), local or s3://, streamed;
+                         one Ray task per file, each file resumable on its own
+  --seeds URLS / --seed_file FILE
+                         a polite crawl: robots.txt fetched once per host and
+                         honoured, --delay seconds between requests to a host (a
+                         robots Crawl-delay raises it), one request at a time per
+                         host, within --max_depth, --max_pages and the
+                         --allowed_domains (default: the seeds' hosts)
+
+Requests go through ingest's safety layer: http(s) only; private, loopback,
+link-local and metadata addresses refused after DNS and on every redirect unless
+in --allow_networks; byte and time caps; the User-Agent names webclip and your
+--user_agent_token; X-Robots-Tag / <meta name=robots> opt-outs honoured.
+
+Output, in --output_folder: *.parquet with url, caption, page_url, caption_source,
+written atomically, and _crawl_stats.json (counts per reason code, last). Then:
+  python -m ingest --url_list OUT --input_format parquet --url_col url \\
+      --caption_col caption --save_additional_columns '["page_url","caption_source"]' ...
+
+examples:
+  python -m crawl --warc s3://bucket/crawl/ --output_folder s3://bucket/urls
+  python -m crawl --seeds https://example.org/ --max_depth 2 --delay 2 \\
+      --user_agent_token "mylab (mailto:me@example.org)" --output_folder urls/
+  python -m crawl --config configs/demo/crawl.yaml
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(CrawlConfig, argv, prog="python -m crawl", description=DESCRIPTION)
+    try:
+        stats = run_crawl(cfg)
+    except ConfigError as exc:
+        print(f"python -m crawl: error: {exc}", file=sys.stderr)
+        return 2
+    for line in stats.lines():
+        print(line)
+    print(f"URL list written to {cfg.output_folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

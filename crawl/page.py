@@ -1,0 +1,129 @@
+"""One page's bytes → its extraction, or the one reason it yields nothing.
+
+Shared by the WARC reader and the seed crawler, so an archived page and a fetched
+page are judged alike. In order: the byte cap (``page_too_large``), the declared
+content type and a sniff for binary bytes (``not_html``), the character encoding
+(``bad_encoding``), then the HTML parser (``html_parse_error``). Each failure is a
+``SampleError`` with its reason, raised here and counted once by the caller.
+
+Character encoding, decided as a browser would, then checked strictly: a byte-order
+mark, else the charset the HTTP header declares, else a ``<meta charset>`` in the
+first 1024 bytes, else UTF-8 if the bytes are valid UTF-8, else charset-normalizer's
+guess. A declaration the bytes contradict is dropped and the guessing goes on; bytes
+nothing decodes are ``bad_encoding``, rather than captions full of U+FFFD. UTF-8
+pages (most of the web) reach the parser as the original bytes, with no decode and
+re-encode in between.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections.abc import Iterable
+
+from core.reasons import Reason, SampleError
+from crawl.extract import PageExtraction, extract_html
+
+HTML_TYPES = ("text/html", "application/xhtml+xml")
+SNIFF_BYTES = 1024  # what browsers look at to sniff, and how far a <meta charset> may be
+DETECT_BYTES = 65536  # what charset detection reads when nothing declared works
+_BINARY_BYTE = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # the HTML standard's "binary data bytes"
+_META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([a-z0-9_:.\-]+)""", re.IGNORECASE)
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+# Browsers read these labels as windows-1252 (a superset); so do we.
+_AS_WINDOWS_1252 = frozenset({"latin_1", "iso8859-1", "ascii", "cp1252"})
+
+
+def looks_binary(body: bytes) -> bool:
+    """Control bytes no text page has, in its first KiB (UTF-16 with a BOM excepted)."""
+    head = body[:SNIFF_BYTES]
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return False
+    return _BINARY_BYTE.search(head) is not None
+
+
+def codec_for(label: str | bytes | None) -> str | None:
+    """Python's codec for a charset label, or None for unknown labels and non-text codecs."""
+    if not label:
+        return None
+    if isinstance(label, bytes):
+        label = label.decode("ascii", "replace")
+    try:
+        info = codecs.lookup(label.strip().strip("\"'"))
+    except LookupError:
+        return None
+    if not getattr(info, "_is_text_encoding", True):  # base64, rot13, zlib...: no page is written in those
+        return None
+    name = info.name
+    return "cp1252" if name in _AS_WINDOWS_1252 else name
+
+
+def _utf8(body: bytes) -> bytes | None:
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return body
+
+
+def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
+    """The page for the parser: valid UTF-8 as bytes, other encodings decoded; or ``bad_encoding``."""
+    for bom, codec in _BOMS:
+        if body.startswith(bom):
+            rest = body[len(bom) :]
+            try:
+                text = rest.decode(codec)
+            except UnicodeDecodeError as exc:
+                raise SampleError(Reason.BAD_ENCODING, f"invalid {codec} after its byte-order mark: {exc}") from None
+            return rest if codec == "utf-8" else text
+    meta = _META_CHARSET.search(body[:SNIFF_BYTES])
+    for label in (declared, meta.group(1) if meta else None):
+        codec = codec_for(label)
+        if codec is None:
+            continue
+        if codec == "utf-8":
+            valid = _utf8(body)
+            if valid is not None:
+                return valid
+            break  # the declaration is wrong: guess
+        try:
+            return body.decode(codec)
+        except UnicodeDecodeError:
+            break
+    valid = _utf8(body)
+    if valid is not None:
+        return valid
+    from charset_normalizer import from_bytes  # imported late: only pages that need a guess pay for it
+
+    guess = from_bytes(body[:DETECT_BYTES]).best()
+    if guess is not None:
+        try:
+            return body.decode(guess.encoding)
+        except (UnicodeDecodeError, LookupError):
+            pass
+    raise SampleError(Reason.BAD_ENCODING, f"not valid under {declared or 'no'} declared charset, nor any detected")
+
+
+def read_page(
+    url: str,
+    body: bytes,
+    *,
+    content_type: str | None,
+    charset: str | None,
+    max_bytes: int,
+    want_links: bool = False,
+    disallowed_directives: Iterable[str] = (),
+) -> PageExtraction:
+    """The page's extraction, or ``SampleError`` with the page's one reason."""
+    if len(body) > max_bytes:
+        raise SampleError(Reason.PAGE_TOO_LARGE, f"{len(body)} bytes > {max_bytes}")
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type and media_type not in HTML_TYPES:
+        raise SampleError(Reason.NOT_HTML, media_type)
+    if looks_binary(body):
+        raise SampleError(Reason.NOT_HTML, "binary bytes in what claims to be HTML")
+    html = decode_html(body, charset)
+    try:
+        return extract_html(url, html, want_links=want_links, disallowed_directives=disallowed_directives)
+    except (ValueError, RuntimeError, MemoryError, UnicodeError) as exc:
+        raise SampleError(Reason.HTML_PARSE_ERROR, f"{type(exc).__name__}: {exc}"[:200]) from None
