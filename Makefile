@@ -12,6 +12,7 @@ STAMP := $(VENV)/.installed-webclip
 # Stage configs (YAML; keys are the options of `python -m <stage> --help`).
 # Override on the command line: make ingest CONFIG=my.yaml ARGS="--processes_count 8"
 INGEST_CONFIG ?= configs/demo/ingest.yaml
+CRAWL_CONFIG  ?= configs/demo/crawl.yaml
 FILTER_CONFIG ?= configs/demo/filter.yaml
 SHARDS_CONFIG ?= configs/demo/shards.yaml
 TRAIN_CONFIG  ?= configs/demo/train.yaml
@@ -19,7 +20,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-web ingest filter shards report train test bench bench-peers clean-demo
+.PHONY: help venv demo demo-web crawl ingest filter shards report train test bench bench-peers clean-demo
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -42,6 +43,9 @@ demo: $(STAMP) ## the whole path on the embedded demo web: corpus → ingest →
 
 demo-web: $(STAMP) ## serve the demo web on 127.0.0.1:8765 (for running `make ingest` by hand)
 	$(PY) -m infra.local.webserver --root data/demo/corpus/site --port $${DEMO_PORT:-8765}
+
+crawl: $(STAMP) ## seed pages and/or WARC/WAT archives -> a URL list for ingest, on Ray (CONFIG=, ARGS=)
+	$(PY) -m crawl --config $(if $(CONFIG),$(CONFIG),$(CRAWL_CONFIG)) $(ARGS)
 
 ingest: $(STAMP) ## download a URL list into pool shards on Ray (CONFIG=, ARGS=)
 	$(PY) -m ingest --config $(if $(CONFIG),$(CONFIG),$(INGEST_CONFIG)) $(ARGS)
