@@ -68,7 +68,7 @@ class ResizedImage:
     height: int
     original_width: int
     original_height: int
-    phash: str  # 64-bit DCT perceptual hash, 16 hex digits
+    phash: str  # 64-bit DCT perceptual hash of the content (before border/crop), 16 hex digits
 
 
 def _target_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
@@ -154,6 +154,7 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         image = _to_rgb(image)
         if image.size != (out_w, out_h):
             image = image.resize((out_w, out_h), _filter(image.size, (out_w, out_h)))
+        content_hash = phash(image)  # of the picture, before any border: padding is not content
         image = _finish_geometry(image, cfg)
         buffer = io.BytesIO()
         save_args = {"quality": cfg.encode_quality} if cfg.encode_format != "png" else {}
@@ -168,7 +169,7 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         height=image.height,
         original_width=width if not rotated else height,
         original_height=height if not rotated else width,
-        phash=phash(image),
+        phash=content_hash,
     )
 
 

@@ -82,7 +82,7 @@ from ingest.resizer import ResizeConfig, resize_image
 
 # Bump when the generator's output changes for the same (rows, seed, slow_delay):
 # stale sites are then re-rendered instead of silently reused.
-CORPUS_FORMAT = 4  # 4: HTML pages and robots.txt for the crawler (infra.local.pages)
+CORPUS_FORMAT = 5  # 4: HTML pages and robots.txt for the crawler (infra.local.pages); 5: scenes carry a light field
 
 # Planted defects, as fractions of all rows; "clean" takes the rest (about 49%).
 # "mismatch" is about 19% of the rows whose download yields a scene image.

@@ -161,9 +161,46 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(max(0, min(255, v + rng.randint(-amount, amount))) for v in rgb)  # type: ignore[return-value]
 
 
+# Every scene's backdrop carries its own smooth light field (a few random low-frequency
+# waves, up to this many grey levels): real photos differ in lighting and layout even
+# when they show the same thing, so two distinct scenes of one class and position are
+# not perceptual duplicates of each other (without it, a 64-bit pHash collides for a
+# quarter of distinct scenes and near-duplicate ground truth would be meaningless).
+LIGHT_FIELD_AMPLITUDE = 70
+LIGHT_FIELD_WAVES = 6
+
+
+def _light_field(scene: Scene, base: tuple[int, int, int]) -> np.ndarray:
+    """A smooth (H, W) offset in grey levels, a pure function of the scene's seed.
+
+    Shifted to one side on bright and dark backgrounds, so it never clips (a white
+    backdrop only darkens, a black one only lightens) and keeps its shape.
+    """
+    rng = np.random.default_rng([scene.seed, 0x11647])
+    ys, xs = np.mgrid[0:24, 0:24] / 24.0
+    field = np.zeros((24, 24))
+    for _ in range(LIGHT_FIELD_WAVES):
+        fx, fy = rng.uniform(-2.5, 2.5, 2)
+        field += rng.uniform(0.5, 1.0) * np.cos(2 * np.pi * (fx * xs + fy * ys) + rng.uniform(0, 2 * np.pi))
+    field *= LIGHT_FIELD_AMPLITUDE / (np.abs(field).max() + 1e-9)
+    brightness = sum(base) / 3
+    if brightness > 180:
+        field -= LIGHT_FIELD_AMPLITUDE
+    elif brightness < 80:
+        field += LIGHT_FIELD_AMPLITUDE
+    smooth = Image.fromarray(field.astype(np.float32), "F").resize((scene.width, scene.height), Image.Resampling.BILINEAR)
+    return np.asarray(smooth)
+
+
 def _background(scene: Scene, rng: random.Random) -> Image.Image:
     base = _jitter(BACKGROUNDS[scene.background], rng, 10)
     size = (scene.width, scene.height)
+    image = _textured(scene, rng, base, size)
+    lit = np.asarray(image, dtype=np.float32) + _light_field(scene, base)[..., None]
+    return Image.fromarray(np.clip(lit, 0, 255).astype(np.uint8), "RGB")
+
+
+def _textured(scene: Scene, rng: random.Random, base: tuple[int, int, int], size: tuple[int, int]) -> Image.Image:
     if scene.texture == "gradient":
         other = _jitter(base, rng, 40)
         ramp = Image.linear_gradient("L").resize(size)
