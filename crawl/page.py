@@ -8,11 +8,13 @@ content type and a sniff for binary bytes (``not_html``), the character encoding
 
 Character encoding, decided as a browser would, then checked strictly: a byte-order
 mark, else the charset the HTTP header declares, else a ``<meta charset>`` in the
-first 1024 bytes, else UTF-8 if the bytes are valid UTF-8, else charset-normalizer's
-guess. A declaration the bytes contradict is dropped and the guessing goes on; bytes
-nothing decodes are ``bad_encoding``, rather than captions full of U+FFFD. UTF-8
-pages (most of the web) reach the parser as the original bytes, with no decode and
-re-encode in between.
+first 1024 bytes; with no usable declaration, UTF-8 if the bytes are valid UTF-8,
+else charset-normalizer's guess. Bytes invalid in every declared charset (or, with
+none declared, in any guess) are ``bad_encoding``: guessing past a declaration turns
+a UTF-8 page with a few stray bytes into Cyrillic mojibake, and a browser's U+FFFD
+replacements would end up in captions. Unknown labels and non-text codecs
+(``charset=base64``) count as undeclared. UTF-8 pages (most of the web) reach the
+parser as their own bytes, with no decode and re-encode in between.
 """
 
 from __future__ import annotations
@@ -77,23 +79,21 @@ def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
                 raise SampleError(Reason.BAD_ENCODING, f"invalid {codec} after its byte-order mark: {exc}") from None
             return rest if codec == "utf-8" else text
     meta = _META_CHARSET.search(body[:SNIFF_BYTES])
-    for label in (declared, meta.group(1) if meta else None):
-        codec = codec_for(label)
-        if codec is None:
-            continue
+    declared_codecs = [c for c in (codec_for(declared), codec_for(meta.group(1) if meta else None)) if c]
+    for codec in declared_codecs:
         if codec == "utf-8":
-            valid = _utf8(body)
-            if valid is not None:
-                return valid
-            break  # the declaration is wrong: guess
+            if _utf8(body) is not None:
+                return body
+            continue
         try:
             return body.decode(codec)
         except UnicodeDecodeError:
-            break
-    valid = _utf8(body)
-    if valid is not None:
-        return valid
-    from charset_normalizer import from_bytes  # imported late: only pages that need a guess pay for it
+            continue
+    if declared_codecs:
+        raise SampleError(Reason.BAD_ENCODING, f"bytes invalid in the declared {' and '.join(declared_codecs)}")
+    if _utf8(body) is not None:
+        return body
+    from charset_normalizer import from_bytes  # imported late: only undeclared, non-UTF-8 pages pay for it
 
     guess = from_bytes(body[:DETECT_BYTES]).best()
     if guess is not None:
@@ -101,7 +101,7 @@ def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
             return body.decode(guess.encoding)
         except (UnicodeDecodeError, LookupError):
             pass
-    raise SampleError(Reason.BAD_ENCODING, f"not valid under {declared or 'no'} declared charset, nor any detected")
+    raise SampleError(Reason.BAD_ENCODING, "no charset declared, not UTF-8, and none detected that decodes it")
 
 
 def read_page(

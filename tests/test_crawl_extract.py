@@ -1,0 +1,387 @@
+"""The crawler's pure rules: HTML and WAT → pairs, charsets, robots.txt, the per-host scheduler."""
+
+from __future__ import annotations
+
+import codecs
+import random
+
+import pytest
+
+from core.reasons import Reason, SampleError, Stage
+from crawl import extract as extract_mod
+from crawl import page as page_mod
+from crawl.extract import Pair, extract_html, extract_wat, is_meaningless, pick_image_url, srcset_candidates
+from crawl.page import decode_html, looks_binary, read_page
+from crawl.politeness import HostScheduler
+from crawl.robots import ALLOW_ALL, parse_robots, policy_for_status
+
+PAGE = "http://example.org/articles/cats.html"
+
+
+def pairs(html: str | bytes, url: str = PAGE) -> list[tuple[str, str, str]]:
+    return [(p.url, p.caption, p.caption_source) for p in extract_html(url, html).pairs]
+
+
+def reasons(html: str | bytes) -> dict[str, int]:
+    return dict(extract_html(PAGE, html).reasons)
+
+
+# -- reasons vocabulary --------------------------------------------------------------
+
+
+def test_crawl_reasons_are_one_stage_with_descriptions():
+    crawl = [r for r in Reason if r.stage is Stage.CRAWL]
+    assert {"robots_disallowed", "page_too_large", "not_html", "html_parse_error", "bad_encoding",
+            "warc_truncated", "alt_meaningless", "data_uri", "out_of_scope", "depth_limit",
+            "dup_in_page"} <= {r.value for r in crawl}
+    assert all(r.description for r in crawl)
+    assert Reason.HTTP_404.stage is Stage.FETCH and Reason.CAPTION_SHORT.stage is Stage.FILTER  # untouched
+
+
+# -- URLs of an <img> ------------------------------------------------------------------
+
+
+def test_srcset_parsing_follows_the_standard():
+    assert srcset_candidates("a.jpg 320w, b.jpg 1280w,c.jpg 640w") == [
+        ("a.jpg", 320, 1.0), ("b.jpg", 1280, 1.0), ("c.jpg", 640, 1.0)]
+    assert srcset_candidates("x.jpg, x@2x.jpg 2x") == [("x.jpg", 0, 1.0), ("x@2x.jpg", 0, 2.0)]
+    # URLs may hold commas (image CDNs); a comma inside parentheses does not split descriptors
+    assert srcset_candidates("https://cdn/w_100,h_50/a.jpg 100w, b.jpg (x, y) 5w") == [
+        ("https://cdn/w_100,h_50/a.jpg", 100, 1.0), ("b.jpg", 5, 1.0)]
+    assert srcset_candidates("  ,, ") == [] and srcset_candidates("a.jpg bogus 9q") == [("a.jpg", 0, 1.0)]
+
+
+@pytest.mark.parametrize("attributes, expected", [
+    ({"src": "s.jpg", "srcset": "a.jpg 320w, c.jpg 1280w, b.jpg 640w"}, ("c.jpg", None)),
+    ({"srcset": "a.jpg 1x, b.jpg 2x, c.jpg 1.5x"}, ("b.jpg", None)),
+    ({"srcset": "a.jpg 3x, b.jpg 100w"}, ("b.jpg", None)),  # widths rank before densities
+    ({"src": "data:image/gif;base64,R0l", "data-src": "real.jpg"}, ("real.jpg", None)),
+    ({"src": "spinner.gif", "data-lazy-src": "real.jpg"}, ("real.jpg", None)),
+    ({"data-original": "o.jpg"}, ("o.jpg", None)),
+    ({"src": "data:,x", "data-srcset": "data:,y 1x, big.jpg 800w"}, ("big.jpg", None)),
+    ({"src": "data:image/png;base64,iVBOR"}, (None, Reason.DATA_URI)),
+    ({"src": "  "}, (None, Reason.INVALID_URL)),
+    ({}, (None, Reason.INVALID_URL)),
+])
+def test_image_url_choice(attributes, expected):
+    assert pick_image_url(attributes) == expected
+
+
+def test_picture_sources_count_as_candidates():
+    html = ('<picture><source srcset="p-800.webp 800w, p-400.webp 400w" type="image/webp">'
+            '<img src="p.jpg" srcset="p-600.jpg 600w" alt="a red kite over a hill"></picture>')
+    assert pairs(html) == [("http://example.org/articles/p-800.webp", "a red kite over a hill", "alt")]
+
+
+def test_urls_resolve_against_the_page_then_the_base():
+    html = '<img src="../img/a.jpg" alt="one cat"><img src="//cdn.example.net/b.jpg#frag" alt="two cats">'
+    assert [p[0] for p in pairs(html)] == ["http://example.org/img/a.jpg", "http://cdn.example.net/b.jpg"]
+    based = '<head><base href="/static/"><base href="/ignored/"></head><img src="c.jpg" alt="three cats">'
+    assert pairs(based) == [("http://example.org/static/c.jpg", "three cats", "alt")]
+    absolute_base = '<base href="https://Media.Example.COM/x/"><img src="d.jpg" alt="four cats">'
+    assert pairs(absolute_base)[0][0] == "https://media.example.com/x/d.jpg"
+
+
+def test_unusable_urls_are_counted_by_reason():
+    html = ('<img src="javascript:alert(1)" alt="a scripted picture"><img alt="no source at all">'
+            '<img src="http://[::1" alt="a broken address"><img src="data:image/png;base64,x" alt="inline dot">')
+    assert pairs(html) == []
+    assert reasons(html) == {"unsupported_scheme": 1, "invalid_url": 2, "data_uri": 1}
+
+
+# -- captions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alt", [
+    "", "   ", "image", "Image:", "LOGO", "logo.", "icon", "photo", "thumbnail", "IMG_1234.jpg", "IMG_1234",
+    "DSC01234", "dsc_0001.JPG", "P1010001.JPG", "my holiday.jpeg", "banner.png", "12345", "--", "www.example.com",
+    "https://example.com/a.jpg", "Screenshot 2024-01-01", "image not found",
+])
+def test_meaningless_alts(alt):
+    assert is_meaningless(extract_mod.clean_text(alt))
+
+
+@pytest.mark.parametrize("alt", [
+    "a red circle", "Logo of the Red Cross on a tent", "Image of a cat", "photo of a dog on a beach", "café",
+    "3 apples on a table", "The Jpeg committee meeting", "Paris, 1920",
+])
+def test_meaningful_alts(alt):
+    assert not is_meaningless(extract_mod.clean_text(alt))
+
+
+def test_alt_then_figcaption_then_nothing():
+    html = """
+    <figure><img src="a.jpg" alt=""><figcaption>
+       A <em>green</em>
+       triangle\t at dusk </figcaption></figure>
+    <figure><img src="b.jpg" alt="a blue square"><figcaption>Figure 2</figcaption></figure>
+    <figure><div><span><img src="c.jpg" alt="IMG_0001.JPG"></span></div><figcaption>Three hens</figcaption></figure>
+    <figure><img src="d.jpg" alt="image"><figcaption> </figcaption></figure>
+    <img src="e.jpg" alt="logo">
+    <img src="f.jpg" alt="Tom &amp; Jerry&nbsp;at&#32;home">
+    """
+    base = "http://example.org/articles/"
+    assert pairs(html) == [
+        (base + "a.jpg", "A green triangle at dusk", "figcaption"),
+        (base + "b.jpg", "a blue square", "alt"),
+        (base + "c.jpg", "Three hens", "figcaption"),
+        (base + "f.jpg", "Tom & Jerry at home", "alt"),
+    ]
+    assert reasons(html) == {"alt_meaningless": 2}
+
+
+def test_duplicates_within_a_page_keep_the_first_captioned_copy():
+    html = ('<img src="a.jpg" alt="image">'  # no caption: does not claim the URL
+            '<img class="lazy" src="data:image/gif;base64,R0l" data-src="a.jpg" alt="a sleeping fox">'
+            '<noscript><img src="a.jpg" alt="a sleeping fox"></noscript>'
+            '<img src="./a.jpg#zoom" alt="the fox again">')
+    assert pairs(html) == [("http://example.org/articles/a.jpg", "a sleeping fox", "alt")]
+    assert reasons(html) == {"alt_meaningless": 1, "dup_in_page": 2}
+
+
+# -- links and meta robots ---------------------------------------------------------------
+
+
+def test_links_resolved_deduplicated_and_nofollow_honoured():
+    html = ('<base href="/a/"><a href="b.html#x">b</a><a href="b.html">b again</a><a href="/c.html" rel="nofollow">c</a>'
+            '<a href="mailto:x@y">m</a><area href="d.html"><a href="HTTP://Other.Example.org/e">e</a><a>no href</a>')
+    result = extract_html(PAGE, html, want_links=True)
+    assert result.links == ["http://example.org/a/b.html", "http://example.org/a/d.html", "http://other.example.org/e"]
+    assert extract_html(PAGE, html).links == []  # only when asked
+    meta = '<meta name="robots" content="NOFOLLOW"><a href="x.html">x</a><img src="i.jpg" alt="a calm lake">'
+    result = extract_html(PAGE, meta, want_links=True)
+    assert result.links == [] and len(result.pairs) == 1
+
+
+def test_a_page_opts_out_with_meta_robots():
+    for content in ("noai", "noimageai, nofollow", "none"):
+        html = f'<meta name="robots" content="{content}"><img src="i.jpg" alt="a calm lake"><a href="x.html">x</a>'
+        result = extract_html(PAGE, html, want_links=True)
+        assert result.opt_out and result.pairs == []
+    kept = '<meta name="robots" content="noai"><img src="i.jpg" alt="a calm lake">'
+    assert extract_html(PAGE, kept, disallowed_directives=()).opt_out is None  # '[]' honours none
+
+
+def test_too_many_links_are_capped(monkeypatch):
+    monkeypatch.setattr(extract_mod, "MAX_LINKS_PER_PAGE", 5)
+    html = "".join(f'<a href="/p{i}.html">{i}</a>' for i in range(50))
+    assert len(extract_html(PAGE, html, want_links=True).links) == 5
+
+
+# -- malformed HTML never raises -----------------------------------------------------------
+
+
+def test_malformed_html_is_repaired_not_refused():
+    html = ("<HTML><BODY><div><p>x<table><tr><td><IMG SRC=/a.jpg ALT='first &amp; best'></td>"
+            "<td><img src=b.jpg alt=second></div></span><p><b><i>y</b></i>"
+            '<img src="c.jpg" alt="third one" alt="ignored" / > <!-- c --> </table><img src="d.jpg" alt="cut off')
+    got = pairs(html)
+    assert got[:3] == [("http://example.org/a.jpg", "first & best", "alt"),
+                       ("http://example.org/articles/b.jpg", "second", "alt"),
+                       ("http://example.org/articles/c.jpg", "third one", "alt")]
+
+
+def test_random_bytes_never_crash_the_extractor():
+    rng = random.Random(3)
+    pieces = ["<img", " src=", "'a.jpg'", " alt=", '"x y"', ">", "<figure>", "</figure>", "<figcaption>",
+              "<!--", "-->", "<base href=", "<a href=", "&amp;", "&#", "\x00", "\ufffd", "srcset=", "a 2x,", "<", ">"]
+    for _ in range(300):
+        doc = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 60)))
+        extract_html(PAGE, doc, want_links=True)
+        extract_html(PAGE, rng.randbytes(rng.randint(0, 400)).decode("utf-8", "replace"))
+
+
+# -- page-level checks and charsets --------------------------------------------------------
+
+
+def read(body: bytes, content_type: str | None = "text/html", charset: str | None = None, max_bytes: int = 10**6):
+    return read_page(PAGE, body, content_type=content_type, charset=charset, max_bytes=max_bytes)
+
+
+def reason_of(body: bytes, **kwargs) -> str:
+    with pytest.raises(SampleError) as caught:
+        read(body, **kwargs)
+    return caught.value.reason.value
+
+
+def test_page_level_reasons():
+    assert reason_of(b"<p>" * 100, max_bytes=50) == "page_too_large"
+    assert reason_of(b"<p>hello</p>", content_type="application/pdf") == "not_html"
+    assert reason_of(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR") == "not_html"  # binary junk served as text/html
+    assert reason_of(b"\x00\x01" + bytes(range(256)) * 4) == "not_html"
+    assert reason_of(codecs.BOM_UTF16_LE + b"\x00\xd8A\x00") == "bad_encoding"
+    junk = b"<html><body>" + "日本語".encode() + b"\xff\xfe\x81\x8d\x90\x9d\xc3\x28\xa0\xa1" * 20 + b"</body></html>"
+    assert reason_of(junk, charset="utf-8") == "bad_encoding"
+    assert read(b'<img src="a.jpg" alt="an owl">', content_type="application/xhtml+xml").pairs
+    assert read(b'<img src="a.jpg" alt="an owl">', content_type=None).pairs  # undeclared: judged by the bytes
+
+
+def test_a_parser_failure_is_a_counted_reason(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("the parser gave up")
+
+    monkeypatch.setattr(page_mod, "extract_html", broken)
+    assert reason_of(b"<p>fine</p>") == "html_parse_error"
+
+
+def caption(body: bytes, charset: str | None = None) -> str:
+    return read(body, charset=charset).pairs[0].caption
+
+
+def test_charsets_bom_header_meta_then_guess():
+    text = '<img src="a.jpg" alt="Un café crème “naïve”">'
+    assert caption(codecs.BOM_UTF8 + text.encode()) == "Un café crème “naïve”"
+    assert caption(codecs.BOM_UTF16_LE + text.encode("utf-16-le")) == "Un café crème “naïve”"
+    assert caption(text.encode("cp1252"), charset="windows-1252") == "Un café crème “naïve”"
+    meta = '<meta http-equiv="Content-Type" content="text/html; charset=ISO-8859-1">' + text.replace("“naïve”", "")
+    assert caption(meta.encode("latin-1")) == "Un café crème"
+    assert caption(('<meta charset="utf-8">' + text).encode()) == "Un café crème “naïve”"
+    # a header that lies (or names no real text encoding) gives way to the bytes
+    assert caption(text.encode(), charset="base64") == "Un café crème “naïve”"
+    assert caption(text.encode(), charset="x-no-such-charset") == "Un café crème “naïve”"
+    assert caption(text.encode("cp1252")).startswith("Un caf")  # nothing declared: guessed, not refused
+    # declared, and the bytes contradict every declaration: refused rather than guessed into mojibake
+    assert reason_of(("<meta charset=utf-8>" + text).encode("cp1252")) == "bad_encoding"
+    assert caption(("<meta charset=utf-8>" + text).encode("cp1252"), charset="cp1252") == "Un café crème “naïve”"
+
+
+def test_utf8_pages_reach_the_parser_as_their_own_bytes():
+    body = '<p>déjà vu</p>'.encode()
+    assert decode_html(body) is body and decode_html(body, "utf-8") is body
+    assert decode_html("<p>déjà</p>".encode("latin-1"), "latin1") == "<p>déjà</p>"
+    assert not looks_binary(codecs.BOM_UTF16_BE + "<p>".encode("utf-16-be"))
+
+
+# -- robots.txt -----------------------------------------------------------------------------
+
+
+ROBOTS = """
+# comments and blank lines are ignored
+User-agent: *
+Disallow: /private/
+Allow: /private/open.html
+Disallow: /*.pdf$
+Disallow: /search?q=
+Crawl-delay: 2
+
+User-agent: otherbot
+User-agent: webclip/0.1
+Disallow: /only-for-us/
+Disallow:
+
+user-agent: WEBCLIP
+allow: /only-for-us/but-this
+crawl-delay: 0.5
+"""
+
+
+def test_robots_our_group_wins_and_merges():
+    ours = parse_robots(ROBOTS)
+    assert not ours.allows("http://h/only-for-us/x") and ours.allows("http://h/only-for-us/but-this.html")
+    assert ours.allows("http://h/private/x")  # the * group does not apply when ours exists
+    assert ours.crawl_delay == 0.5
+    star = parse_robots(ROBOTS, token="somebot")
+    assert not star.allows("http://h/private/secret.html") and star.allows("http://h/private/open.html")
+    assert not star.allows("http://h/files/report.pdf") and star.allows("http://h/files/report.pdf?v=2")
+    assert not star.allows("http://h/search?q=cats") and star.allows("http://h/search")
+    assert star.crawl_delay == 2.0 and star.allows("http://h/robots.txt")
+
+
+def test_robots_longest_match_and_ties():
+    policy = parse_robots("User-agent: *\nDisallow: /a\nAllow: /a/b\nDisallow: /a/b/c\nAllow: /x\nDisallow: /x\n")
+    assert not policy.allows("http://h/a") and policy.allows("http://h/a/b") and not policy.allows("http://h/a/b/c")
+    assert policy.allows("http://h/x")  # equal length: allow wins
+    assert parse_robots("").allows("http://h/anything") and parse_robots("garbage\n\x00\n").allows("http://h/")
+    assert not parse_robots("User-agent: *\nDisallow: /\n").allows("http://h/page")
+
+
+def test_robots_fetch_status_rules():
+    assert policy_for_status(200) is None
+    assert policy_for_status(404) is ALLOW_ALL and policy_for_status(403) is ALLOW_ALL
+    for status in (500, 503, 429):
+        assert policy_for_status(status).blocked is Reason.ROBOTS_UNREACHABLE
+
+
+# -- the per-host scheduler ---------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_request_per_host_and_a_pause_after_each():
+    clock = Clock()
+    scheduler: HostScheduler[str] = HostScheduler(delay=1.0, clock=clock)
+    for url in ("a1", "a2", "a3"):
+        scheduler.push("a", url)
+    scheduler.push("b", "b1")
+    assert scheduler.pop_ready() == ("a", "a1")
+    assert scheduler.pop_ready() == ("b", "b1")
+    assert scheduler.pop_ready() is None  # a is busy, b has nothing left
+    clock.now += 5  # a slow response: the pause starts when it ends
+    scheduler.release("a")
+    assert scheduler.pop_ready() is None and scheduler.seconds_until_ready() == 1.0
+    clock.now += 0.999
+    assert scheduler.pop_ready() is None
+    clock.now += 0.001
+    assert scheduler.pop_ready() == ("a", "a2")
+    scheduler.release("a", requested=False)  # decided without a request: no pause
+    assert scheduler.pop_ready() == ("a", "a3")
+    scheduler.release("a")
+    scheduler.set_delay("a", 3.0)
+    scheduler.push("a", "a4", front=False)
+    scheduler.push("a", "a0", front=True)
+    clock.now += 1.0  # the pause that was set when a3 ended (1 s) applies
+    assert scheduler.pop_ready() == ("a", "a0") and scheduler.queued == 1
+    assert scheduler.drop_queue("a") == ["a4"] and scheduler.queued == 0
+
+
+def test_pair_is_a_plain_value():
+    assert Pair("http://x/a.jpg", "cap", "alt") == Pair("http://x/a.jpg", "cap", "alt")
+
+
+# -- WAT records ------------------------------------------------------------------------------
+
+
+def wat(links: list[dict], head: dict | None = None, uri: str = PAGE) -> dict:
+    return {"Envelope": {
+        "WARC-Header-Metadata": {"WARC-Type": "response", "WARC-Target-URI": uri},
+        "Payload-Metadata": {"HTTP-Response-Metadata": {
+            "Headers": {"Content-Type": "text/html"},
+            "HTML-Metadata": {"Head": head or {"Title": "t"}, "Links": links}}}}}
+
+
+def test_wat_links_become_pairs_by_the_same_rules():
+    links = [
+        {"path": "A@/href", "url": "/other.html", "text": "other"},
+        {"path": "IMG@/src", "url": "img/a.jpg", "alt": "a heron in the reeds"},
+        {"path": "IMG@/src", "url": "img/b.jpg", "alt": "IMG_2020.JPG"},
+        {"path": "IMG@/src", "url": "data:image/gif;base64,R0l", "alt": "pixel art"},
+        {"path": "IMG@/data-src", "url": "img/c.jpg", "alt": "two herons"},
+        {"path": "IMG@/srcset", "url": "img/d1.jpg 1x, img/d2.jpg 2x", "alt": "three herons"},
+        {"path": "IMG@/src", "url": "img/a.jpg", "alt": "a heron again"},
+        {"path": "SCRIPT@/src", "url": "app.js"},
+    ]
+    page_url, result = extract_wat(wat(links, head={"Base": "/media/"}))
+    assert page_url == PAGE
+    assert [(p.url, p.caption) for p in result.pairs] == [
+        ("http://example.org/media/img/a.jpg", "a heron in the reeds"),
+        ("http://example.org/media/img/c.jpg", "two herons"),
+        ("http://example.org/media/img/d2.jpg", "three herons"),
+    ]
+    assert dict(result.reasons) == {"alt_meaningless": 1, "data_uri": 1, "dup_in_page": 1}
+
+
+def test_wat_opt_out_and_non_pages():
+    _, result = extract_wat(wat([{"path": "IMG@/src", "url": "a.jpg", "alt": "a heron"}],
+                                head={"Metas": [{"name": "robots", "content": "noimageai"}]}))
+    assert result.opt_out == "noimageai" and result.pairs == []
+    request = {"Envelope": {"WARC-Header-Metadata": {"WARC-Type": "request", "WARC-Target-URI": PAGE},
+                            "Payload-Metadata": {"HTTP-Request-Metadata": {}}}}
+    assert extract_wat(request) == (None, None)
+    with pytest.raises(KeyError):
+        extract_wat({"not": "a wat record"})
