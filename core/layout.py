@@ -41,6 +41,7 @@ POOL_SCHEMA = pa.schema(
         ("original_height", pa.int32()),
         ("sha256", pa.string()),  # of the bytes as downloaded
         ("phash", pa.string()),  # 64-bit DCT hash of the resized content (before any border), hex
+        ("luma_std", pa.float32()),  # grey-level std of that content: ~0 for a blank image
         ("content_type", pa.string()),  # as the server announced it, parameters dropped
         ("final_url", pa.string()),  # after redirects (equals url when there were none)
     ]

@@ -69,6 +69,7 @@ class ResizedImage:
     original_width: int
     original_height: int
     phash: str  # 64-bit DCT perceptual hash of the content (before border/crop), 16 hex digits
+    luma_std: float = 0.0  # grey-level standard deviation of the content (near-blank check)
 
 
 def _target_size(width: int, height: int, cfg: ResizeConfig) -> tuple[int, int]:
@@ -99,12 +100,22 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def phash(image: Image.Image) -> str:
-    """64-bit perceptual hash: sign of the 8x8 low DCT frequencies against their median."""
+def perceptual_signature(image: Image.Image) -> tuple[str, float]:
+    """(64-bit pHash, grey-level standard deviation) from one 32x32 grey thumbnail.
+
+    The hash is the sign of the 8x8 lowest DCT frequencies against their median (the
+    filter's near-duplicate dedupe compares it by Hamming distance); the deviation
+    is what the filter's near-blank check reads (0 for a flat image).
+    """
     gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
     low = _DCT8 @ gray @ _DCT8.T  # 8x8 lowest frequencies of the 32x32 DCT-II
     bits = (low > np.median(low.flatten()[1:])).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}", float(gray.std())
+
+
+def phash(image: Image.Image) -> str:
+    """64-bit perceptual hash (see ``perceptual_signature``)."""
+    return perceptual_signature(image)[0]
 
 
 def _dct_matrix(n: int, keep: int) -> np.ndarray:
@@ -154,7 +165,7 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         image = _to_rgb(image)
         if image.size != (out_w, out_h):
             image = image.resize((out_w, out_h), _filter(image.size, (out_w, out_h)))
-        content_hash = phash(image)  # of the picture, before any border: padding is not content
+        content_hash, luma_std = perceptual_signature(image)  # of the picture, before any border
         image = _finish_geometry(image, cfg)
         buffer = io.BytesIO()
         save_args = {"quality": cfg.encode_quality} if cfg.encode_format != "png" else {}
@@ -170,6 +181,7 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         original_width=width if not rotated else height,
         original_height=height if not rotated else width,
         phash=content_hash,
+        luma_std=round(luma_std, 2),
     )
 
 

@@ -92,6 +92,7 @@ async def _process_row(
         original_width=image.original_width,
         original_height=image.original_height,
         phash=image.phash,
+        luma_std=image.luma_std,
     )
     return row, image.data
 
