@@ -39,9 +39,12 @@ Paths only, no host: the port may change between runs.
 from __future__ import annotations
 
 import html
+import io
+import json
 import os
 import random
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 
 import pyarrow as pa
@@ -286,6 +289,40 @@ def write_pages(site_dir: str | os.PathLike, out_dir: str | os.PathLike, images:
         pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
         os.replace(tmp, out / name)
     return routes
+
+
+def write_warc(out_path: str | os.PathLike, site_dir: str | os.PathLike, base_url: str, *,
+               compress: bool = True) -> int:
+    """The demo pages as a crawler would have archived them: one WARC response record each.
+
+    Every route under ``/web/`` (and ``/web/missing.html``, as the 404 it is) becomes
+    an HTTP response record with the route's status and headers, as a Common Crawl
+    WARC holds them. Written with warcio (a test dependency), so crawl/'s own reader
+    is checked against another implementation. Returns the number of records.
+    """
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    site = Path(site_dir)
+    routes = json.loads((site / "routes.json").read_text())
+    routes.setdefault("/web/missing.html", _route(None, "text/html", status=404))
+    count = 0
+    with open(out_path, "wb") as handle:
+        writer = WARCWriter(handle, gzip=compress)
+        for path, route in sorted(routes.items()):
+            if not path.startswith("/web/"):
+                continue
+            body = (site / route["file"]).read_bytes() if route["file"] else f"<h1>{route['status']}</h1>".encode()
+            headers = [("Content-Type", route["content_type"]), *route["headers"].items()]
+            if route["location"]:
+                headers.append(("Location", route["location"]))
+            status = f"{route['status']} {HTTPStatus(route['status']).phrase}"
+            http = StatusAndHeaders(status, headers, protocol="HTTP/1.1")
+            record = writer.create_warc_record(base_url.rstrip("/") + path, "response", payload=io.BytesIO(body),
+                                               http_headers=http)
+            writer.write_record(record)
+            count += 1
+    return count
 
 
 def load_truth(out_dir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
