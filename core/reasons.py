@@ -55,6 +55,11 @@ class Reason(str, Enum):
     DUP_EXACT = "dup_exact"
     DUP_NEAR = "dup_near"
     LOW_CLIP_SCORE = "low_clip_score"
+    LANGUAGE = "language"  # caption detected in a language outside the configured list
+    NEAR_BLANK = "near_blank"  # the image is (nearly) one flat tone
+    HASH_MISSING = "hash_missing"  # a downloaded row without a usable sha256 or pHash
+    EVAL_CONTAMINATED = "eval_contaminated"  # a near duplicate of an evaluation image
+    CLIP_SCORE_MISSING = "clip_score_missing"  # the CLIP-score rule is on but the sample has no score
     # -- train: reading train shards (decode_error, too_many_pixels, caption_missing reused) --
     IMAGE_MISSING = "image_missing"  # a key with no image member (caption_not_utf8 is above)
     SHARD_ERROR = "shard_error"  # a shard that cannot be opened, or ends mid-member
@@ -139,6 +144,11 @@ _DESCRIPTION: dict[Reason, str] = {
     Reason.DUP_EXACT: "the same image bytes (sha256) appeared earlier in the pool",
     Reason.DUP_NEAR: "a perceptually near-identical image appeared earlier in the pool",
     Reason.LOW_CLIP_SCORE: "image and caption are too dissimilar under a CLIP model",
+    Reason.LANGUAGE: "the caption's detected language is not among the languages kept",
+    Reason.NEAR_BLANK: "the image is nearly one flat tone (grey-level spread below the minimum)",
+    Reason.HASH_MISSING: "the downloaded row has no usable sha256 or pHash, so it cannot be deduplicated",
+    Reason.EVAL_CONTAMINATED: "the image is a near duplicate of an evaluation image",
+    Reason.CLIP_SCORE_MISSING: "the CLIP-score rule is on but no score was computed for this sample",
     Reason.IMAGE_MISSING: "the sample has a caption but no image member",
     Reason.SHARD_ERROR: "the shard could not be opened or ends mid-member; the rest of it is lost",
     Reason.TRANSFORM_ERROR: "turning the decoded image into a training tensor failed",
