@@ -39,7 +39,12 @@ STATS_FILE = "_crawl_stats.json"
 
 @dataclass
 class CrawlStats:
-    """Counts of one unit (or of them all): every page, image and link ends in one of them."""
+    """Counts of one unit (or of them all): every page, image and link ends in one of them.
+
+    Page reasons count pages, image reasons ``<img>`` elements; link reasons
+    (``out_of_scope``, ``depth_limit``, ``page_limit``) count link occurrences: a link on
+    ten pages counts ten times (counting distinct URLs would need memory that grows).
+    """
 
     records: int = 0  # WARC records read (all types)
     pages: int = 0  # pages seen: WARC response/resource/WAT records, fetched or refused URLs

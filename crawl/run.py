@@ -77,10 +77,17 @@ class Frontier:
         self._scheduled: set[str] = set()
 
     def route(self, links: list[Link]) -> dict[int, list[Link]]:
-        """New links by owning worker; already-scheduled URLs are dropped, over-budget ones counted."""
+        """New links by owning worker; already-scheduled URLs are dropped, over-budget ones counted.
+
+        A redirect whose target was already scheduled ends its page as ``dup_url``: the
+        target is (or was) crawled on its own, and a redirect loop ends at its first repeat.
+        """
         routed: dict[int, list[Link]] = {}
         for link in links:
             if link.url in self._scheduled:
+                if link.hops:  # a redirect to a URL already scheduled (a loop, or a known page): its page ends here
+                    self.stats.pages += 1
+                    self.stats.count(Reason.DUP_URL.value)
                 continue
             if len(self._scheduled) >= self.max_pages:
                 self.stats.count(Reason.PAGE_LIMIT.value)
