@@ -51,6 +51,7 @@ class Reason(str, Enum):
     # -- filter: decisions made from pool metadata ----------------------------------
     CAPTION_MISSING = "caption_missing"
     CAPTION_SHORT = "caption_short"
+    CAPTION_BOILERPLATE = "caption_boilerplate"  # a file name or a generic word, not a description
     DUP_URL = "dup_url"
     DUP_EXACT = "dup_exact"
     DUP_NEAR = "dup_near"
@@ -140,7 +141,10 @@ _DESCRIPTION: dict[Reason, str] = {
     Reason.ASPECT_RATIO: "the image is more elongated than the maximum aspect ratio",
     Reason.CAPTION_MISSING: "the caption is empty or missing",
     Reason.CAPTION_SHORT: "the caption has too few characters or words",
-    Reason.DUP_URL: "the same URL appeared earlier in the input",
+    Reason.CAPTION_BOILERPLATE: "the caption is boilerplate, not a description: a file name (IMG_1234.JPG), "
+    "a generic word or phrase ('image', 'untitled', 'click here'), a bare URL, or no letters at all",
+    Reason.DUP_URL: "the same URL (normalised) appeared earlier in the input; in ingest, with the same caption, "
+    "and the row was not downloaded",
     Reason.DUP_EXACT: "the same image bytes (sha256) appeared earlier in the pool",
     Reason.DUP_NEAR: "a perceptually near-identical image appeared earlier in the pool",
     Reason.LOW_CLIP_SCORE: "image and caption are too dissimilar under a CLIP model",

@@ -1,0 +1,92 @@
+"""Captions that describe nothing: the cheap checks, shared by ingest and the filter.
+
+Ingest runs them before download (a sample whose caption is ``IMG_1234.JPG`` is not
+worth its bytes) and the filter runs them again on pools made without them, so the
+rule lives here once and both stages give a row the same reason.
+
+Boilerplate is what web pages put where a description should be: a file name, a
+camera's numbering, or a generic word or phrase ("image", "untitled", "click here").
+It is matched on the whole caption only — "a photo of a dog" is a caption, "photo"
+is not — so the check cannot reject a real description.
+"""
+
+from __future__ import annotations
+
+import re
+
+from core.reasons import Reason
+
+# Whole captions (lower case, runs of spaces and underscores as one space, punctuation
+# stripped from both ends) that name no content. Kept to what web pages really emit.
+GENERIC_CAPTIONS = frozenset({
+    # the medium itself
+    "image", "images", "img", "photo", "photos", "photograph", "picture", "pictures", "pic", "pics", "graphic",
+    "figure", "fig", "illustration", "screenshot", "screen shot", "thumbnail", "thumb", "logo", "icon",
+    "banner", "avatar", "gif", "jpg", "jpeg", "png", "webp", "svg", "file", "attachment", "media",
+    "stock photo", "stock image", "featured image", "header image", "hero image", "cover image",
+    "product image", "main image", "image description", "alt text", "alt", "photo by", "image by",
+    "photo credit", "image credit", "image of", "photo of", "picture of",
+    # nothing there
+    "untitled", "untitled image", "no title", "placeholder", "spacer", "blank", "transparent", "pixel",
+    "null", "none", "undefined", "nan", "n/a", "na", "default", "empty", "loading", "spinner",
+    "no image", "no photo", "no image available", "image not found", "image unavailable", "photo unavailable",
+    # user-interface text
+    "click here", "click to enlarge", "click to zoom", "click for larger image", "enlarge", "zoom",
+    "view", "view image", "view larger", "see more", "read more", "more", "download", "download image",
+    "download now", "button", "arrow", "next", "previous", "prev", "close", "menu", "search", "home",
+    "advertisement", "ad", "sponsored",
+})
+IMAGE_EXTENSIONS = r"(?:jpe?g|jpe|jfif|png|gif|webp|bmp|tiff?|svg|avif|heic|heif|ico)"
+# "holiday_2019 (2).JPG", "foo.png": a file name, spaces allowed, nothing after the extension.
+_FILE_NAME = re.compile(rf"[\w\-.()\[\]~+%,' ]+\.{IMAGE_EXTENSIONS}", re.IGNORECASE)
+# "IMG_1234", "DSC 0001", "image001", "PXL_20230101_123456", "P1000123": a camera's or a CMS's numbering.
+_NUMBERED_NAME = re.compile(
+    r"(?:img|image|dsc[nf]?|dcim|pict?|picture|photo|pxl|mvimg|screenshot|scan|capture|untitled|file|gopr)"
+    r"[\s_\-]*\d[\w\-]*|p\d{5,}",
+    re.IGNORECASE,
+)
+_EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
+_SPACES = re.compile(r"[\s_]+")
+BOILERPLATE_MAX_CHARS = 128  # longer captions are never boilerplate: skip the regexes
+_MAX_GENERIC_WORDS = max(len(name.split()) for name in GENERIC_CAPTIONS)  # more: not a generic phrase
+
+
+def is_boilerplate(caption: str) -> bool:
+    """True for a caption (already stripped, non-empty) that is not a description.
+
+    A file name, a camera or CMS numbering (``IMG_1234``, ``image001``), a generic
+    word or phrase from ``GENERIC_CAPTIONS`` (case, surrounding punctuation and
+    underscores ignored), a bare URL, or text without a single letter ("12345", "...").
+    """
+    if len(caption) > BOILERPLATE_MAX_CHARS:
+        return False
+    if not any(char.isalpha() for char in caption):
+        return True
+    if "." in caption and _FILE_NAME.fullmatch(caption):
+        return True
+    if " " not in caption and caption.lower().startswith(("http://", "https://", "www.")):
+        return True
+    if len(caption.split()) > _MAX_GENERIC_WORDS:  # the common case, a sentence: no regex needed
+        return False
+    core = _EDGE_PUNCTUATION.sub("", _SPACES.sub(" ", caption.lower()))
+    return core in GENERIC_CAPTIONS or _NUMBERED_NAME.fullmatch(core) is not None
+
+
+def caption_reason(
+    caption: str | None, min_chars: int, min_words: int, reject_boilerplate: bool = True
+) -> Reason | None:
+    """Why ``caption`` is not worth a sample, or None if it may be.
+
+    The order is part of the contract, so that a row gets its most telling reason:
+    missing (None, empty or only whitespace), then boilerplate ("image" is
+    boilerplate, not merely short), then short (fewer than ``min_chars`` characters
+    or ``min_words`` whitespace-separated words, after stripping the ends).
+    """
+    text = caption.strip() if caption else ""
+    if not text:
+        return Reason.CAPTION_MISSING
+    if reject_boilerplate and is_boilerplate(text):
+        return Reason.CAPTION_BOILERPLATE
+    if len(text) < min_chars or (min_words > 0 and len(text.split()) < min_words):
+        return Reason.CAPTION_SHORT
+    return None
