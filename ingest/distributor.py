@@ -10,7 +10,8 @@ same bytes), so a lost worker costs one shard's rework, nothing more.
 
 * ``ray``: one Ray task per shard (``max_retries``: Ray reruns the shard of a dead
   worker), on a local instance or the cluster at ``ray_address`` / ``RAY_ADDRESS``;
-  progress flows through one tiny actor (no CPU reserved), polled twice a second.
+  progress flows through one tiny actor (no CPU reserved, on the driver's node), polled
+  twice a second.
 * ``multiprocessing``: a pool of ``processes_count`` local processes, img2dataset's
   default distributor and the cheapest to start on one machine; progress flows
   through a queue. A failed shard is resubmitted up to ``max_shard_retry`` times; a
@@ -79,7 +80,7 @@ def ray_distributor(
         slots = cfg.processes_count or max(1, int(ray.cluster_resources().get("CPU", 1)))
         limit = cfg.max_shards_in_flight or 2 * slots
         task = ray.remote(num_cpus=1, max_retries=cfg.max_shard_retry, retry_exceptions=True)(_ray_task)
-        board = ray.remote(num_cpus=0)(_ProgressBoard).remote() if on_progress is not None else None
+        board = _progress_board_on_this_node() if on_progress is not None else None
 
         def collect(in_flight: list, wait_for_all: bool) -> list:
             while in_flight and (wait_for_all or len(in_flight) >= limit):
@@ -99,6 +100,17 @@ def ray_distributor(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _progress_board_on_this_node():
+    """The progress actor, pinned to the driver's node: on a cluster, Ray could place it on
+    any node, and the loss of that node would then end the whole job, not just cost the
+    shards running there. The driver's node cannot be lost without losing the driver."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(_ProgressBoard).remote()
 
 
 def init_ray(address: str | None, num_cpus: int = 0) -> None:
