@@ -22,7 +22,6 @@ same bytes), so a lost worker costs one shard's rework, nothing more.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import queue as queue_module
@@ -31,6 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from core.cluster import init_ray
 from ingest.config import IngestConfig
 from ingest.reader import ShardInput
 from ingest.shard_worker import Report, download_shard
@@ -111,18 +111,6 @@ def _progress_board_on_this_node():
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0, scheduling_strategy=here)(_ProgressBoard).remote()
-
-
-def init_ray(address: str | None, num_cpus: int = 0) -> None:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance."""
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address is None and num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(address=address, **kwargs)
 
 
 # -- a local process pool -------------------------------------------------------------
