@@ -9,11 +9,15 @@ from filter.config import FilterConfig
 from filter.run import run_filter
 
 DESCRIPTION = """\
-Read the pool's parquet metadata (no images are decoded) and write one decision per
-row — key, keep, reason — as {shard}.parquet in --output_folder, with counts per
-reason in _filter_stats.json. Rules, in order: failed download (keeps its ingest
-reason), repeated URL, caption missing or short, image too small, aspect ratio,
-exact duplicate image (sha256). The first copy in key order is the one kept.
+Decide keep / reject for every pool row, with the first failing reason (see
+filter/rules.py for the order), from the pool's parquet metadata only — no image is
+decoded. Runs on Ray (a local instance, or the cluster at --ray_address /
+RAY_ADDRESS): per-shard rules, then global passes over all shards — URL dedupe,
+the CLIP-score rule (scores from `python -m filter.clipscore`), exact dedupe by
+sha256 and near-duplicate dedupe by pHash (banded LSH, Hamming threshold) — each
+keeping the first acceptable copy in key order, so decisions do not depend on the
+number of workers. Writes {shard}.parquet (key, keep, reason, dup_of, scores) in
+--output_folder and _filter_stats.json (counts per reason, the LSH plan) last.
 """
 
 

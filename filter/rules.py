@@ -1,29 +1,30 @@
-"""The rules a pool row must pass to be kept: the place a sample is rejected, and why.
+"""Where a sample is rejected, and why: the rules, in the order that names the reason.
 
-Each rule looks at one row's metadata (never the image: decisions are cheap to
-recompute) and returns the ``Reason`` it fails, or None. ``Deduper`` holds the
-only cross-row state: what has been seen earlier in key order, so the first copy
-is kept and later ones are rejected — the same decision whatever the order work
-is done in, as long as rows are offered in key order.
+A row gets the **first** rule it fails, so the order is part of the contract:
+
+    per row (``row_reason``, any order of work)      across rows (``filter.dedupe``)
+    1. the download's own reason (ingest)            2. dup_url      first successful copy of a URL
+    3. caption: missing, boilerplate, short                          (normalised) is kept
+    4. language outside ``languages``               7. low_clip_score  below the threshold, or
+    5. image: decode, too_small, aspect_ratio,                       outside the top fraction
+       near_blank, hash_missing                    8. dup_exact    first acceptable copy of the
+    6. eval_contaminated (pHash near an eval image)                 bytes (sha256) is kept
+                                                   9. dup_near     first acceptable image of each
+                                                                   pHash cluster is kept
+
+"First" is key order and "acceptable" means passing every earlier rule, so a kept
+copy is always the first one that would have been kept on its own; the same pool
+and config give the same decisions whatever the number of workers.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+from core.captions import caption_reason
 from core.reasons import Reason
 from filter.config import FilterConfig
-
-
-def normalize_url(url: str) -> str:
-    """Scheme and host in lower case, default port and fragment dropped."""
-    parts = urlsplit(url.strip())
-    host = (parts.hostname or "").lower()
-    port = parts.port
-    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-    netloc = host if port in (None, default) else f"{host}:{port}"
-    return urlunsplit((parts.scheme.lower(), netloc, parts.path or "/", parts.query, ""))
+from filter.language import detect
 
 
 def download_reason(row: dict[str, Any]) -> Reason | None:
@@ -36,15 +37,6 @@ def download_reason(row: dict[str, Any]) -> Reason | None:
         return Reason.DECODE_ERROR if row["status"] == "failed_to_resize" else Reason.CONNECTION_ERROR
 
 
-def caption_reason(caption: str | None, cfg: FilterConfig) -> Reason | None:
-    text = (caption or "").strip()
-    if not text:
-        return Reason.CAPTION_MISSING
-    if len(text) < cfg.min_caption_chars or len(text.split()) < cfg.min_caption_words:
-        return Reason.CAPTION_SHORT
-    return None
-
-
 def image_reason(row: dict[str, Any], cfg: FilterConfig) -> Reason | None:
     width = row.get("original_width") or row.get("width")
     height = row.get("original_height") or row.get("height")
@@ -54,50 +46,30 @@ def image_reason(row: dict[str, Any], cfg: FilterConfig) -> Reason | None:
         return Reason.TOO_SMALL
     if max(width, height) / min(width, height) > cfg.max_aspect_ratio:
         return Reason.ASPECT_RATIO
+    spread = row.get("luma_std")
+    if cfg.min_luma_std and spread is not None and spread < cfg.min_luma_std:
+        return Reason.NEAR_BLANK
     return None
 
 
-class Deduper:
-    """Remembers URLs and image hashes of earlier rows (in key order)."""
+def row_reason(row: dict[str, Any], cfg: FilterConfig, hashes_ok: bool) -> tuple[Reason | None, str | None, float | None]:
+    """Rules 1 and 3-5 for one pool row: (first failing reason, language, its confidence).
 
-    def __init__(self) -> None:
-        self._urls: set[str] = set()
-        self._hashes: set[str] = set()
-
-    def url_reason(self, url: str | None) -> Reason | None:
-        if not url:
-            return None
-        try:
-            key = normalize_url(url)
-        except ValueError:
-            key = url
-        if key in self._urls:
-            return Reason.DUP_URL
-        self._urls.add(key)
-        return None
-
-    def exact_reason(self, sha256: str | None) -> Reason | None:
-        if not sha256:
-            return None
-        if sha256 in self._hashes:
-            return Reason.DUP_EXACT
-        self._hashes.add(sha256)
-        return None
-
-
-def decide(row: dict[str, Any], cfg: FilterConfig, seen: Deduper) -> Reason | None:
-    """The first failing reason for ``row``, or None to keep it.
-
-    Order matters and is part of the contract: a failed download keeps its ingest
-    reason; a repeated URL is rejected before its caption or image is judged; the
-    exact-duplicate check only counts copies that passed every other rule, so the
-    kept copy is the first acceptable one.
+    ``hashes_ok``: the row carries a usable sha256 and pHash (rule 5's last check).
+    Rule 6 needs the evaluation hashes and runs on whole shards (``filter.facts``).
     """
     reason = download_reason(row)
-    if reason is None and cfg.dedupe_url:
-        reason = seen.url_reason(row.get("url"))
+    language = confidence = None
+    caption = row.get("caption")
     if reason is None:
-        reason = caption_reason(row.get("caption"), cfg) or image_reason(row, cfg)
-    if reason is None and cfg.dedupe_exact:
-        reason = seen.exact_reason(row.get("sha256"))
-    return reason
+        reason = caption_reason(caption, cfg.min_caption_chars, cfg.min_caption_words,
+                                cfg.reject_boilerplate_captions)
+    if reason is None and caption:
+        language, confidence = detect(caption)
+        if cfg.languages and language not in cfg.languages and confidence >= cfg.min_language_confidence:
+            reason = Reason.LANGUAGE
+    if reason is None:
+        reason = image_reason(row, cfg)
+    if reason is None and not hashes_ok:
+        reason = Reason.HASH_MISSING
+    return reason, language, confidence

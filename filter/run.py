@@ -1,18 +1,31 @@
-"""The filter job: pool metadata → decisions, one parquet per pool shard.
+"""The filter job: pool metadata → one decision per pool row, on Ray.
 
-Reads each committed pool shard's parquet in key order (one file at a time, so
-memory holds one shard plus the dedupe sets), decides every row with
-``filter.rules.decide``, and writes ``{shard}.parquet`` with columns
-(key, keep, reason) — every row of the pool gets exactly one decision. Counts per
-reason go to ``_filter_stats.json``. Deterministic: the same pool and config give
-the same decisions.
+Five passes, each a set of independent tasks (Ray, or inline for debugging):
+
+    1. facts      one task per pool shard: per-row rules → ``_work/{shard}.parquet``
+    2. dup_url    one task per partition of URL fingerprints: first successful copy kept
+    3. clip       in the driver: threshold / top fraction over the acceptable rows' scores
+    4. dup_exact  one task per partition of image digests: first acceptable copy kept
+    5. dup_near   one task per partition of LSH band keys: verified pHash pairs → edges;
+                  the driver joins edges into clusters, the first of each is kept
+    6. decisions  one task per pool shard: ``{shard}.parquet`` (key, keep, reason, scores)
+
+Partitions route whole groups (by group key), so a partition task sees every member
+of its groups and the rule "smallest row id wins" gives the same answer for any
+number of partitions or workers. A partition holds at most ``partition_rows``
+entries, which bounds each task's memory whatever the pool size. ``_filter_stats.json``
+is written last: its presence means every decision file is complete.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -20,12 +33,35 @@ from tqdm import tqdm
 from core import storage
 from core.config import to_dict
 from core.layout import committed_shards, shard_name
+from core.reasons import Reason
 from filter.config import FilterConfig
-from filter.rules import Deduper, decide
+from filter.dedupe import (
+    BandPlan,
+    NearGuard,
+    band_keys,
+    candidate_edges,
+    components_first,
+    first_of_groups,
+    partition_of,
+    plan_bands,
+    unique_edges,
+)
+from filter.facts import shard_facts
 
-DECISION_SCHEMA = pa.schema([("key", pa.string()), ("keep", pa.bool_()), ("reason", pa.string())])
+DECISION_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("keep", pa.bool_()),
+        ("reason", pa.string()),  # the first failing rule (core.reasons), null when kept
+        ("dup_of", pa.string()),  # for dup_url / dup_exact / dup_near: the key of the copy kept
+        ("clip_score", pa.float32()),
+        ("language", pa.string()),
+        ("language_score", pa.float32()),
+        ("luma_std", pa.float32()),
+    ]
+)
 STATS_FILE = "_filter_stats.json"
-_COLUMNS = ["key", "url", "caption", "status", "reason", "width", "height", "original_width", "original_height", "sha256"]
+WORK = "_work"
 
 
 @dataclass
@@ -35,13 +71,190 @@ class FilterSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     duration: float = 0.0
+    passes: dict[str, float] = field(default_factory=dict)
+    near_dup_plan: dict[str, Any] = field(default_factory=dict)
+    skipped_checks: list[str] = field(default_factory=list)
 
 
-def read_pool_shard(pool: str, shard_id: int) -> list[dict]:
-    path = storage.join(pool, f"{shard_name(shard_id)}.parquet")
-    with storage.open_file(path) as handle:
-        table = pq.read_table(handle, columns=_COLUMNS)
-    return table.sort_by("key").to_pylist()
+# -- where tasks run ----------------------------------------------------------------------
+
+
+class _Inline:
+    def map(self, fn: Callable, args: list[tuple], desc: str, progress: bool) -> list:
+        return [fn(*a) for a in tqdm(args, desc=desc, unit="task", disable=not progress)]
+
+    def put(self, value):
+        return value
+
+    def close(self) -> None:
+        pass
+
+
+class _OnRay:
+    """Ray tasks with at most ``2 x workers`` in flight; results come back in input order."""
+
+    def __init__(self, cfg: FilterConfig):
+        import ray
+
+        from core.cluster import init_ray
+
+        self._ray = ray
+        self._started = init_ray(cfg.ray_address or None)
+        self.workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def put(self, value):
+        return self._ray.put(value)
+
+    def map(self, fn: Callable, args: list[tuple], desc: str, progress: bool) -> list:
+        ray = self._ray
+        task = ray.remote(num_cpus=1, max_retries=2)(fn)
+        results: list[Any] = [None] * len(args)
+        pending: dict[Any, int] = {}
+        bar = tqdm(total=len(args), desc=desc, unit="task", disable=not progress)
+        queue = iter(enumerate(args))
+        try:
+            for index, a in queue:
+                pending[task.remote(*a)] = index
+                while len(pending) >= 2 * self.workers:
+                    self._collect(pending, results, bar)
+            while pending:
+                self._collect(pending, results, bar)
+        finally:
+            bar.close()
+        return results
+
+    def _collect(self, pending: dict, results: list, bar) -> None:
+        ready, _ = self._ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            results[pending.pop(ref)] = self._ray.get(ref)
+            bar.update(1)
+
+    def close(self) -> None:
+        if self._started:
+            self._ray.shutdown()
+
+
+# -- task bodies (module level, so Ray can ship them) --------------------------------------
+
+
+def _facts_task(cfg: FilterConfig, shard_id: int, eval_hashes, work: str) -> dict:
+    table, notes = shard_facts(cfg.pool, shard_id, cfg, eval_hashes)
+    with storage.atomic_write(storage.join(work, f"{shard_name(shard_id)}.parquet")) as handle:
+        pq.write_table(table, handle, compression="zstd")
+    open_rows = int(table.column("pre_reason").null_count)
+    success = int(np.count_nonzero(table.column("url_fp").to_numpy()))
+    return {"rows": table.num_rows, "open": open_rows, "success": success, **notes}
+
+
+def _read_facts(work: str, shard_id: int, columns: list[str]) -> pa.Table:
+    with storage.open_file(storage.join(work, f"{shard_name(shard_id)}.parquet")) as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def _eligible(table: pa.Table, exclude: np.ndarray) -> np.ndarray:
+    """Rows still acceptable: no per-row reason and not rejected by an earlier global pass."""
+    mask = table.column("pre_reason").is_null().to_numpy(zero_copy_only=False)
+    if len(exclude):
+        ids = table.column("row_id").to_numpy()
+        mask &= ~np.isin(ids, exclude, assume_unique=False)
+    return mask
+
+
+def _url_partition_task(work: str, shard_ids: list[int], partitions: int, part: int) -> tuple:
+    keys, ids = [], []
+    for shard_id in shard_ids:
+        table = _read_facts(work, shard_id, ["row_id", "url_fp"])
+        fp = table.column("url_fp").to_numpy()
+        take = (fp != 0) & (partition_of(fp, partitions) == part)
+        keys.append(fp[take])
+        ids.append(table.column("row_id").to_numpy()[take])
+    return first_of_groups(np.concatenate(keys), np.concatenate(ids))
+
+
+def _exact_partition_task(work: str, shard_ids: list[int], exclude, partitions: int, part: int) -> tuple:
+    keys, ids = [], []
+    for shard_id in shard_ids:
+        table = _read_facts(work, shard_id, ["row_id", "pre_reason", "sha_hi", "sha_lo"])
+        hi, lo = table.column("sha_hi").to_numpy(), table.column("sha_lo").to_numpy()
+        take = _eligible(table, exclude) & (partition_of(hi, partitions) == part)
+        keys.append(np.stack([hi[take], lo[take]], axis=1))
+        ids.append(table.column("row_id").to_numpy()[take])
+    return first_of_groups(np.concatenate(keys), np.concatenate(ids))
+
+
+def _near_partition_task(work: str, shard_ids: list[int], exclude, plan: BandPlan, guard: NearGuard,
+                         partitions: int, part: int) -> tuple:
+    positions = plan.positions()
+    parts: dict[str, list[np.ndarray]] = {"key": [], "id": [], "hash": [], "aspect": [], "luma": []}
+    for shard_id in shard_ids:
+        table = _read_facts(work, shard_id, ["row_id", "pre_reason", "phash", "log_aspect", "luma_std"])
+        take = _eligible(table, exclude)
+        if not take.any():
+            continue
+        hashes = table.column("phash").to_numpy()[take]
+        bands = band_keys(hashes, positions)  # (n, bands)
+        mine = partition_of(bands, partitions) == part
+        rows, _ = np.nonzero(mine)
+        parts["key"].append(bands[mine])
+        parts["id"].append(table.column("row_id").to_numpy()[take][rows])
+        parts["hash"].append(hashes[rows])
+        aspect = table.column("log_aspect").to_numpy(zero_copy_only=False)[take].astype(np.float32)
+        luma = table.column("luma_std").to_numpy(zero_copy_only=False)[take].astype(np.float32)
+        parts["aspect"].append(aspect[rows])
+        parts["luma"].append(luma[rows])
+    if not parts["key"]:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    joined = {name: np.concatenate(values) for name, values in parts.items()}
+    left, right = candidate_edges(joined["key"], joined["id"], joined["hash"], plan.threshold,
+                                  joined["aspect"], joined["luma"], guard)
+    return unique_edges(left, right)
+
+
+def _decisions_task(cfg: FilterConfig, work: str, shard_id: int, rejected: dict[str, tuple]) -> dict:
+    table = _read_facts(work, shard_id, ["row_id", "key", "pre_reason", "clip_score", "language",
+                                         "language_score", "luma_std"])
+    ids = table.column("row_id").to_numpy()
+    keys = table.column("key").to_pylist()
+    reasons = table.column("pre_reason").to_pylist()
+    dup_of: list[str | None] = [None] * len(keys)
+    digits = {len(k) - 5 for k in keys if k}
+    width = digits.pop() if len(digits) == 1 else 4
+    for reason in (Reason.DUP_URL, Reason.LOW_CLIP_SCORE, Reason.CLIP_SCORE_MISSING, Reason.DUP_EXACT,
+                   Reason.DUP_NEAR):  # the global passes, in rule order
+        if reason.value not in rejected:
+            continue
+        rows, keepers = rejected[reason.value]
+        position = {int(r): int(k) for r, k in zip(rows, keepers)}
+        for index, row in enumerate(ids.tolist()):
+            if reasons[index] is None and row in position:
+                reasons[index] = reason.value
+                keeper = position[row]
+                if keeper >= 0:
+                    dup_of[index] = f"{keeper >> 32:05d}{keeper & 0xFFFFFFFF:0{width}d}"
+    keep = [r is None for r in reasons]
+    out = pa.table(
+        {
+            "key": keys,
+            "keep": keep,
+            "reason": pa.array(reasons, pa.string()),
+            "dup_of": pa.array(dup_of, pa.string()),
+            "clip_score": table.column("clip_score"),
+            "language": table.column("language"),
+            "language_score": table.column("language_score"),
+            "luma_std": table.column("luma_std"),
+        },
+        schema=DECISION_SCHEMA,
+    )
+    with storage.atomic_write(storage.join(cfg.output_folder, f"{shard_name(shard_id)}.parquet")) as handle:
+        pq.write_table(out, handle, compression="zstd")
+    counts: dict[str, int] = {}
+    for r in reasons:
+        if r is not None:
+            counts[r] = counts.get(r, 0) + 1
+    return {"rows": len(keys), "kept": sum(keep), "reasons": counts}
+
+
+# -- the job ------------------------------------------------------------------------------
 
 
 def run_filter(cfg: FilterConfig) -> FilterSummary:
@@ -50,39 +263,159 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
     if not shard_ids:
         raise SystemExit(f"filter: no committed pool shards in {cfg.pool!r} (run ingest first)")
     storage.makedirs(cfg.output_folder)
-    seen = Deduper()
+    stats_path = storage.join(cfg.output_folder, STATS_FILE)
+    if storage.exists(stats_path):
+        storage.remove(stats_path)  # decisions are being rewritten: not complete until the end
+    work = storage.join(cfg.output_folder, WORK)
+    storage.makedirs(work)
+    eval_hashes = None
+    if cfg.decontaminate:
+        from filter.decontaminate import load_eval_hashes
+
+        eval_hashes = load_eval_hashes(cfg.decontaminate)
     summary = FilterSummary()
-    for shard_id in tqdm(shard_ids, desc="filter", unit="shard", disable=not cfg.progress):
-        keys, keeps, reasons = [], [], []
-        for row in read_pool_shard(cfg.pool, shard_id):
-            reason = decide(row, cfg, seen)
-            keys.append(row["key"])
-            keeps.append(reason is None)
-            reasons.append(reason.value if reason else None)
-            summary.rows += 1
-            if reason is None:
-                summary.kept += 1
-            else:
-                summary.reasons[reason.value] = summary.reasons.get(reason.value, 0) + 1
-        table = pa.Table.from_arrays([pa.array(keys), pa.array(keeps), pa.array(reasons, pa.string())],
-                                     schema=DECISION_SCHEMA)
-        with storage.atomic_write(storage.join(cfg.output_folder, f"{shard_name(shard_id)}.parquet")) as handle:
-            pq.write_table(table, handle, compression="zstd")
-        summary.shards += 1
+    runner = _OnRay(cfg) if cfg.distributor == "ray" else _Inline()
+    try:
+        _passes(cfg, runner, shard_ids, work, eval_hashes, summary)
+    finally:
+        runner.close()
+    storage.remove(work)
     summary.duration = time.time() - start
-    storage.write_json(
-        storage.join(cfg.output_folder, STATS_FILE),
-        {
-            "rows": summary.rows,
-            "kept": summary.kept,
-            "rejected": summary.rows - summary.kept,
-            "reasons": dict(sorted(summary.reasons.items())),
-            "pool_shards": [shard_name(i) for i in shard_ids],
-            "config": to_dict(cfg),
-            "duration": summary.duration,
-        },
-    )
+    storage.write_json(stats_path, {
+        "rows": summary.rows,
+        "kept": summary.kept,
+        "rejected": summary.rows - summary.kept,
+        "reasons": dict(sorted(summary.reasons.items())),
+        "pool_shards": [shard_name(i) for i in shard_ids],
+        "near_dup_plan": summary.near_dup_plan,
+        "skipped_checks": summary.skipped_checks,
+        "eval_images": 0 if eval_hashes is None else int(len(eval_hashes)),
+        "pass_seconds": summary.passes,
+        "config": to_dict(cfg),
+        "duration": summary.duration,
+    })
     return summary
+
+
+def _timed(summary: FilterSummary, name: str):
+    class _Timer:
+        def __enter__(self):
+            self.t = time.time()
+
+        def __exit__(self, *exc):
+            summary.passes[name] = round(time.time() - self.t, 3)
+
+    return _Timer()
+
+
+def _partitions(entries: int, cfg: FilterConfig) -> int:
+    return max(1, math.ceil(entries / cfg.partition_rows))
+
+
+def _join(results: Iterable[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    results = list(results)
+    if not results:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+
+def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_hashes, summary: FilterSummary) -> None:
+    show = cfg.progress
+    eval_ref = runner.put(eval_hashes)
+    with _timed(summary, "facts"):
+        facts = runner.map(_facts_task, [(cfg, s, eval_ref, work) for s in shard_ids], "filter: facts", show)
+    skipped = sorted({note for f in facts for note in f.get("skipped_checks", [])})
+    summary.skipped_checks = skipped
+    open_rows = sum(f["open"] for f in facts)
+    success_rows = sum(f["success"] for f in facts)
+    rejected: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    excluded = np.empty(0, np.int64)
+
+    if cfg.dedupe_url:
+        with _timed(summary, "dup_url"):
+            n = _partitions(success_rows, cfg)
+            rejected[Reason.DUP_URL.value] = _join(runner.map(
+                _url_partition_task, [(work, shard_ids, n, p) for p in range(n)], "filter: dup_url", show))
+        excluded = np.union1d(excluded, rejected[Reason.DUP_URL.value][0])
+
+    if cfg.uses_clip:
+        with _timed(summary, "clip"):
+            low, missing = _clip_rule(cfg, work, shard_ids, excluded)
+        rejected[Reason.LOW_CLIP_SCORE.value] = (low, np.full(len(low), -1, np.int64))
+        rejected[Reason.CLIP_SCORE_MISSING.value] = (missing, np.full(len(missing), -1, np.int64))
+        excluded = np.union1d(excluded, np.concatenate([low, missing]))
+
+    if cfg.dedupe_exact:
+        with _timed(summary, "dup_exact"):
+            n = _partitions(open_rows, cfg)
+            ref = runner.put(excluded)
+            rejected[Reason.DUP_EXACT.value] = _join(runner.map(
+                _exact_partition_task, [(work, shard_ids, ref, n, p) for p in range(n)], "filter: dup_exact", show))
+        excluded = np.union1d(excluded, rejected[Reason.DUP_EXACT.value][0])
+
+    if cfg.dedupe_near:
+        with _timed(summary, "dup_near"):
+            plan = plan_bands(open_rows, cfg.near_dup_threshold, cfg.near_dup_recall, cfg.near_dup_bands,
+                              cfg.near_dup_band_bits)
+            guard = NearGuard(cfg.near_dup_max_aspect_change, cfg.near_dup_max_luma_change)
+            n = _partitions(open_rows * plan.bands, cfg)
+            ref = runner.put(excluded)
+            left, right = _join(runner.map(
+                _near_partition_task, [(work, shard_ids, ref, plan, guard, n, p) for p in range(n)],
+                "filter: dup_near", show))
+            left, right = unique_edges(left, right)
+            rejected[Reason.DUP_NEAR.value] = components_first(left, right)
+        summary.near_dup_plan = {
+            "bands": plan.bands, "bits_per_band": plan.bits, "threshold": plan.threshold, "partitions": n,
+            "candidate_recall_at_threshold": round(plan.recall_at(plan.threshold), 4),
+            "verified_pairs": int(len(left)),
+        }
+
+    with _timed(summary, "decisions"):
+        per_shard = _split_by_shard(rejected, shard_ids)
+        results = runner.map(_decisions_task, [(cfg, work, s, per_shard[s]) for s in shard_ids],
+                             "filter: decisions", show)
+    for result in results:
+        summary.rows += result["rows"]
+        summary.kept += result["kept"]
+        for reason, n in result["reasons"].items():
+            summary.reasons[reason] = summary.reasons.get(reason, 0) + n
+    summary.shards = len(shard_ids)
+
+
+def _clip_rule(cfg: FilterConfig, work: str, shard_ids: list[int], excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows below the CLIP bar, acceptable rows without a score)."""
+    ids, scores = [], []
+    for shard_id in shard_ids:
+        table = _read_facts(work, shard_id, ["row_id", "pre_reason", "clip_score"])
+        take = _eligible(table, excluded)
+        ids.append(table.column("row_id").to_numpy()[take])
+        scores.append(table.column("clip_score").to_numpy(zero_copy_only=False)[take].astype(np.float64))
+    ids_all, score_all = np.concatenate(ids), np.concatenate(scores)
+    missing = np.isnan(score_all)
+    low = np.zeros(len(ids_all), dtype=bool)
+    if cfg.clip_threshold is not None:
+        low |= score_all < cfg.clip_threshold
+    if cfg.clip_top_fraction:
+        scored = ~missing & ~low
+        keep_n = int(math.floor(cfg.clip_top_fraction * int((~missing).sum())))
+        if keep_n < scored.sum():
+            # Rank by (score desc, row id asc): ties are broken by key order, deterministically.
+            candidates = np.flatnonzero(scored)
+            order = np.lexsort((ids_all[candidates], -score_all[candidates]))
+            low[candidates[order[keep_n:]]] = True
+    return ids_all[low & ~missing], ids_all[missing]
+
+
+def _split_by_shard(rejected: dict[str, tuple[np.ndarray, np.ndarray]], shard_ids: list[int]) -> dict[int, dict]:
+    out: dict[int, dict] = {s: {} for s in shard_ids}
+    for reason, (rows, keepers) in rejected.items():
+        shard_of = rows >> 32
+        for s in np.unique(shard_of).tolist():
+            take = shard_of == s
+            if s in out:
+                out[s][reason] = (rows[take], keepers[take])
+    return out
 
 
 def load_decisions(decisions: str, shard_id: int) -> dict[str, bool]:
@@ -90,6 +423,3 @@ def load_decisions(decisions: str, shard_id: int) -> dict[str, bool]:
     with storage.open_file(storage.join(decisions, f"{shard_name(shard_id)}.parquet")) as handle:
         table = pq.read_table(handle, columns=["key", "keep"])
     return dict(zip(table.column("key").to_pylist(), table.column("keep").to_pylist()))
-
-
-
