@@ -2,9 +2,9 @@
 
     corpus   generate the synthetic web (images, captions, planted mess, ground truth)
     ingest   serve it on 127.0.0.1 and download it on a local Ray instance → pool shards
-    filter   decide keep / reject for every pool row → decisions
-    shards   kept samples → train shards + manifest.json + report
     evalset  render the zero-shot evaluation set (all 48 colour × shape classes)
+    filter   decide keep / reject for every pool row → decisions (eval look-alikes dropped too)
+    shards   kept samples → train shards + manifest.json + report
     train    train a small CLIP from scratch on the CPU, then zero-shot evaluation
 
 Each stage runs as the same command a user would type (printed before it runs), so
@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     with serve(f"{DATA}/corpus/site", port=args.port, access_log=f"{DATA}/corpus/access.jsonl") as url:
         print(f"demo web server: {url}", flush=True)
         _run([py, "-m", "ingest", "--config", f"{CONFIGS}/ingest.yaml"], "ingest: download on Ray")
-    _run([py, "-m", "filter", "--config", f"{CONFIGS}/filter.yaml"], "filter: decisions")
-    _run([py, "-m", "shards", "--config", f"{CONFIGS}/shards.yaml"], "shards: train shards and report")
     _run([py, "-m", "infra.local.evalset", "--out", f"{DATA}/eval/eval.tar", "--per-class",
           str(args.eval_per_class), "--seed", str(args.seed), "--image-size", "128", "--resize-mode", "border"],
          "evalset: zero-shot evaluation images")
+    _run([py, "-m", "filter", "--config", f"{CONFIGS}/filter.yaml"], "filter: decisions")
+    _run([py, "-m", "shards", "--config", f"{CONFIGS}/shards.yaml"], "shards: train shards and report")
     if not args.skip_train:
         _run([py, "-m", "train", "--config", f"{CONFIGS}/train.yaml", *shlex.split(args.train_args)],
              "train: CLIP from scratch + zero-shot")
