@@ -36,17 +36,25 @@ GENERIC_CAPTIONS = frozenset({
     "download now", "button", "arrow", "next", "previous", "prev", "close", "menu", "search", "home",
     "advertisement", "ad", "sponsored",
 })
-IMAGE_EXTENSIONS = r"(?:jpe?g|jpe|jfif|png|gif|webp|bmp|tiff?|svg|avif|heic|heif|ico)"
+IMAGE_EXTENSIONS = frozenset(
+    {"jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "svg", "avif", "heic", "heif", "ico"}
+)
 # "holiday_2019 (2).JPG", "foo.png": a file name, spaces allowed, nothing after the extension.
-_FILE_NAME = re.compile(rf"[\w\-.()\[\]~+%,' ]+\.{IMAGE_EXTENSIONS}", re.IGNORECASE)
+_FILE_NAME = re.compile(rf"[\w\-.()\[\]~+%,' ]+\.(?:{'|'.join(sorted(IMAGE_EXTENSIONS))})", re.IGNORECASE)
 # "IMG_1234", "DSC 0001", "image001", "PXL_20230101_123456", "P1000123": a camera's or a CMS's numbering.
 _NUMBERED_NAME = re.compile(
     r"(?:img|image|dsc[nf]?|dcim|pict?|picture|photo|pxl|mvimg|screenshot|scan|capture|untitled|file|gopr)"
     r"[\s_\-]*\d[\w\-]*|p\d{5,}",
     re.IGNORECASE,
 )
+_LETTER = re.compile(r"[^\W\d_]")  # a letter, near enough: a word character, not a digit or "_"
 _EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
 _SPACES = re.compile(r"[\s_]+")
+# Scripts written without spaces between words (Han, kana, Thai, Lao, Myanmar, Khmer):
+# each of their characters counts as a word, or no Japanese caption would have two.
+_UNSPACED_SCRIPT = re.compile(
+    r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+)
 BOILERPLATE_MAX_CHARS = 128  # longer captions are never boilerplate: skip the regexes
 _MAX_GENERIC_WORDS = max(len(name.split()) for name in GENERIC_CAPTIONS)  # more: not a generic phrase
 
@@ -60,16 +68,24 @@ def is_boilerplate(caption: str) -> bool:
     """
     if len(caption) > BOILERPLATE_MAX_CHARS:
         return False
-    if not any(char.isalpha() for char in caption):
+    if _LETTER.search(caption) is None:
         return True
-    if "." in caption and _FILE_NAME.fullmatch(caption):
+    if caption.rpartition(".")[2].lower() in IMAGE_EXTENSIONS and _FILE_NAME.fullmatch(caption):
         return True
     if " " not in caption and caption.lower().startswith(("http://", "https://", "www.")):
         return True
     if len(caption.split()) > _MAX_GENERIC_WORDS:  # the common case, a sentence: no regex needed
         return False
-    core = _EDGE_PUNCTUATION.sub("", _SPACES.sub(" ", caption.lower()))
-    return core in GENERIC_CAPTIONS or _NUMBERED_NAME.fullmatch(core) is not None
+    bare = _EDGE_PUNCTUATION.sub("", caption.lower())
+    return _SPACES.sub(" ", bare) in GENERIC_CAPTIONS or _NUMBERED_NAME.fullmatch(bare) is not None
+
+
+def word_count(text: str) -> int:
+    """Whitespace-separated words; in scripts written without spaces, one per character."""
+    words = text.split()
+    if not _UNSPACED_SCRIPT.search(text):
+        return len(words)
+    return sum(len(_UNSPACED_SCRIPT.findall(word)) or 1 for word in words)
 
 
 def caption_reason(
@@ -80,13 +96,13 @@ def caption_reason(
     The order is part of the contract, so that a row gets its most telling reason:
     missing (None, empty or only whitespace), then boilerplate ("image" is
     boilerplate, not merely short), then short (fewer than ``min_chars`` characters
-    or ``min_words`` whitespace-separated words, after stripping the ends).
+    or ``min_words`` words by ``word_count``, after stripping the ends).
     """
     text = caption.strip() if caption else ""
     if not text:
         return Reason.CAPTION_MISSING
     if reject_boilerplate and is_boilerplate(text):
         return Reason.CAPTION_BOILERPLATE
-    if len(text) < min_chars or (min_words > 0 and len(text.split()) < min_words):
+    if len(text) < min_chars or (min_words > 0 and len(text.split()) < min_words and word_count(text) < min_words):
         return Reason.CAPTION_SHORT
     return None

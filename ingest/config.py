@@ -13,6 +13,12 @@ limits) use the same style. Where we differ, on purpose:
   or sha512 adds a column of that name, as img2dataset's does;
 * ``enable_wandb`` is accepted so command lines run, but nothing is sent anywhere;
   ``pyspark`` is refused with a pointer to ray.
+
+And one addition, on by default because downloading is the expensive step: rows
+not worth their bytes are recorded before any request (``ingest.plan``): a repeated
+(URL, caption) pair across the whole job, and captions that are missing, boilerplate
+or short. ``--dedupe_url_caption false --min_caption_chars 0 --min_caption_words 0
+--reject_boilerplate_captions false`` downloads every row, as img2dataset does.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from core.config import ConfigError, option
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
+from ingest.plan import PlanRules
 from ingest.reader import INPUT_FORMATS
 from ingest.resizer import ENCODE_FORMATS, ResizeConfig
 from ingest.safety import NetworkPolicy
@@ -46,6 +53,23 @@ class IngestConfig:
     caption_col: str | None = option(None, "column holding the caption (none: no captions)")
     save_additional_columns: list[str] = option(
         [], "extra input columns copied to each sample's parquet row and .json, e.g. '[\"license\",\"NSFW\"]' or a,b"
+    )
+    # -- ours (img2dataset has none of these): cheap rejections before any download ---------
+    dedupe_url_caption: bool = option(
+        True,
+        "ours: a row whose (normalised URL, caption) pair appeared earlier in the job, in any input file, is "
+        "recorded as dup_url and not downloaded; false: download every row, as img2dataset does",
+    )
+    min_caption_chars: int = option(
+        5, "ours: rows whose caption has fewer characters are recorded as caption_short (empty: caption_missing) "
+        "and not downloaded; only with --caption_col"
+    )
+    min_caption_words: int = option(2, "ours: likewise for fewer words (in unspaced scripts, characters)")
+    reject_boilerplate_captions: bool = option(
+        True,
+        "ours: rows whose caption is a file name or a generic word ('IMG_1234.JPG', 'image', 'untitled') are "
+        "recorded as caption_boilerplate and not downloaded. With --min_caption_chars 0 --min_caption_words 0 "
+        "and this false, captions are not checked at all, as in img2dataset",
     )
     output_format: str = option(
         "webdataset",
@@ -141,7 +165,7 @@ class IngestConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
         for name in ("processes_count", "retries", "max_redirects", "max_shards_in_flight", "min_image_size",
-                     "max_shard_retry"):
+                     "max_shard_retry", "min_caption_chars", "min_caption_words"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more")
         if not self.timeout > 0:
@@ -180,6 +204,17 @@ class IngestConfig:
             return NetworkPolicy.from_cidrs(self.allow_networks)
         except ValueError as exc:
             raise ConfigError(f"allow_networks: {exc}") from None
+
+    def plan_rules(self) -> PlanRules:
+        """What is checked before download; captions only when the input has them."""
+        return PlanRules(
+            dedupe_url_caption=self.dedupe_url_caption,
+            check_captions=self.caption_col is not None
+            and (self.min_caption_chars > 0 or self.min_caption_words > 0 or self.reject_boilerplate_captions),
+            min_caption_chars=self.min_caption_chars,
+            min_caption_words=self.min_caption_words,
+            reject_boilerplate_captions=self.reject_boilerplate_captions,
+        )
 
     def fetch_config(self) -> FetchConfig:
         return FetchConfig(

@@ -49,7 +49,8 @@ class ShardInput:
     """The rows of one shard: columns ``url``, ``caption`` and the extra columns.
 
     ``row_errors`` holds the rows that are known bad before any request (index ->
-    reason and detail); the worker records them without fetching.
+    reason and detail): flagged here (bytes that are not UTF-8) or by
+    ``ingest.plan`` (repeats, junk captions); the worker records them without fetching.
     """
 
     shard_id: int

@@ -1,7 +1,9 @@
 """The ingest job: URL list → pool shards, resumable.
 
-Plan the shards from the input stream, skip the ones already committed (their
-``_stats.json`` exists), hand the rest to a distributor, and keep the user informed.
+Plan the shards from the input stream (``ingest.plan`` marks the rows not worth a
+download: repeats across the whole job, junk captions), skip the ones already
+committed (their ``_stats.json`` exists), hand the rest to a distributor, and keep
+the user informed.
 Rerunning the same command after a crash redoes only the unfinished shards; a
 half-written shard is never visible (see ``core.shard_writer``).
 """
@@ -22,6 +24,7 @@ from core.config import to_dict
 from core.layout import STATS_SUFFIX, committed_shards
 from ingest.config import IngestConfig
 from ingest.distributor import DISTRIBUTORS
+from ingest.plan import Planner
 from ingest.progress import Progress, progress_enabled
 from ingest.reader import input_files, read_shards
 
@@ -104,6 +107,8 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         summary.add(stats)
         progress.shard_done(stats)
 
+    planner = Planner(cfg.plan_rules())
+
     def pending_shards():
         for shard in read_shards(
             cfg.url_list,
@@ -113,6 +118,9 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             cfg.save_additional_columns,
             cfg.number_sample_per_shard,
         ):
+            # Committed shards are planned too, before they are skipped: what later rows
+            # count as duplicates of must not depend on where the last run stopped.
+            shard = planner.plan(shard)
             if shard.shard_id in done:
                 summary.shards_skipped += 1
                 on_done(storage.read_json(storage.join(cfg.output_folder, f"{shard.shard_id:05d}{STATS_SUFFIX}")))

@@ -147,7 +147,10 @@ def test_expected_reasons_are_reason_codes_and_follow_the_kinds(truth):
     assert by_kind["clean"] == by_kind["mismatch"] == by_kind["dup_near"] == by_kind["redirect_ok"] == {None}
     assert by_kind["dup_exact"] == {"dup_exact"} and by_kind["dup_url"] == {"dup_url"}
     assert by_kind["tiny"] == {"too_small"} and by_kind["aspect"] == {"aspect_ratio"}
-    assert by_kind["caption_junk"] <= {"caption_missing", "caption_short"}
+    assert by_kind["caption_junk"] <= {"caption_missing", "caption_boilerplate", "caption_short"}
+    junk = [r for r in truth if r["kind"] == "caption_junk"]  # rejected before download, by their caption
+    assert junk and all(r["expected_ingest_reason"] == r["expected_filter_reason"] is not None for r in junk)
+    assert {r["expected_ingest_reason"] for r in truth if r["kind"] == "dup_url"} == {"dup_url"}
     placeholders = [r["expected_filter_reason"] for r in truth if r["kind"] == "placeholder"]
     assert placeholders[0] is None and set(placeholders[1:]) == {"dup_exact"}
     assert by_kind["redirect_blocked"] == {"ssrf_blocked"} and by_kind["slow"] == {"timeout"}
@@ -219,6 +222,9 @@ def test_server_serves_image_bytes_exactly(server, corpus_dir, truth):
         status, headers, body = _raw_get(base_url, row["path"])
         assert status == 200 and headers["content-type"] == "image/jpeg"
         assert body == (corpus_dir / "site" / routes[row["path"]].file).read_bytes()
+        if kind == "caption_junk":  # served (img2dataset would fetch it), but ingest rejects it first
+            assert row["sha256"] is None
+            continue
         assert hashlib.sha256(body).hexdigest() == row["sha256"]
         assert Image.open(io.BytesIO(body)).size == (row["width"], row["height"])
 

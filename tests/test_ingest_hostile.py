@@ -41,8 +41,8 @@ def hostile_rows(a: str, b: str) -> list[tuple[bytes, str | None]]:
         (line(f"{a}/png/p1"), None),  # application/octet-stream, but an image
         (line(f"{a}/redirect?to=/img/g2.jpg"), None),
         (line(None), "invalid_url"),  # null URL column
-        (line(f"{a}/img/g4.jpg", caption=None), None),  # null caption: downloaded, the filter decides
-        (line(f"{a}/img/g5.jpg", caption=""), None),  # empty caption: likewise
+        (line(f"{a}/img/g4.jpg", caption=None), "caption_missing"),  # null caption: rejected before download
+        (line(f"{a}/img/g5.jpg", caption=""), "caption_missing"),  # empty caption: likewise
         (b'{"url": "' + f"{a}/img/g6.jpg".encode() + b'", "caption": "' + NOT_UTF8 + b'"}', "caption_not_utf8"),
         (line("file:///etc/passwd"), "unsupported_scheme"),
         (line("ftp://127.0.0.1/x.jpg"), "unsupported_scheme"),
@@ -121,8 +121,8 @@ def test_bad_text_is_kept_readable_and_flagged(hostile_run):
     assert pool[6]["caption"] == "caf\ufffd au lait \ufffd"
     assert pool[4]["caption"] is None and pool[5]["caption"] == ""
     assert pool[33]["license"] is None and pool[0]["license"] == "cc0"
-    # Not fetched: the row was decided before any request.
-    assert not any("/img/g6.jpg" in path for path in hostile_run["allowed"].paths())
+    # Not fetched: the rows were decided before any request.
+    assert not any(f"/img/g{n}.jpg" in path for n in (4, 5, 6) for path in hostile_run["allowed"].paths())
 
 
 def test_per_sample_metadata(hostile_run):

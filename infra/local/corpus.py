@@ -31,9 +31,11 @@ Outputs (``generate(out_dir, ...)`` or ``python -m infra.local.corpus --out DIR`
   replaced by the server's port, so the site survives a change of port.
 
 In the ground truth, ``kind`` names what was planted (see ``KIND_RATES``),
-``expected_ingest_reason`` is null where the download must succeed, and
-``expected_filter_reason`` is the first failing check of the thin filter at its
-defaults, walking the list in order: the ingest reason, ``dup_url``,
+``expected_ingest_reason`` is null where the download must succeed (at ingest's
+defaults, a repeated URL and caption is ``dup_url`` and a junk caption
+``caption_missing`` / ``caption_boilerplate`` / ``caption_short`` before any
+request), and ``expected_filter_reason`` is the first failing check of the thin
+filter at its defaults, walking the list in order: the ingest reason, ``dup_url``,
 ``caption_missing`` / ``caption_short``, ``too_small``, ``aspect_ratio``, then
 ``dup_exact`` (bytes already kept). Mismatched captions and near duplicates pass it
 on purpose: later filters (CLIP score, perceptual hash) are for them, and ``group``
@@ -75,14 +77,16 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
-from core.reasons import Reason, SampleError
+from core.reasons import Reason, SampleError, Stage
 from filter.config import FilterConfig
 from infra.local import pages, scenes
 from ingest.resizer import ResizeConfig, resize_image
 
 # Bump when the generator's output changes for the same (rows, seed, slow_delay):
 # stale sites are then re-rendered instead of silently reused.
-CORPUS_FORMAT = 5  # 4: HTML pages and robots.txt for the crawler (infra.local.pages); 5: scenes carry a light field
+# 4: HTML pages and robots.txt for the crawler (infra.local.pages); 5: scenes carry a light field;
+# 6: dup_url and caption_junk rows fail before download (ingest.plan), more junk captions
+CORPUS_FORMAT = 6
 
 # Planted defects, as fractions of all rows; "clean" takes the rest (about 49%).
 # "mismatch" is about 19% of the rows whose download yields a scene image.
@@ -94,7 +98,7 @@ KIND_RATES: dict[str, float] = {
     "tiny": 0.02,  # 16-40 px on both sides
     "aspect": 0.02,  # a banner: aspect ratio >= 6
     "placeholder": 0.02,  # the one "image not found" picture, many URLs
-    "caption_junk": 0.02,  # "", "image", "IMG_2931.JPG", ...
+    "caption_junk": 0.02,  # "", "image", "IMG_2931.JPG", "sunset", ... (see JUNK_CAPTIONS)
     "http_404": 0.02,
     "http_500": 0.01,  # 500, 502 or 503
     "slow": 0.01,  # headers at once, then a trickle for slow_delay seconds
@@ -111,8 +115,12 @@ DUPLICATE_KINDS = ("dup_exact", "dup_near", "dup_url")  # each refers to an earl
 # From this many rows on, every kind is planted at least once.
 MIN_ROWS_FOR_EVERY_KIND = 100
 
+# What ingest records, at its defaults, for each kind. Two kinds fail before download
+# (ingest.plan): dup_url, and caption_junk, whose reason depends on the caption
+# (JUNK_CAPTIONS; None here, see expected_ingest_reason).
 EXPECTED_INGEST_REASON: dict[str, Reason | None] = {
     **{kind: None for kind in KINDS},
+    "dup_url": Reason.DUP_URL,
     "http_404": Reason.HTTP_404,
     "http_500": Reason.HTTP_5XX,
     "slow": Reason.TIMEOUT,
@@ -136,7 +144,22 @@ DEFAULT_SLOW_DELAY_S = 8.0
 JPEG_QUALITY_RANGE = (70, 95)
 BLOCKED_HOST = "127.0.0.2"
 PLACEHOLDER_FILE = "img/placeholder.jpg"
-JUNK_CAPTIONS = ("", " ", "image", "photo", "untitled", "thumbnail", "IMG_{n}.JPG", "DSC_{n}.jpg")
+# Junk captions ({n}: a random number) and the reason ingest gives each at its defaults
+# (>= 5 characters, >= 2 words, boilerplate rejected): the oracle, written by hand.
+JUNK_CAPTIONS: dict[str, Reason] = {
+    "": Reason.CAPTION_MISSING,
+    " ": Reason.CAPTION_MISSING,
+    "image": Reason.CAPTION_BOILERPLATE,
+    "photo": Reason.CAPTION_BOILERPLATE,
+    "untitled": Reason.CAPTION_BOILERPLATE,
+    "thumbnail": Reason.CAPTION_BOILERPLATE,
+    "Click here!": Reason.CAPTION_BOILERPLATE,  # two words: boilerplate, not short
+    "IMG_{n}.JPG": Reason.CAPTION_BOILERPLATE,
+    "DSC_{n}.jpg": Reason.CAPTION_BOILERPLATE,
+    "image{n}": Reason.CAPTION_BOILERPLATE,
+    "sunset": Reason.CAPTION_SHORT,  # one word
+    "ok": Reason.CAPTION_SHORT,  # two characters
+}
 
 STAMP_NAME = "stamp.json"
 GROUND_TRUTH_SCHEMA = pa.schema(
@@ -198,6 +221,7 @@ class PlannedRow:
     caption_pair: tuple[str, str] | None = None
     original: "PlannedRow | None" = None  # for dup_exact / dup_near / dup_url
     served_file: str | None = None  # the file a successful download returns
+    junk_template: str | None = None  # caption_junk: the JUNK_CAPTIONS entry its caption came from
     routes: dict[str, dict] = field(default_factory=dict)
     jobs: list[FileJob] = field(default_factory=list)
 
@@ -297,7 +321,8 @@ def _plan_fresh(row: PlannedRow, rng: random.Random, slow_delay: float) -> None:
             claimed = dataclasses.replace(scene, colour=row.caption_pair[0], shape=row.caption_pair[1])
             row.caption = scenes.caption(claimed, rng)
         elif kind == "caption_junk":
-            row.caption = rng.choice(JUNK_CAPTIONS).format(n=rng.randint(1000, 9999))
+            row.junk_template = rng.choice(list(JUNK_CAPTIONS))
+            row.caption = row.junk_template.format(n=rng.randint(1000, 9999))
             row.caption_pair = None
     elif kind == "placeholder":  # the caption describes a scene that is not there
         row.served_file = PLACEHOLDER_FILE
@@ -474,6 +499,13 @@ def _make_files(site_dir: Path, jobs: list[FileJob], workers: int, progress: boo
 # -- what must happen to each row ----------------------------------------------------
 
 
+def expected_ingest_reason(row: PlannedRow) -> Reason | None:
+    """What ingest must record for ``row`` at its defaults; None: the download succeeds."""
+    if row.kind == "caption_junk":
+        return JUNK_CAPTIONS[row.junk_template]
+    return EXPECTED_INGEST_REASON[row.kind]
+
+
 def caption_reason(caption: str) -> Reason | None:
     """The thin filter's caption check (defaults: >= 5 characters and >= 2 words)."""
     text = caption.strip()
@@ -490,7 +522,7 @@ def _expected_filter_reasons(rows: list[PlannedRow], facts: dict[str, FileFacts]
     kept_hashes: set[str] = set()
     reasons: list[Reason | None] = []
     for row in rows:
-        reason = EXPECTED_INGEST_REASON[row.kind]
+        reason = expected_ingest_reason(row)
         if reason is None:
             fact = facts[row.served_file]
             if row.path in seen_paths:
@@ -550,7 +582,7 @@ def _ground_truth_table(rows: list[PlannedRow], facts: dict[str, FileFacts], bas
         return reason.value if reason is not None else None
 
     # Facts about what a successful download returns; rows that must fail have none.
-    served = [facts[r.served_file] if EXPECTED_INGEST_REASON[r.kind] is None else None for r in rows]
+    served = [facts[r.served_file] if expected_ingest_reason(r) is None else None for r in rows]
     columns = {
         "row": list(range(len(rows))),
         "path": [r.path for r in rows],
@@ -562,7 +594,7 @@ def _ground_truth_table(rows: list[PlannedRow], facts: dict[str, FileFacts], bas
         "caption_colour": [r.caption_pair[0] if r.caption_pair else None for r in rows],
         "caption_shape": [r.caption_pair[1] if r.caption_pair else None for r in rows],
         "group": _groups(rows),
-        "expected_ingest_reason": [reason_value(EXPECTED_INGEST_REASON[r.kind]) for r in rows],
+        "expected_ingest_reason": [reason_value(expected_ingest_reason(r)) for r in rows],
         "expected_filter_reason": [reason_value(x) for x in _expected_filter_reasons(rows, facts)],
         "width": [f.width if f else None for f in served],
         "height": [f.height if f else None for f in served],
@@ -676,6 +708,7 @@ def _summary_json(rows: list[PlannedRow], truth: pa.Table, seed: int, slow_delay
         "kind_counts": {kind: kind_counts.get(kind, 0) for kind in KINDS},
         "kind_rates": {"clean": "the rest", **KIND_RATES},
         "expected_ingest_reasons": dict(sorted(ingest.items())),
+        "expected_rejected_before_download": sum(n for r, n in ingest.items() if Reason(r).stage is Stage.FILTER),
         "expected_filter_reasons": dict(sorted(filtered.items())),
         "expected_kept_by_filter": len(rows) - sum(filtered.values()),
         "filter_defaults": {
