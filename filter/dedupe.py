@@ -93,12 +93,15 @@ def plan_bands(rows: int, threshold: int, recall: float, bands: int = 0, bits: i
 
 def band_keys(hashes: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """(n, bands) uint64: band index in the high 32 bits, the sampled bits in the low 32."""
-    bits = ((hashes[:, None] >> (63 - np.arange(64, dtype=np.uint64))) & np.uint64(1)).astype(np.uint64)
-    sampled = bits[:, positions]  # (n, bands, width)
-    weights = np.uint64(1) << np.arange(positions.shape[1], dtype=np.uint64)
-    values = (sampled * weights).sum(axis=2, dtype=np.uint64)
-    band_index = np.arange(positions.shape[0], dtype=np.uint64) << np.uint64(32)
-    return values | band_index
+    return np.stack([band_key(hashes, positions, j) for j in range(positions.shape[0])], axis=1)
+
+
+def band_key(hashes: np.ndarray, positions: np.ndarray, band: int) -> np.ndarray:
+    """(n,) uint64 keys of one band: the band index in the high 32 bits, its bits below."""
+    value = np.zeros(len(hashes), dtype=np.uint64)
+    for k, position in enumerate(positions[band].tolist()):
+        value |= ((hashes >> np.uint64(63 - position)) & np.uint64(1)) << np.uint64(k)
+    return value | (np.uint64(band) << np.uint64(32))
 
 
 def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from filter.config import FilterConfig
 from filter.dedupe import (
     BandPlan,
     NearGuard,
-    band_keys,
+    band_key,
     candidate_edges,
     components_first,
     first_of_groups,
@@ -183,31 +183,42 @@ def _exact_partition_task(work: str, shard_ids: list[int], exclude, partitions: 
 
 
 def _near_partition_task(work: str, shard_ids: list[int], exclude, plan: BandPlan, guard: NearGuard,
-                         partitions: int, part: int) -> tuple:
+                         bands: list[int], subparts: int, part: int) -> tuple:
+    """Verified pairs among rows sharing a key in one of ``bands``, sub-partition ``part``.
+
+    Fact files are read one at a time and only this task's entries are kept, so its
+    memory is one band's share of the rows (``partition_rows`` at most), not the pool.
+    """
     positions = plan.positions()
-    parts: dict[str, list[np.ndarray]] = {"key": [], "id": [], "hash": [], "aspect": [], "luma": []}
+    entries: dict[str, list[np.ndarray]] = {"key": [], "id": [], "hash": [], "aspect": [], "luma": []}
     for shard_id in shard_ids:
         table = _read_facts(work, shard_id, ["row_id", "pre_reason", "phash", "log_aspect", "luma_std"])
         take = _eligible(table, exclude)
         if not take.any():
             continue
         hashes = table.column("phash").to_numpy()[take]
-        bands = band_keys(hashes, positions)  # (n, bands)
-        mine = partition_of(bands, partitions) == part
-        rows, _ = np.nonzero(mine)
-        parts["key"].append(bands[mine])
-        parts["id"].append(table.column("row_id").to_numpy()[take][rows])
-        parts["hash"].append(hashes[rows])
+        ids = table.column("row_id").to_numpy()[take]
         aspect = table.column("log_aspect").to_numpy(zero_copy_only=False)[take].astype(np.float32)
         luma = table.column("luma_std").to_numpy(zero_copy_only=False)[take].astype(np.float32)
-        parts["aspect"].append(aspect[rows])
-        parts["luma"].append(luma[rows])
-    if not parts["key"]:
+        for band in bands:
+            keys = band_key(hashes, positions, band)
+            mine = partition_of(keys, subparts) == part if subparts > 1 else slice(None)
+            for name, values in (("key", keys), ("id", ids), ("hash", hashes), ("aspect", aspect), ("luma", luma)):
+                entries[name].append(values[mine])
+    if not entries["key"]:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    joined = {name: np.concatenate(values) for name, values in parts.items()}
+    joined = {name: np.concatenate(values) for name, values in entries.items()}
     left, right = candidate_edges(joined["key"], joined["id"], joined["hash"], plan.threshold,
                                   joined["aspect"], joined["luma"], guard)
     return unique_edges(left, right)
+
+
+def near_tasks(plan: BandPlan, rows: int, partition_rows: int) -> list[tuple[list[int], int, int]]:
+    """(bands, sub-partitions, sub-partition) per task: each holds at most ``partition_rows`` entries."""
+    subparts = max(1, math.ceil(rows / partition_rows))
+    per_task = max(1, partition_rows // max(1, math.ceil(rows / subparts)))
+    groups = [list(range(b, min(b + per_task, plan.bands))) for b in range(0, plan.bands, per_task)]
+    return [(group, subparts, part) for group in groups for part in range(subparts)]
 
 
 def _decisions_task(cfg: FilterConfig, work: str, shard_id: int, rejected: dict[str, tuple]) -> dict:
@@ -355,21 +366,8 @@ def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_has
 
     if cfg.dedupe_near:
         with _timed(summary, "dup_near"):
-            plan = plan_bands(open_rows, cfg.near_dup_threshold, cfg.near_dup_recall, cfg.near_dup_bands,
-                              cfg.near_dup_band_bits)
-            guard = NearGuard(cfg.near_dup_max_aspect_change, cfg.near_dup_max_luma_change)
-            n = _partitions(open_rows * plan.bands, cfg)
-            ref = runner.put(excluded)
-            left, right = _join(runner.map(
-                _near_partition_task, [(work, shard_ids, ref, plan, guard, n, p) for p in range(n)],
-                "filter: dup_near", show))
-            left, right = unique_edges(left, right)
-            rejected[Reason.DUP_NEAR.value] = components_first(left, right)
-        summary.near_dup_plan = {
-            "bands": plan.bands, "bits_per_band": plan.bits, "threshold": plan.threshold, "partitions": n,
-            "candidate_recall_at_threshold": round(plan.recall_at(plan.threshold), 4),
-            "verified_pairs": int(len(left)),
-        }
+            rejected[Reason.DUP_NEAR.value], summary.near_dup_plan = near_duplicate_pass(
+                cfg, runner, work, shard_ids, excluded, open_rows)
 
     with _timed(summary, "decisions"):
         per_shard = _split_by_shard(rejected, shard_ids)
@@ -381,6 +379,24 @@ def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_has
         for reason, n in result["reasons"].items():
             summary.reasons[reason] = summary.reasons.get(reason, 0) + n
     summary.shards = len(shard_ids)
+
+
+def near_duplicate_pass(cfg: FilterConfig, runner, work: str, shard_ids: list[int], excluded: np.ndarray,
+                        open_rows: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """((rejected row ids, keeper row ids), what was done) for the pHash clusters."""
+    plan = plan_bands(open_rows, cfg.near_dup_threshold, cfg.near_dup_recall, cfg.near_dup_bands,
+                      cfg.near_dup_band_bits)
+    guard = NearGuard(cfg.near_dup_max_aspect_change, cfg.near_dup_max_luma_change)
+    tasks = near_tasks(plan, open_rows, cfg.partition_rows)
+    ref = runner.put(excluded)
+    left, right = _join(runner.map(_near_partition_task, [(work, shard_ids, ref, plan, guard, *t) for t in tasks],
+                                   "filter: dup_near", cfg.progress))
+    left, right = unique_edges(left, right)
+    info = {
+        "bands": plan.bands, "bits_per_band": plan.bits, "threshold": plan.threshold, "tasks": len(tasks),
+        "candidate_recall_at_threshold": round(plan.recall_at(plan.threshold), 4), "verified_pairs": int(len(left)),
+    }
+    return components_first(left, right), info
 
 
 def _clip_rule(cfg: FilterConfig, work: str, shard_ids: list[int], excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -177,7 +177,7 @@ def test_decisions_do_not_depend_on_workers_or_partitions(planted_pool, tmp_path
     a, b = decisions(tmp_path / "inline"), decisions(tmp_path / "ray")
     assert a == b
     stats = json.loads((tmp_path / "ray" / "_filter_stats.json").read_text())
-    assert stats["near_dup_plan"]["partitions"] > 1
+    assert stats["near_dup_plan"]["tasks"] > 1
 
 
 def test_a_corrupt_pool_parquet_is_named_not_skipped(planted_pool, tmp_path):
