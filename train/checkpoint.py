@@ -20,15 +20,19 @@ For step ``N`` in the checkpoint folder (local or ``s3://``):
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from core import storage
+from train import model as model_mod
 
 LATEST = "latest.json"
 STATE_SUFFIX = ".state.pt"
@@ -156,3 +160,106 @@ def load_checkpoint(model_path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if not storage.exists(state_path):
         raise FileNotFoundError(f"{model_path}: its training state {state_path} is missing; cannot resume exactly")
     return _load(model_path), _load(state_path)
+
+
+# -- load for inference (scoring, evaluation outside the trainer) ------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A checkpoint's model in eval mode, with what a caller needs to feed it."""
+
+    model: torch.nn.Module
+    tokenizer: Any  # open_clip's: list[str] -> int64 (B, context_length)
+    name: str  # open_clip model name
+    image_size: int
+    path: str  # the model file that was read
+    step: int | None
+
+
+def model_file(path: str) -> str:
+    """The model file ``path`` names: a ``step_*.pt`` file, or a checkpoint folder's latest one."""
+    if path.endswith(STATE_SUFFIX):
+        path = path[: -len(STATE_SUFFIX)] + ".pt"
+    if path.endswith(".pt"):
+        if not storage.exists(path):
+            raise FileNotFoundError(f"checkpoint {path!r}: no such file")
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"checkpoint {path!r}: neither a .pt file nor a folder holding {LATEST}")
+    return found
+
+
+def _register_run_model_config(model_path: str) -> bool:
+    """Register the ``model.config_file`` of the run that wrote ``model_path``, if it can be found.
+
+    The trainer's default layout is ``{run_dir}/checkpoints/step_*.pt`` beside
+    ``{run_dir}/config.yaml``; a custom architecture is known only from that file.
+    """
+    run_dir = model_path.rsplit("/", 2)[0] if model_path.count("/") >= 2 else "."
+    config_path = storage.join(run_dir, "config.yaml")
+    if not storage.exists(config_path):
+        return False
+    with storage.open_file(config_path, "r") as handle:
+        config = yaml.safe_load(handle) or {}
+    config_file = (config.get("model") or {}).get("config_file") if isinstance(config, dict) else None
+    if not config_file or not storage.exists(config_file):
+        return False
+    model_mod.register_model_config(config_file)
+    return True
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _no_random_init_warning():
+    """open_clip warns (on the root logger) that a model without ``pretrained`` is random."""
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def load_model(
+    path: str,
+    *,
+    name: str | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """The model of checkpoint ``path`` (a ``.pt`` file or a checkpoint folder), in eval mode.
+
+    The model name and image size come from the file (the trainer stores both); ``name``
+    and ``image_size`` override them (needed only for model files written elsewhere). An
+    architecture registered from a JSON file during training is found through the run's
+    ``config.yaml`` when the checkpoint sits in ``{run_dir}/checkpoints``.
+    """
+    path = model_file(path)
+    saved = _load(path)
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ValueError(f"checkpoint {path!r}: not a webclip model file (no 'state_dict' entry)")
+    name = name or saved.get("model_name")
+    if not name:
+        raise ValueError(f"checkpoint {path!r} does not name its model; pass the open_clip model name")
+    if name not in model_mod.model_names() and not _register_run_model_config(path):
+        raise ValueError(
+            f"checkpoint {path!r}: model {name!r} is unknown to open_clip and the run's config.yaml does not "
+            "name its JSON; register it first (train.model.register_model_config)"
+        )
+    image_size = image_size or saved.get("image_size")
+    with _no_random_init_warning():  # the weights are loaded right after
+        model = model_mod.create_model(name, image_size=image_size, device="cpu")
+    model.load_state_dict(saved["state_dict"])
+    del saved["state_dict"]
+    model = model.to(device).eval()
+    step = saved.get("step")
+    return LoadedModel(
+        model, model_mod.tokenizer_for(name), name, model_mod.image_size_of(model), path,
+        step if isinstance(step, int) else None,
+    )  # fmt: skip

@@ -1,0 +1,590 @@
+"""CLIP score of every pool sample: how well its caption matches its image, under a webclip model.
+
+The filter's ``low_clip_score`` rule (a threshold, or keep the top fraction) needs one
+number per sample. Unlike every other filter input it is not metadata: computing it
+means decoding every image and running a model. So it is computed once, here, into a
+folder of its own, and the filter reads it as one more column, joined on ``key``::
+
+    {output_folder}/{shard:05d}.parquet    per committed pool shard, in key order:
+        key          string   the pool key
+        clip_score   float32  cosine of the L2-normalised image and text embeddings; null on failure
+        score_error  string   a core.reasons code (decode_error, caption_missing, ...); null on success
+    {output_folder}/_clipscore_stats.json  written last, only once every committed pool
+                                           shard has its score file: counts per reason, a score
+                                           histogram and quantiles, the checkpoint and the config
+
+Why it is built this way:
+
+* **One row per pool success row, never a silent drop.** The shard's tar is streamed
+  (``core.tarreader`` through the trainer's member grouping) and every sample gets a row;
+  a sample that fails gets a null score and the reason; a success row of the pool
+  parquet that the tar does not hold (a cut tar) gets ``shard_error`` or ``image_missing``.
+* **Training's preprocessing, not a copy of it.** Images are decoded by
+  ``train.data.decode_image`` at the model's image size and normalised with the model's
+  mean and std, captions read by ``train.data.decode_caption`` and tokenised by the
+  model's tokenizer: a score measures what the model saw in training, and the two
+  cannot drift apart.
+* **A pool of Ray actors, the shard as the unit of work.** Each actor loads the model
+  once and scores whole shards, one at a time: one actor per GPU (bf16 autocast) when
+  the cluster has GPUs, else one per CPU less one, each with its share of torch threads.
+  Within an actor the next batch is read and decoded while the model runs on this one.
+* **Resumable, and never mixed.** Each score file is written atomically and names the
+  checkpoint that produced it in its parquet metadata; a rerun skips the files it
+  finds, recomputes missing ones, and refuses a folder holding another checkpoint's.
+
+Run ``python -m filter.clipscore --help``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from core import storage
+from core.config import ConfigError, option, parse_config, to_dict
+from core.layout import committed_shards, shard_id_of, shard_name
+from train import checkpoint as ckpt
+from train import data as data_mod
+from train import model as model_mod
+
+log = logging.getLogger(__name__)
+
+STATS_NAME = "_clipscore_stats.json"
+METADATA_KEY = b"webclip.clipscore"  # parquet schema metadata: which checkpoint made the scores
+SCORE_SCHEMA = pa.schema([("key", pa.string()), ("clip_score", pa.float32()), ("score_error", pa.string())])
+HISTOGRAM_BINS = 200  # over [-1, 1]: quantiles in the stats are exact to 0.01
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def score_path(output_folder: str, shard_id: int) -> str:
+    """Where the scores of pool shard ``shard_id`` go."""
+    return storage.join(output_folder, f"{shard_name(shard_id)}.parquet")
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipScoreConfig:
+    pool: str = option("", "pool folder written by ingest, webdataset layout (local or s3://)")
+    checkpoint: str = option(
+        "", "webclip checkpoint: a step_*.pt model file, or a checkpoint folder whose latest.json is "
+        "followed once, at start (local or s3://)"
+    )  # fmt: skip
+    output_folder: str = option(
+        "", "where {shard}.parquet score files and _clipscore_stats.json go (local or s3://); a folder "
+        "of its own, not the pool's or the filter's"
+    )  # fmt: skip
+    model: str = option("", "open_clip model name; empty = the name the checkpoint stores")
+    model_config: str = option(
+        "", "extra open_clip model JSON to register, for an architecture outside train/model_configs "
+        "whose run config.yaml is not beside the checkpoint folder"
+    )  # fmt: skip
+    actors: int = option(
+        -1, "scoring actors: -1 = one per GPU (/ gpus_per_actor) when the Ray cluster has GPUs and "
+        "device allows, else one per CPU less one; 0 = score in this process, without Ray (debugging)"
+    )  # fmt: skip
+    threads_per_actor: int = option(0, "torch and decode threads per actor; 0 = the cluster's CPUs / actors")
+    gpus_per_actor: float = option(1.0, "GPUs each GPU actor holds; 0.5 puts two actors on one GPU")
+    batch_size: int = option(256, "samples per forward pass")
+    device: str = option("auto", "auto (cuda when GPUs are there), cpu or cuda")
+    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only)")
+    max_image_pixels: int = option(1 << 26, "images announcing more pixels get too_many_pixels, undecoded")
+    progress: bool = option(True, "show a progress bar")
+    ray_address: str = option("", "Ray cluster to join; empty = RAY_ADDRESS, else a new local instance")
+
+    def __post_init__(self) -> None:
+        for name in ("pool", "checkpoint", "output_folder"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: required")
+        if _same_folder(self.pool, self.output_folder):
+            raise ConfigError(f"output_folder={self.output_folder!r}: is the pool; score files would replace "
+                              "the pool's parquet files")  # fmt: skip
+        if self.device not in DEVICES:
+            raise ConfigError(f"device={self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.device == "cpu" and self.precision in ("bf16", "fp16"):
+            raise ConfigError(f"precision={self.precision}: autocast is for GPUs; on CPU use fp32 (or auto)")
+        if self.actors < -1:
+            raise ConfigError(f"actors={self.actors}: -1 (automatic), 0 (no Ray) or a positive count")
+        if self.threads_per_actor < 0:
+            raise ConfigError(f"threads_per_actor={self.threads_per_actor}: 0 (automatic) or a positive count")
+        if not self.gpus_per_actor > 0:
+            raise ConfigError(f"gpus_per_actor={self.gpus_per_actor}: must be positive")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be a positive integer")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels={self.max_image_pixels}: must be a positive integer")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    if storage.is_local(a) and storage.is_local(b):
+        return os.path.abspath(storage.filesystem(a)[1]) == os.path.abspath(storage.filesystem(b)[1])
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def checkpoint_identity(path: str) -> str:
+    """How score files name their checkpoint: the model file, absolute when local."""
+    return os.path.abspath(storage.filesystem(path)[1]) if storage.is_local(path) else path
+
+
+# -- scoring one shard ---------------------------------------------------------------------------
+
+
+class Prepared(NamedTuple):
+    """One sample on its way to the model: its tensors, or the reason it has none."""
+
+    key: str
+    image: torch.Tensor | None  # uint8 (3, S, S)
+    caption: str | None
+    error: str | None  # a core.reasons code
+
+
+def prepare_sample(sample: data_mod.RawSample, image_size: int, max_pixels: int) -> Prepared:
+    """Decode as the trainer does (caption first, then image); a failure becomes its reason."""
+    try:
+        caption = data_mod.decode_caption(sample.members)
+        image = data_mod.decode_image(data_mod.image_bytes(sample.members), image_size, max_pixels)
+    except data_mod.SkipSample as skip:
+        return Prepared(sample.key, None, None, skip.reason)
+    except Exception as exc:  # noqa: BLE001 - one hostile sample must not cost the shard
+        log.warning("sample %s: %s: %s", sample.key, type(exc).__name__, exc)
+        return Prepared(sample.key, None, None, data_mod.Skip.TRANSFORM_ERROR)
+    return Prepared(sample.key, image, caption, None)
+
+
+def _expected_keys(pool: str, shard_id: int) -> list[str]:
+    """Keys of the pool parquet's success rows: each must end with a score row."""
+    path = storage.join(pool, f"{shard_name(shard_id)}.parquet")
+    if not storage.exists(path):
+        return []  # a pool without per-row metadata: the tar alone says what there is
+    with storage.open_file(path, "rb") as handle:
+        table = pq.read_table(handle, columns=["key", "status"])
+    return [k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "success"]
+
+
+def summarise(scores: pa.Array, errors: pa.Array) -> dict[str, Any]:
+    """Counts, errors by reason and a histogram of one score file's columns (mergeable by ``merge``)."""
+    values = scores.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+    values = values[np.isfinite(values)]
+    histogram, _ = np.histogram(np.clip(values, -1.0, 1.0), bins=HISTOGRAM_BINS, range=(-1.0, 1.0))
+    return {
+        "samples": len(scores),
+        "scored": int(len(values)),
+        "errors": dict(Counter(e for e in errors.to_pylist() if e is not None)),
+        "score_sum": float(values.sum()),
+        "histogram": histogram.tolist(),
+    }
+
+
+class ClipScorer:
+    """Scores whole pool shards with one model, loaded once.
+
+    A plain class: ``run_clipscore`` makes it a Ray actor (``ray.remote(...)(ClipScorer)``);
+    with ``actors=0``, and in tests, it runs in the calling process.
+    """
+
+    def __init__(self, cfg: ClipScoreConfig, model_path: str, device: str, threads: int):
+        torch.set_num_threads(threads)
+        if cfg.model_config:
+            model_mod.register_model_config(cfg.model_config)
+        self.cfg = cfg
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        loaded = ckpt.load_model(model_path, name=cfg.model or None, device=self.device)
+        # channels_last: faster convolutions on CPU (oneDNN) and GPU, as in training.
+        self.model = loaded.model.to(memory_format=torch.channels_last)
+        self.tokenizer, self.image_size = loaded.tokenizer, loaded.image_size
+        self.mean, self.std = model_mod.normaliser(self.model, self.device)
+        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.info = {
+            "checkpoint": checkpoint_identity(loaded.path),
+            "model": loaded.name,
+            "image_size": loaded.image_size,
+            "step": loaded.step,
+            "device": str(self.device),
+            "precision": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "fp32",
+            "threads": threads,
+        }
+        # Decoding: a reader thread fetches and decodes the next batch while the model runs
+        # on this one; with more than one thread, a batch's images decode in parallel (PIL
+        # and libjpeg release the GIL).
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="clipscore-read")
+        self._decoders = ThreadPoolExecutor(threads, thread_name_prefix="clipscore-decode") if threads > 1 else None
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.info)
+
+    @torch.inference_mode()
+    def scores(self, images: torch.Tensor, captions: list[str]) -> np.ndarray:
+        """float32 cosine similarity of each uint8 image (B, 3, S, S) with its caption."""
+        tokens = self.tokenizer(captions).to(self.device, non_blocking=True)
+        pixels = model_mod.normalise(images.to(self.device, non_blocking=True), self.mean, self.std)
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            image_features = self.model.encode_image(pixels)
+            text_features = self.model.encode_text(tokens)
+        # Normalised in fp32, whatever the autocast dtype: the score is compared to thresholds.
+        image_features = torch.nn.functional.normalize(image_features.float(), dim=-1)
+        text_features = torch.nn.functional.normalize(text_features.float(), dim=-1)
+        return (image_features * text_features).sum(dim=-1).cpu().numpy().astype(np.float32)
+
+    def _prepare_batch(self, samples: Iterator[data_mod.RawSample]) -> list[Prepared]:
+        raw = list(islice(samples, self.cfg.batch_size))
+        args = (self.image_size, self.cfg.max_image_pixels)
+        if self._decoders is None:
+            return [prepare_sample(sample, *args) for sample in raw]
+        return list(self._decoders.map(lambda sample: prepare_sample(sample, *args), raw))
+
+    def _batches(self, samples: Iterator[data_mod.RawSample]) -> Iterator[list[Prepared]]:
+        """Prepared batches, the next one read and decoded while the caller works on this one."""
+        upcoming: Future = self._reader.submit(self._prepare_batch, samples)
+        while batch := upcoming.result():
+            upcoming = self._reader.submit(self._prepare_batch, samples)
+            yield batch
+
+    def score_shard(self, shard_id: int) -> dict[str, Any]:
+        """Score pool shard ``shard_id`` and write its score file; returns the file's summary."""
+        start = time.time()
+        cfg = self.cfg
+        tar_path = storage.join(cfg.pool, f"{shard_name(shard_id)}.tar")
+        if not storage.exists(tar_path):
+            raise FileNotFoundError(f"{tar_path}: missing, though the shard is committed")
+        skipped: Counter = Counter()  # shard_error, counted by the trainer's reader
+        rows: dict[str, tuple[float | None, str | None]] = {}
+        for batch in self._batches(data_mod.iter_tar_samples(tar_path, skipped)):
+            good = [p for p in batch if p.error is None]
+            values = iter(self.scores(torch.stack([p.image for p in good]), [p.caption for p in good]) if good else ())
+            for prepared in batch:
+                row = (None, prepared.error) if prepared.error else (float(next(values)), None)
+                if prepared.key in rows:  # not from our writers; one row per key all the same
+                    log.warning("%s: key %s appears again; its first sample is the one scored", tar_path, prepared.key)
+                    continue
+                rows[prepared.key] = row
+        # A success row whose sample the tar does not hold: lost to damage, or never written.
+        lost = data_mod.Skip.SHARD_ERROR if skipped else data_mod.Skip.IMAGE_MISSING
+        for key in _expected_keys(cfg.pool, shard_id):
+            rows.setdefault(key, (None, lost))
+        keys = sorted(rows)
+        table = pa.Table.from_arrays(
+            [
+                pa.array(keys, pa.string()),
+                pa.array([rows[k][0] for k in keys], pa.float32()),
+                pa.array([rows[k][1] for k in keys], pa.string()),
+            ],
+            schema=SCORE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(self.info).encode()}),
+        )
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        with storage.atomic_write(score_path(cfg.output_folder, shard_id), "wb") as handle:
+            handle.write(buffer.getvalue())
+        return {"shard": shard_id, **summarise(table["clip_score"], table["score_error"]),
+                "duration": time.time() - start}  # fmt: skip
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ConfigError(f"precision={precision}: autocast is for GPUs, and this scorer runs on {device}")
+        return None
+    return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+# -- reading score files back --------------------------------------------------------------------
+
+
+def read_scores(path: str) -> tuple[pa.Table, dict[str, Any]]:
+    """A score file's table and the scorer description it was written with."""
+    with storage.open_file(path, "rb") as handle:
+        table = pq.read_table(handle)
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    return table, (json.loads(raw) if raw else {})
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClipScoreSummary:
+    shards: int  # committed pool shards, all of which now have a score file
+    scored_now: int  # of which this run scored
+    samples: int
+    scored: int
+    errors: dict[str, int]
+    duration: float
+    failed: dict[int, str] = field(default_factory=dict)  # shard -> error (then no stats file)
+
+
+class ClipScoreError(RuntimeError):
+    """Some shards failed; the others are written, and a rerun retries only the failed ones."""
+
+
+class _Totals:
+    def __init__(self) -> None:
+        self.samples = self.scored = 0
+        self.score_sum = 0.0
+        self.errors: Counter = Counter()
+        self.histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+
+    def add(self, summary: dict[str, Any]) -> None:
+        self.samples += summary["samples"]
+        self.scored += summary["scored"]
+        self.score_sum += summary["score_sum"]
+        self.errors.update(summary["errors"])
+        self.histogram += np.asarray(summary["histogram"], dtype=np.int64)
+
+    def sparse_histogram(self) -> dict[str, Any]:
+        """Non-empty bins only, each named by its lower edge: short enough to read."""
+        width = 2.0 / HISTOGRAM_BINS
+        counts = {f"{-1.0 + i * width:.2f}": int(n) for i, n in enumerate(self.histogram) if n}
+        return {"bin_width": width, "counts_by_lower_edge": counts}
+
+    def quantiles(self) -> dict[str, float | None]:
+        """Score quantiles from the histogram: the upper edge of the bin where each falls."""
+        cumulative = np.cumsum(self.histogram)
+        edges = np.linspace(-1.0, 1.0, HISTOGRAM_BINS + 1)
+        if not self.scored:
+            return {f"p{round(q * 100)}": None for q in QUANTILES}
+        return {f"p{round(q * 100)}": round(float(edges[np.searchsorted(cumulative, q * self.scored) + 1]), 4)
+                for q in QUANTILES}  # fmt: skip
+
+
+def _existing_scores(cfg: ClipScoreConfig, shards: list[int], checkpoint: str) -> dict[int, dict[str, Any]]:
+    """Summaries of the score files already there, which must come from ``checkpoint``."""
+    present = {shard_id_of(p) for p in storage.list_files(cfg.output_folder, ".parquet")}
+    done = {}
+    for shard_id in shards:
+        if shard_id not in present:
+            continue
+        path = score_path(cfg.output_folder, shard_id)
+        table, info = read_scores(path)
+        if info.get("checkpoint") != checkpoint:
+            raise ConfigError(
+                f"output_folder={cfg.output_folder!r}: {path} holds scores of checkpoint "
+                f"{info.get('checkpoint')!r}, not of {checkpoint!r}; use another output_folder, or delete "
+                "its score files to rescore"
+            )
+        done[shard_id] = summarise(table["clip_score"], table["score_error"])
+    return done
+
+
+def run_clipscore(cfg: ClipScoreConfig) -> ClipScoreSummary:
+    """Score every committed pool shard that has no score file yet; write the stats last.
+
+    Raises ``ClipScoreError`` (after finishing the other shards) if some shards failed.
+    """
+    start = time.time()
+    shards = sorted(committed_shards(cfg.pool))
+    if not shards:
+        raise ConfigError(f"pool={cfg.pool!r}: no committed shard (no *_stats.json there)")
+    tars = {shard_id_of(p) for p in storage.list_files(cfg.pool, ".tar")}
+    if missing := [s for s in shards if s not in tars]:
+        raise ConfigError(
+            f"pool={cfg.pool!r}: shard {shard_name(missing[0])} (and {len(missing) - 1} more) has no tar; "
+            "clip scoring reads webdataset pools (ingest --output_format webdataset)"
+        )
+    try:
+        model_path = ckpt.model_file(cfg.checkpoint)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
+    identity = checkpoint_identity(model_path)
+    done = _existing_scores(cfg, shards, identity)
+    pending = [s for s in shards if s not in done]
+    stats_path = storage.join(cfg.output_folder, STATS_NAME)
+    if pending and storage.exists(stats_path):
+        storage.remove(stats_path)  # the stats say "complete"; for now the folder is not
+
+    totals = _Totals()
+    for summary in done.values():
+        totals.add(summary)
+    failed: dict[int, str] = {}
+    bar = tqdm(total=len(shards), initial=len(done), unit="shard", desc="clipscore", disable=not cfg.progress,
+               dynamic_ncols=True, file=sys.stderr)  # fmt: skip
+    samples_now = 0
+
+    def on_done(summary: dict[str, Any]) -> None:
+        nonlocal samples_now
+        totals.add(summary)
+        samples_now += summary["samples"]
+        bar.update(1)
+        bar.set_postfix(samples_per_s=f"{samples_now / max(time.time() - start, 1e-9):.0f}", refresh=False)
+
+    def on_failed(shard_id: int, error: str) -> None:
+        failed[shard_id] = error
+        log.error("shard %s: %s", shard_name(shard_id), error)
+
+    scorer_info: dict[str, Any] = {}
+    if pending:
+        if cfg.actors == 0:
+            scorer_info = _score_inline(cfg, model_path, pending, on_done, on_failed)
+        else:
+            scorer_info = _score_on_ray(cfg, model_path, pending, on_done, on_failed)
+    bar.close()
+    duration = time.time() - start
+    summary = ClipScoreSummary(len(shards), len(pending) - len(failed), totals.samples, totals.scored,
+                               dict(totals.errors), duration, failed)  # fmt: skip
+    if failed:
+        raise ClipScoreError(
+            f"{len(failed)} of {len(pending)} shard(s) failed ({', '.join(map(shard_name, sorted(failed)[:5]))}"
+            f"{', ...' if len(failed) > 5 else ''}); the others are written: rerun the same command to retry"
+        )
+    if pending or not storage.exists(stats_path):
+        storage.write_json(stats_path, {
+            "shards": len(shards),
+            "shards_scored_this_run": len(pending),
+            "samples": totals.samples,
+            "scored": totals.scored,
+            "errors": dict(sorted(totals.errors.items())),
+            "mean_score": round(totals.score_sum / totals.scored, 6) if totals.scored else None,
+            "quantiles": totals.quantiles(),
+            "histogram": totals.sparse_histogram(),
+            "duration": round(duration, 3),
+            "samples_per_second_this_run": round(samples_now / duration, 1) if pending else None,
+            "checkpoint": identity,
+            "scorer": scorer_info,
+            "config": to_dict(cfg),
+        })  # fmt: skip
+    return summary
+
+
+def _score_inline(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any]:
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no GPU visible to this process")
+    scorer = ClipScorer(cfg, model_path, device, cfg.threads_per_actor or os.cpu_count() or 1)
+    for shard_id in pending:
+        try:
+            on_done(scorer.score_shard(shard_id))
+        except Exception as exc:  # noqa: BLE001 - reported per shard; the run goes on
+            on_failed(shard_id, f"{type(exc).__name__}: {exc}")
+    return {**scorer.describe(), "actors": 0}
+
+
+def _actor_plan(cfg: ClipScoreConfig, cpus: float, gpus: float) -> tuple[int, int, dict[str, float]]:
+    """(actors, threads per actor, Ray resources per actor) for a cluster of ``cpus`` and ``gpus``."""
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    if on_gpu and gpus <= 0:
+        raise ConfigError("device=cuda: the Ray cluster has no GPU")
+    if cfg.actors > 0:
+        actors = cfg.actors
+    elif on_gpu:
+        actors = max(1, int(gpus / cfg.gpus_per_actor))
+    else:
+        actors = max(1, int(cpus) - 1)  # one core for the driver, raylet and object store
+    if not on_gpu and cfg.precision in ("bf16", "fp16"):
+        raise ConfigError(f"precision={cfg.precision}: autocast is for GPUs, and the Ray cluster has none")
+    threads = cfg.threads_per_actor or max(1, int(cpus) // actors)
+    resources = {"num_cpus": min(float(threads), cpus / actors)}  # never more than the cluster has
+    if on_gpu:
+        resources["num_gpus"] = cfg.gpus_per_actor
+    return actors, threads, resources
+
+
+def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any]:
+    import ray
+    from ray.exceptions import RayActorError
+
+    from ingest.distributor import init_ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(cfg.ray_address or None)
+    try:
+        cluster = ray.cluster_resources()
+        actors, threads, resources = _actor_plan(cfg, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
+        actors = min(actors, len(pending))
+        device = "cuda" if "num_gpus" in resources else "cpu"
+        # An actor that dies (OOM, lost node) is restarted once and its shard retried; a score
+        # file is written whole or not at all, so a retry cannot leave half a file behind.
+        remote = ray.remote(max_restarts=1, max_task_retries=1, **resources)(ClipScorer)
+        pool = [remote.remote(cfg, model_path, device, threads) for _ in range(actors)]
+        try:
+            info = ray.get(pool[0].describe.remote())
+        except RayActorError as exc:  # its constructor failed: the checkpoint, the model, the device
+            raise ClipScoreError(f"the scoring actors could not start: {exc}") from None
+        queue, idle, in_flight = deque(pending), list(pool), {}
+        while queue or in_flight:
+            while queue and idle:
+                actor, shard_id = idle.pop(), queue.popleft()
+                in_flight[actor.score_shard.remote(shard_id)] = (actor, shard_id)
+            if not in_flight:  # every actor is gone
+                for shard_id in queue:
+                    on_failed(shard_id, "no scoring actor left")
+                break
+            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor, shard_id = in_flight.pop(ref)
+            try:
+                summary = ray.get(ref)
+            except RayActorError as exc:  # dead for good: its restarts are spent
+                on_failed(shard_id, f"actor died: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - the shard's own error; the actor is fine
+                on_failed(shard_id, f"{type(exc).__name__}: {exc}")
+            else:
+                on_done(summary)
+            idle.append(actor)
+        return {**info, "actors": actors, "actor_resources": resources}
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+DESCRIPTION = """\
+CLIP score of every sample of a pool: the cosine similarity of the image and caption
+embeddings of a webclip checkpoint, computed by a pool of Ray actors (one per GPU when
+there are GPUs, else one per CPU less one), with the trainer's own image decoding and
+normalisation. Writes {shard}.parquet (key, clip_score, score_error) per committed pool
+shard into --output_folder, then _clipscore_stats.json (counts per reason, score
+quantiles) once all are there. A rerun skips the shards already scored. The filter turns
+the scores into keep / reject (low_clip_score).
+
+  python -m filter.clipscore --pool data/demo/pool --checkpoint runs/demo/checkpoints \\
+      --output_folder data/demo/clipscore
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(ClipScoreConfig, argv, prog="python -m filter.clipscore", description=DESCRIPTION)
+    try:
+        summary = run_clipscore(cfg)
+    except (ConfigError, ClipScoreError) as exc:
+        print(f"python -m filter.clipscore: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    print(f"{summary.samples} samples in {summary.shards} shards ({summary.scored_now} scored now, "
+          f"{summary.duration:.1f}s): {summary.scored} scored")  # fmt: skip
+    for reason, n in sorted(summary.errors.items(), key=lambda kv: -kv[1]):
+        print(f"  {reason:<20} {n}")
+    print(f"scores written to {cfg.output_folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run through the importable module, so Ray workers unpickle ``filter.clipscore.ClipScorer``
+    # (a class defined in ``__main__`` would travel by value, and its module globals with it).
+    from filter.clipscore import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,293 @@
+"""CLIP scoring of a pool: Ray actors against a direct computation, every row accounted for, resume, S3.
+
+The pool is written by the project's own shard writer (the layout ingest commits):
+three shards with planted trouble — failed downloads (no score row: they have no
+sample), a corrupt JPEG, a sample without a caption, and a tar cut short in the
+middle of a sample. The checkpoint is a seeded, untrained webclip-tiny saved by the
+trainer's own ``save_checkpoint``: an untrained model scores as deterministically as
+a trained one, and that is all these tests need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from _train_fixtures import train_sample
+from core import storage
+from core.config import ConfigError
+from core.layout import committed_shards, sample_key
+from core.shard_writer import ShardWriter
+from filter import clipscore
+from filter.clipscore import ClipScoreConfig, ClipScoreError, run_clipscore
+from train import checkpoint as ckpt
+from train import data as data_mod
+from train import model as model_mod
+
+ROWS = 10  # per shard
+FAILED_ROWS = {3, 7}  # failed downloads: in the pool parquet, not in the tar
+CORRUPT = (1, 5)  # (shard, row): image bytes that are not an image
+NO_CAPTION = (1, 6)  # a success row whose sample has no caption member
+CUT = (2, 4)  # the tar of shard 2 ends inside this row's image
+SHARDS = 3
+
+
+def key(shard: int, row: int) -> str:
+    return sample_key(shard, row, ROWS)
+
+
+def write_pool(folder: str) -> None:
+    for shard in range(SHARDS):
+        writer = ShardWriter(folder, shard, "jpg", [])
+        for row in range(ROWS):
+            jpeg, caption, _ = train_sample(seed=3, index=shard * ROWS + row, noise=0.3)
+            record = {"key": key(shard, row), "url": f"http://127.0.0.1/{shard}/{row}.jpg", "caption": caption,
+                      "status": "success"}  # fmt: skip
+            if row in FAILED_ROWS:
+                writer.add({**record, "status": "failed_to_download", "reason": "http_404"}, None)
+                continue
+            if (shard, row) == CORRUPT:
+                jpeg = b"\xff\xd8\xff\xe0 this is not a JPEG"
+            if (shard, row) == NO_CAPTION:
+                record["caption"] = None
+            writer.add(record, jpeg)
+        writer.commit({"count": ROWS, "successes": ROWS - len(FAILED_ROWS)})
+    cut_tar(os.path.join(folder, "00002.tar"), f"{key(*CUT)}.jpg")
+
+
+def cut_tar(path: str, member: str) -> None:
+    """Truncate the tar half-way through ``member``'s data, as a crashed copy would."""
+    with tarfile.open(path) as tar:
+        info = tar.getmember(member)
+    with open(path, "r+b") as handle:
+        handle.truncate(info.offset_data + info.size // 2)
+
+
+def success_keys(pool: str) -> list[str]:
+    keys = []
+    for shard in range(SHARDS):
+        table = pq.read_table(os.path.join(pool, f"{shard:05d}.parquet"))
+        keys += [r["key"] for r in table.to_pylist() if r["status"] == "success"]
+    return keys
+
+
+def read_all_scores(folder: str) -> dict[str, tuple[float | None, str | None]]:
+    rows = {}
+    for shard in range(SHARDS):
+        table, _ = clipscore.read_scores(clipscore.score_path(folder, shard))
+        assert table.schema.equals(clipscore.SCORE_SCHEMA, check_metadata=False)
+        assert table["key"].to_pylist() == sorted(table["key"].to_pylist())
+        for row in table.to_pylist():
+            assert row["key"] not in rows
+            rows[row["key"]] = (row["clip_score"], row["score_error"])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("clipscore") / "pool")
+    write_pool(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A checkpoint folder (latest.json) in the trainer's layout: {run_dir}/checkpoints."""
+    folder = str(tmp_path_factory.mktemp("run") / "checkpoints")
+    torch.manual_seed(0)
+    model = model_mod.create_model("webclip-tiny")
+    ckpt.save_checkpoint(folder, model, ckpt.TrainProgress(7, 0, 0), "webclip-tiny", model_mod.image_size_of(model), {})
+    return folder
+
+
+def config(pool: str, checkpoint: str, output: str, **overrides) -> ClipScoreConfig:
+    values = dict(pool=pool, checkpoint=checkpoint, output_folder=output, actors=0, batch_size=4, progress=False)
+    return ClipScoreConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ray_scores(pool, checkpoint, tmp_path_factory) -> tuple[str, object]:
+    """Scores from the Ray actor path, on a local Ray instance: 2 actors of 1 thread each."""
+    output = str(tmp_path_factory.mktemp("scores") / "ray")
+    summary = run_clipscore(config(pool, checkpoint, output, actors=2, threads_per_actor=1))
+    return output, summary
+
+
+def direct_scores(pool: str, checkpoint: str, keys: list[str]) -> dict[str, float]:
+    """The score computed by hand, in this process: tarfile, the trainer's decoding, open_clip's encoders."""
+    loaded = ckpt.load_model(checkpoint)
+    mean, std = model_mod.normaliser(loaded.model, torch.device("cpu"))
+    members = {}
+    for shard in range(SHARDS - 1):  # shard 2's tar is cut: tarfile would stop at it
+        with tarfile.open(os.path.join(pool, f"{shard:05d}.tar")) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar})
+    out = {}
+    with torch.inference_mode():
+        for k in keys:
+            image = data_mod.decode_image(members[f"{k}.jpg"], loaded.image_size)
+            pixels = model_mod.normalise(image[None], mean, std)
+            image_features = loaded.model.encode_image(pixels, normalize=True)
+            text_features = loaded.model.encode_text(loaded.tokenizer([members[f"{k}.txt"].decode()]), normalize=True)
+            out[k] = float((image_features * text_features).sum())
+    return out
+
+
+@pytest.mark.integration
+def test_ray_actor_scores_equal_a_direct_computation(pool, checkpoint, ray_scores):
+    output, summary = ray_scores
+    rows = read_all_scores(output)
+    sample = [key(0, 0), key(0, 9), key(1, 2), key(1, 8)]
+    expected = direct_scores(pool, checkpoint, sample)
+    for k in sample:
+        assert rows[k][1] is None
+        assert rows[k][0] == pytest.approx(expected[k], abs=1e-5)
+    scores = np.array([s for s, _ in rows.values() if s is not None])
+    assert np.all(np.abs(scores) <= 1.0 + 1e-6) and np.std(scores) > 0  # cosines, and not all one value
+    assert summary.scored_now == SHARDS and not summary.failed
+
+
+@pytest.mark.integration
+def test_one_row_per_pool_success_row_with_reasons(pool, ray_scores):
+    output, summary = ray_scores
+    rows = read_all_scores(output)
+    assert sorted(rows) == sorted(success_keys(pool))  # failed downloads have no sample, hence no row
+    errors = {k: e for k, (s, e) in rows.items() if e is not None}
+    cut_keys = {key(2, r) for r in range(CUT[1], ROWS) if r not in FAILED_ROWS}
+    assert errors == {
+        key(*CORRUPT): "decode_error",
+        key(*NO_CAPTION): "caption_missing",
+        **{k: "shard_error" for k in cut_keys},  # the cut sample and all after it
+    }
+    assert all((s is None) == (k in errors) for k, (s, _) in rows.items())
+    stats = storage.read_json(os.path.join(output, clipscore.STATS_NAME))
+    assert stats["samples"] == summary.samples == len(rows)
+    assert stats["scored"] == summary.scored == len(rows) - len(errors)
+    assert stats["errors"] == {"caption_missing": 1, "decode_error": 1, "shard_error": len(cut_keys)}
+    assert sum(stats["histogram"]["counts_by_lower_edge"].values()) == stats["scored"]
+    assert stats["scorer"]["actors"] == 2 and stats["scorer"]["model"] == "webclip-tiny"
+    assert stats["scorer"]["step"] == 7 and stats["checkpoint"].endswith("step_00000007.pt")
+
+
+def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ray_scores, tmp_path):
+    output = str(tmp_path / "scores")
+    shutil.copytree(ray_scores[0], output)
+    paths = [clipscore.score_path(output, s) for s in range(SHARDS)]
+    before = {p: os.stat(p).st_mtime_ns for p in paths}
+    summary = run_clipscore(config(pool, checkpoint, output))
+    assert summary.scored_now == 0 and summary.samples == ray_scores[1].samples
+    assert {p: os.stat(p).st_mtime_ns for p in paths} == before
+
+    os.remove(paths[1])
+    summary = run_clipscore(config(pool, checkpoint, output))
+    assert summary.scored_now == 1
+    assert {p: os.stat(p).st_mtime_ns for p in paths if p != paths[1]} == {p: before[p] for p in paths if p != paths[1]}
+    fresh, reference = read_all_scores(output), read_all_scores(ray_scores[0])
+    assert fresh.keys() == reference.keys()
+    for k, (score, error) in reference.items():  # in-process, batch 4 == Ray actors, batch 4
+        assert fresh[k][1] == error
+        assert (fresh[k][0] is None) == (score is None)
+        if score is not None:
+            assert fresh[k][0] == pytest.approx(score, abs=1e-6)
+    assert storage.read_json(os.path.join(output, clipscore.STATS_NAME))["shards_scored_this_run"] == 1
+
+
+def test_a_folder_of_another_checkpoints_scores_is_refused(pool, checkpoint, ray_scores, tmp_path):
+    other = str(tmp_path / "other" / "checkpoints")
+    torch.manual_seed(1)
+    model = model_mod.create_model("webclip-tiny")
+    ckpt.save_checkpoint(other, model, ckpt.TrainProgress(9, 0, 0), "webclip-tiny", 48, {})
+    output = str(tmp_path / "scores")
+    shutil.copytree(ray_scores[0], output)
+    with pytest.raises(ConfigError, match="holds scores of checkpoint"):
+        run_clipscore(config(pool, other, output))
+
+
+def test_pool_and_scores_on_s3(pool, checkpoint, ray_scores, s3_env):
+    fs, _ = storage.filesystem("s3://webclip")
+    for name in sorted(os.listdir(pool)):
+        fs.put(os.path.join(pool, name), f"webclip/clipscore-pool/{name}")
+    remote_pool, remote_scores = "s3://webclip/clipscore-pool", "s3://webclip/clipscore-scores"
+    summary = run_clipscore(config(remote_pool, checkpoint, remote_scores))
+    assert summary.scored_now == SHARDS
+    reference = read_all_scores(ray_scores[0])
+    for shard in range(SHARDS):
+        table, info = clipscore.read_scores(clipscore.score_path(remote_scores, shard))
+        assert info["model"] == "webclip-tiny"
+        for row in table.to_pylist():
+            score, error = reference[row["key"]]
+            assert row["score_error"] == error
+            assert (row["clip_score"] is None) == (score is None)
+            if score is not None:
+                assert row["clip_score"] == pytest.approx(score, abs=1e-6)
+    assert storage.exists(storage.join(remote_scores, clipscore.STATS_NAME))
+    assert run_clipscore(config(remote_pool, checkpoint, remote_scores)).scored_now == 0
+
+
+def test_a_shard_that_fails_is_reported_and_the_stats_wait_for_it(pool, checkpoint, tmp_path):
+    broken = tmp_path / "pool"
+    shutil.copytree(pool, broken)
+    (broken / "00001.parquet").write_bytes(b"not parquet")  # the success rows cannot be read
+    output = str(tmp_path / "scores")
+    with pytest.raises(ClipScoreError, match="1 of 3 shard"):
+        run_clipscore(config(str(broken), checkpoint, output))
+    assert sorted(os.listdir(output)) == ["00000.parquet", "00002.parquet"]  # no stats: not complete
+
+
+def test_config_errors_name_the_option(pool, checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match="output_folder"):
+        config(pool, checkpoint, pool + "/")
+    with pytest.raises(ConfigError, match="batch_size"):
+        config(pool, checkpoint, str(tmp_path), batch_size=0)
+    with pytest.raises(ConfigError, match="precision"):
+        config(pool, checkpoint, str(tmp_path), device="cpu", precision="bf16")
+    with pytest.raises(ConfigError, match="checkpoint"):
+        run_clipscore(config(pool, str(tmp_path / "nothing"), str(tmp_path / "out")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no committed shard"):
+        run_clipscore(config(str(empty), checkpoint, str(tmp_path / "out")))
+
+
+def test_actor_plan_per_cluster():
+    def plan(cpus, gpus, **overrides):
+        return clipscore._actor_plan(config("p", "c", "o", **{"actors": -1, **overrides}), cpus, gpus)
+
+    assert plan(2, 0) == (1, 2, {"num_cpus": 2.0})  # one actor, both cores as torch threads
+    assert plan(16, 0) == (15, 1, {"num_cpus": 1.0})
+    assert plan(16, 4) == (4, 4, {"num_cpus": 4.0, "num_gpus": 1.0})
+    assert plan(16, 4, gpus_per_actor=0.5) == (8, 2, {"num_cpus": 2.0, "num_gpus": 0.5})
+    assert plan(16, 4, device="cpu") == (15, 1, {"num_cpus": 1.0})
+    assert plan(2, 0, actors=4) == (4, 1, {"num_cpus": 0.5})  # more actors than cores still fit
+    with pytest.raises(ConfigError, match="no GPU"):
+        plan(16, 0, device="cuda")
+    with pytest.raises(ConfigError, match="precision"):
+        plan(16, 0, precision="fp16")
+
+
+def test_help_explains_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        clipscore.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for word in ("--pool", "--checkpoint", "--output_folder", "--actors", "--device", "clip_score", "score_error"):
+        assert word in text
+
+
+def test_stats_marker_is_last(ray_scores):
+    output, _ = ray_scores
+    names = os.listdir(output)
+    assert not [n for n in names if n.startswith(".")]  # no temporaries left
+    assert committed_shards(output) == set()  # a score folder is never taken for a pool
+    stats_time = os.stat(os.path.join(output, clipscore.STATS_NAME)).st_mtime_ns
+    assert all(os.stat(os.path.join(output, n)).st_mtime_ns <= stats_time for n in names)
+    assert json.loads(pq.read_schema(os.path.join(output, "00000.parquet")).metadata[clipscore.METADATA_KEY])[
+        "checkpoint"
+    ].endswith("step_00000007.pt")
+
