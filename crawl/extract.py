@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from selectolax.lexbor import LexborHTMLParser
@@ -45,6 +45,7 @@ LAZY_SRC_ATTRIBUTES = (
     "data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-echo", "data-hi-res-src",
 )
 LAZY_SRCSET_ATTRIBUTES = ("data-srcset", "data-lazy-srcset")
+_URL_ATTRIBUTES = frozenset(("srcset", *LAZY_SRC_ATTRIBUTES, *LAZY_SRCSET_ATTRIBUTES))  # besides src
 MAX_LINKS_PER_PAGE = 1000  # a page of a million links must not flood the frontier
 FIGURE_SEARCH_DEPTH = 6  # ancestors searched for an enclosing <figure>
 
@@ -56,6 +57,7 @@ GENERIC_ALTS = frozenset({
     "advertisement", "ad", "header", "footer", "alt text", "image description", "featured image", "no image",
     "image not found", "photo of", "image of", "picture of", "click here", "read more",
 })
+_LONGEST_GENERIC = max(map(len, GENERIC_ALTS)) + 2  # + end punctuation
 _IMAGE_EXTENSIONS = r"(?:jpe?g|jpe|png|gif|webp|bmp|svg|tiff?|avif|heic|heif|ico|jfif)"
 _FILE_NAME = re.compile(rf"[\w\-. ()\[\]~+%,]+\.{_IMAGE_EXTENSIONS}", re.IGNORECASE)
 _CAMERA_NAME = re.compile(
@@ -63,11 +65,12 @@ _CAMERA_NAME = re.compile(
     re.IGNORECASE,
 )
 _END_PUNCTUATION = " \t.,:;-_|*#!?\"'()[]{}<>/\\"
+_LETTER = re.compile(r"[^\W\d_]")
+_SUSPECT_INITIALS = frozenset("idpmschwIDPMSCHW")  # how camera names and URLs begin (see _CAMERA_NAME)
 _URL_WHITESPACE = str.maketrans("", "", "\t\n\r")
 
 
-@dataclass(frozen=True)
-class Pair:
+class Pair(NamedTuple):  # a tuple: a page makes dozens, a WARC millions
     url: str
     caption: str
     caption_source: str  # "alt" or "figcaption"
@@ -93,16 +96,19 @@ def clean_text(text: str | None) -> str:
 
 def is_meaningless(caption: str) -> bool:
     """True for alt texts that say nothing about the image (already ``clean_text``-ed)."""
-    if not caption:
+    if not caption or (not caption[0].isalpha() and _LETTER.search(caption) is None):
         return True
-    if not any(c.isalpha() for c in caption):
-        return True
-    core = caption.lower().strip(_END_PUNCTUATION)
+    if len(caption) > _LONGEST_GENERIC and caption[0] not in _SUSPECT_INITIALS and "." not in caption[-6:]:
+        return False  # longer than any generic phrase, begins like no camera name or URL, ends in no extension
+    core = caption.lower()
+    if core[-1] in _END_PUNCTUATION or core[0] in _END_PUNCTUATION:
+        core = core.strip(_END_PUNCTUATION)
     if core in GENERIC_ALTS:
         return True
-    if _FILE_NAME.fullmatch(caption) or _CAMERA_NAME.fullmatch(core):
+    if core[:1] in _SUSPECT_INITIALS and (_CAMERA_NAME.fullmatch(core) or core.startswith(("http://", "https://",
+                                                                                              "www."))):
         return True
-    return core.startswith(("http://", "https://", "www."))
+    return "." in caption and _FILE_NAME.fullmatch(caption) is not None
 
 
 def srcset_candidates(value: str) -> list[tuple[str, int, float]]:
@@ -112,6 +118,13 @@ def srcset_candidates(value: str) -> list[tuple[str, int, float]]:
     may contain commas), a trailing comma ends a candidate without descriptors, and
     commas inside parentheses do not split descriptors.
     """
+    if "(" not in value:  # no parenthesised descriptors: one regex splits the same way, faster
+        return [_candidate(url, descriptor) for url, descriptor in _SRCSET_CANDIDATE.findall(value)]
+    return _srcset_by_hand(value)
+
+
+def _srcset_by_hand(value: str) -> list[tuple[str, int, float]]:
+    """The standard's splitting, character by character (parentheses aware)."""
     candidates = []
     pos, end = 0, len(value)
     while pos < end:
@@ -131,17 +144,25 @@ def srcset_candidates(value: str) -> list[tuple[str, int, float]]:
                 pos += 1
             descriptor = value[start:pos]
         if url:
-            width, density = 0, 1.0
-            for token in descriptor.split():
-                try:
-                    if token[-1] in "wW":
-                        width = int(token[:-1])
-                    elif token[-1] in "xX":
-                        density = float(token[:-1])
-                except ValueError:
-                    pass  # an unparseable descriptor: the candidate keeps its defaults
-            candidates.append((url, width, density))
+            candidates.append(_candidate(url, descriptor))
     return candidates
+
+
+# A URL (no whitespace, not ending in a comma), then descriptors up to the next comma.
+_SRCSET_CANDIDATE = re.compile(r"[\s,]*(\S*[^\s,])(?:\s+([^,]*))?(?=[\s,]|$)")
+
+
+def _candidate(url: str, descriptor: str) -> tuple[str, int, float]:
+    width, density = 0, 1.0
+    for token in descriptor.split():
+        try:
+            if token[-1] in "wW":
+                width = int(token[:-1])
+            elif token[-1] in "xX":
+                density = float(token[:-1])
+        except ValueError:
+            pass  # an unparseable descriptor: the candidate keeps its defaults
+    return url, width, density
 
 
 def _is_data_uri(url: str) -> bool:
@@ -166,8 +187,67 @@ def resolve(base: str, raw: str) -> tuple[str | None, Reason | None]:
     return urlunsplit((scheme, parts.netloc.lower(), parts.path or "/", parts.query, "")), None
 
 
+_PLAIN_NETLOC = re.compile(r"[a-z0-9.\-]+(?::[0-9]{1,4})?")  # no userinfo, IDN, IPv6 or odd port
+
+
+class Resolver:
+    """``resolve`` against one base URL, with a fast path for the shapes pages use most.
+
+    ``urljoin`` costs tens of microseconds, and a page has dozens of image URLs: absolute
+    ``http(s)://host/path``, ``/path`` and ``dir/file`` references are joined by string
+    operations instead; anything else (dot segments, ``//host``, ``?query``, other schemes,
+    unusual hosts) takes ``resolve``. Both give the same answer (a test checks).
+    """
+
+    def __init__(self, base: str):
+        self.base = base
+        parts = urlsplit(base)
+        netloc = parts.netloc.lower()
+        self._fast = (parts.scheme in ("http", "https") and _PLAIN_NETLOC.fullmatch(netloc) is not None
+                      and "/." not in parts.path)
+        self._origin = f"{parts.scheme}://{netloc}"
+        path = parts.path or "/"
+        self._directory = self._origin + path[: path.rfind("/") + 1]
+
+    def __call__(self, raw: str) -> tuple[str | None, Reason | None]:
+        url = raw.strip()
+        if "\n" in url or "\t" in url or "\r" in url:
+            url = url.translate(_URL_WHITESPACE)
+        if self._fast and url and "/." not in url and url[0] not in ".#":
+            fragment = url.find("#")
+            if fragment >= 0:
+                url = url[:fragment]
+            if url.startswith(("http://", "https://")):
+                start = url.index("//") + 2
+                end = len(url)
+                for mark in ("/", "?"):
+                    found = url.find(mark, start)
+                    if 0 <= found < end:
+                        end = found
+                netloc, rest = url[start:end].lower(), url[end:]
+                if _PLAIN_NETLOC.fullmatch(netloc) and netloc[0] != ":" and _plain_path(rest):
+                    return f"{url[: start - 3]}://{netloc}{rest if rest[:1] == '/' else '/' + rest}", None
+            elif "//" not in url and ";" not in url and url[-1] != "?":  # see _plain_path
+                if url[0] == "/":
+                    return self._origin + url, None
+                colon = url.find(":")
+                if url[0] != "?" and (colon < 0 or 0 <= url.find("/") < colon):  # no scheme
+                    return self._directory + url, None
+        return resolve(self.base, raw)
+
+
+def _plain_path(path: str) -> bool:
+    """No empty segment, ';' parameters or bare trailing '?', which urljoin (unlike browsers) rewrites."""
+    return "//" not in path and ";" not in path and not path.endswith("?")
+
+
 def pick_image_url(attributes: dict[str, Any], source_srcsets: Iterable[str] = ()) -> tuple[str | None, Reason | None]:
     """The raw URL an ``<img>`` stands for (rule 1 above), or ``data_uri`` / ``invalid_url``."""
+    if not source_srcsets and _URL_ATTRIBUTES.isdisjoint(attributes):  # the common case: src only
+        value = (attributes.get("src") or "").strip()
+        if value and value[:5].lower() != "data:":
+            return value, None
+        return None, (Reason.DATA_URI if value else Reason.INVALID_URL)
     best, best_rank, saw_data = None, (-1, -1.0), False
     srcsets = [attributes.get(name) for name in ("srcset", *LAZY_SRCSET_ATTRIBUTES)]
     for srcset in (*srcsets, *source_srcsets):
@@ -199,39 +279,52 @@ def robots_directives(content: str | None) -> set[str]:
 
 
 class _Collector:
-    """Applies rules 2-4 to each image and keeps the page's outcome."""
+    """Applies rules 1-4 to each image and keeps the page's outcome."""
 
     def __init__(self, base_url: str):
-        self.base_url = base_url
+        self.resolve = Resolver(base_url)
         self.result = PageExtraction()
         self._seen_images: set[str] = set()
         self._seen_links: set[str] = set()
 
-    def image(self, raw_url: str | None, url_problem: Reason | None, alt: str | None, figcaption=None) -> None:
-        reasons = self.result.reasons
-        if raw_url is None:
-            reasons[url_problem.value] += 1
-            return
-        url, problem = resolve(self.base_url, raw_url)
-        if url is None:
-            reasons[problem.value] += 1
-            return
-        caption, source = clean_text(alt), "alt"
-        if is_meaningless(caption):
-            caption, source = clean_text(figcaption() if callable(figcaption) else figcaption), "figcaption"
+    def images(self, images: Iterable[tuple[dict[str, Any], Sequence[str], Any]]) -> None:
+        """Rules 1-4 for each (img attributes, its <picture>'s srcsets, node to look for a figure from).
+
+        One loop per page with everything bound locally and the common case (a plain
+        ``src``) inline: it runs for every image of every page, so it is written for
+        speed (see bench/crawl_parse.py).
+        """
+        resolve, seen, pairs, reasons = self.resolve, self._seen_images, self.result.pairs, self.result.reasons
+        url_attributes, new_pair = _URL_ATTRIBUTES, tuple.__new__
+        for attributes, srcsets, node in images:
+            raw = attributes.get("src")
+            if srcsets or not url_attributes.isdisjoint(attributes) or not raw or raw[:5].lower() == "data:":
+                raw, problem = pick_image_url(attributes, srcsets)
+                if raw is None:
+                    reasons[problem.value] += 1
+                    continue
+            url, problem = resolve(raw)
+            if url is None:
+                reasons[problem.value] += 1
+                continue
+            alt = attributes.get("alt")
+            caption, source = " ".join(alt.split()) if alt else "", "alt"
             if is_meaningless(caption):
-                reasons[Reason.ALT_MEANINGLESS.value] += 1
-                return
-        if url in self._seen_images:
-            reasons[Reason.DUP_IN_PAGE.value] += 1
-            return
-        self._seen_images.add(url)
-        self.result.pairs.append(Pair(url, caption, source))
+                caption = clean_text(_enclosing_figcaption(node)) if node is not None else ""
+                source = "figcaption"
+                if is_meaningless(caption):
+                    reasons["alt_meaningless"] += 1
+                    continue
+            if url in seen:
+                reasons["dup_in_page"] += 1
+                continue
+            seen.add(url)
+            pairs.append(new_pair(Pair, (url, caption, source)))
 
     def link(self, raw_url: str) -> None:
         if len(self._seen_links) >= MAX_LINKS_PER_PAGE:
             return
-        url, _ = resolve(self.base_url, raw_url)
+        url, _ = self.resolve(raw_url)
         if url is not None and url not in self._seen_links:
             self._seen_links.add(url)
             self.result.links.append(url)
@@ -251,11 +344,24 @@ def _enclosing_figcaption(node) -> str:
     return ""
 
 
-def _picture_srcsets(img) -> list[str]:
-    parent = img.parent
-    if parent is None or parent.tag != "picture":
-        return []
-    return [s.attributes.get("srcset") or "" for s in parent.iter() if s.tag == "source"]
+def _walk_images(tree, hrefs: list[str] | None) -> Iterable[tuple[dict[str, Any], Sequence[str], Any]]:
+    """(attributes, <picture> srcsets, node) of each ``<img>``, in order; links into ``hrefs`` on the way."""
+    picture, sources = None, []  # the <picture> whose <source srcset>s came last, and those srcsets
+    for node in tree.css("img, source[srcset], a[href], area[href]" if hrefs is not None else "img, source[srcset]"):
+        tag = node.tag
+        if tag == "img":
+            in_picture = bool(sources) and node.parent is not None and node.parent.mem_id == picture
+            yield node.attributes, sources if in_picture else (), node
+        elif tag == "source":
+            parent = node.parent
+            if parent is not None and parent.tag == "picture":
+                if parent.mem_id != picture:
+                    picture, sources = parent.mem_id, []
+                sources.append(node.attributes.get("srcset") or "")
+        else:
+            attributes = node.attributes
+            if "nofollow" not in (attributes.get("rel") or "").lower():
+                hrefs.append(attributes.get("href") or "")
 
 
 def extract_html(
@@ -268,41 +374,35 @@ def extract_html(
     """Pairs (and, with ``want_links``, links) of one page; bytes must be UTF-8.
 
     The parser is an HTML5 one (Lexbor): malformed markup is repaired the way a
-    browser repairs it, never refused. ``page_url`` must be absolute.
+    browser repairs it, never refused. ``page_url`` must be absolute. ``<base>`` and
+    ``<meta name=robots>`` are read from ``<head>`` (where the parser puts them unless
+    a page writes them after its content); then one walk of the tree finds images
+    (and links): each CSS query over the whole tree costs a fifth of the parse.
     """
     tree = LexborHTMLParser(html)
-    selector = "img, base[href], meta[name], a[href], area[href]" if want_links else "img, base[href], meta[name]"
-    collector = _Collector(page_url)
-    base_seen = False
     directives: set[str] = set()
-    images = []
-    for node in tree.css(selector):
-        tag = node.tag
-        if tag == "img":
-            images.append(node)
-        elif tag == "base":
-            if not base_seen:  # only the first <base href> counts, as in browsers
-                base_seen = True
-                base, _ = resolve(page_url, node.attributes.get("href") or "")
-                collector.base_url = base or page_url
-        elif tag == "meta":
-            if (node.attributes.get("name") or "").lower() in ("robots", "webclip"):
-                directives |= robots_directives(node.attributes.get("content"))
-        elif "nofollow" not in (node.attributes.get("rel") or "").lower():
-            collector.link(node.attributes.get("href") or "")
-    result = collector.result
+    base_url = page_url
+    head = tree.head
+    for node in head.css("base[href], meta[name]") if head is not None else ():
+        if node.tag == "base":
+            if base_url is page_url:  # the first one counts, as in browsers
+                base_url = resolve(page_url, node.attributes.get("href") or "")[0] or page_url
+        elif (node.attributes.get("name") or "").lower() in ("robots", "webclip"):
+            directives |= robots_directives(node.attributes.get("content"))
     if "none" in directives:  # shorthand for both
         directives |= {"noindex", "nofollow"}
-    if "nofollow" in directives:
-        result.links.clear()
+    collector = _Collector(base_url)
+    result = collector.result
+    hrefs: list[str] | None = [] if want_links and "nofollow" not in directives else None
     opted_out = sorted(directives.intersection(disallowed_directives))
     if opted_out:
         result.opt_out = opted_out[0]
-        return result
-    for img in images:
-        attributes = img.attributes
-        raw, problem = pick_image_url(attributes, _picture_srcsets(img))
-        collector.image(raw, problem, attributes.get("alt"), lambda img=img: _enclosing_figcaption(img))
+        for _ in _walk_images(tree, hrefs) if hrefs is not None else ():
+            pass  # links only
+    else:
+        collector.images(_walk_images(tree, hrefs))
+    for href in hrefs or ():
+        collector.link(href)
     return result
 
 
@@ -330,10 +430,8 @@ def extract_wat(
         return None, None
     disallowed = set(disallowed_directives)
     head = html.get("Head") or {}
-    collector = _Collector(page_url)
-    if head.get("Base"):
-        base, _ = resolve(page_url, str(head["Base"]))
-        collector.base_url = base or page_url
+    base_url = (resolve(page_url, str(head["Base"]))[0] or page_url) if head.get("Base") else page_url
+    collector = _Collector(base_url)
     directives: set[str] = set()
     for meta in head.get("Metas") or []:
         if str(meta.get("name", "")).lower() in ("robots", "webclip"):
@@ -341,15 +439,11 @@ def extract_wat(
     opted_out = sorted(directives & disallowed)
     if opted_out:
         return page_url, PageExtraction(opt_out=opted_out[0])
+    images: list[tuple[dict[str, Any], tuple, None]] = []
     for link in html.get("Links") or []:
         tag, _, attribute = str(link.get("path", "")).partition("@/")
-        if tag.upper() != "IMG" or attribute.lower() not in _WAT_IMAGE_ATTRIBUTES:
-            continue
-        raw = str(link.get("url") or "")
-        problem = None
-        if attribute.lower().endswith("srcset"):
-            raw, problem = pick_image_url({"srcset": raw})
-        elif not raw.strip() or _is_data_uri(raw.strip()):
-            raw, problem = None, (Reason.DATA_URI if raw.strip() else Reason.INVALID_URL)
-        collector.image(raw, problem, link.get("alt"))
+        attribute = attribute.lower()
+        if tag.upper() == "IMG" and attribute in _WAT_IMAGE_ATTRIBUTES:  # as if the img had only that attribute
+            images.append(({attribute: str(link.get("url") or ""), "alt": link.get("alt")}, (), None))
+    collector.images(images)
     return page_url, collector.result

@@ -97,12 +97,14 @@ class PairWriter:
         self._writer = pq.ParquetWriter(self._handle, PAIR_SCHEMA, compression="zstd")
 
     def add(self, page_url: str, pairs: list[Pair]) -> None:
+        if not pairs:
+            return
         urls, captions, pages, sources = self._columns
-        for pair in pairs:
-            urls.append(pair.url)
-            captions.append(pair.caption)
-            pages.append(page_url)
-            sources.append(pair.caption_source)
+        page_urls, page_captions, page_sources = zip(*pairs)
+        urls += page_urls
+        captions += page_captions
+        sources += page_sources
+        pages += [page_url] * len(pairs)
         self.rows += len(pairs)
         if len(urls) >= self._rows_per_group:
             self._flush()

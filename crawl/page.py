@@ -61,6 +61,8 @@ def codec_for(label: str | bytes | None) -> str | None:
 
 
 def _utf8(body: bytes) -> bytes | None:
+    if body.isascii():  # a fast scan; ASCII is valid UTF-8
+        return body
     try:
         body.decode("utf-8")
     except UnicodeDecodeError:
@@ -78,8 +80,11 @@ def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
             except UnicodeDecodeError as exc:
                 raise SampleError(Reason.BAD_ENCODING, f"invalid {codec} after its byte-order mark: {exc}") from None
             return rest if codec == "utf-8" else text
+    header_codec = codec_for(declared)
+    if header_codec == "utf-8" and _utf8(body) is not None:  # the common case, without the <meta> scan
+        return body
     meta = _META_CHARSET.search(body[:SNIFF_BYTES])
-    declared_codecs = [c for c in (codec_for(declared), codec_for(meta.group(1) if meta else None)) if c]
+    declared_codecs = [c for c in (header_codec, codec_for(meta.group(1) if meta else None)) if c]
     for codec in declared_codecs:
         if codec == "utf-8":
             if _utf8(body) is not None:

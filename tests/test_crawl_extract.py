@@ -385,3 +385,23 @@ def test_wat_opt_out_and_non_pages():
     assert extract_wat(request) == (None, None)
     with pytest.raises(KeyError):
         extract_wat({"not": "a wat record"})
+
+
+# -- the fast paths agree with the plain ones -----------------------------------------------
+
+
+def test_fast_paths_agree_with_the_plain_rules():
+    rng = random.Random(11)
+    bases = ["http://example.org/articles/cats.html", "https://Ex.COM", "https://ex.com/a/b/", "http://h:8080/x?y#z",
+             "http://ex.com/a/./b/../c.html", "http://user@ex.com/p", "http://[::1]:80/x", "https://bücher.de/x"]
+    pieces = ["a", "b.jpg", "/", "//", "?", "#", "..", ".", ":", "http:", "https://", "HTTP://", "Ex.com", ":80",
+              "?q=1", "#f", " ", "\t", "%20", "@", "~", "javascript:", "data:", "[::1]", "/img/x.jpg", "C:", ";",
+              ":99999", "ü", "\\", "http://a.b"]
+    for _ in range(20000):
+        base = rng.choice(bases)
+        raw = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+        assert extract_mod.Resolver(base)(raw) == extract_mod.resolve(base, raw), (base, raw)
+    srcset_pieces = ["a.jpg", "b", ",", " ", "\t", "1x", "2x", "320w", "1.5x", "w", ",,", "http://h/p,q.jpg", "100h"]
+    for _ in range(20000):
+        value = "".join(rng.choice(srcset_pieces) for _ in range(rng.randint(0, 8)))
+        assert srcset_candidates(value) == extract_mod._srcset_by_hand(value), value
