@@ -41,10 +41,9 @@ class RobotsPolicy:
         if path == "/robots.txt":
             return True
         best_length, allowed = -1, True
-        for length, allow, pattern in self.rules:
-            if length >= best_length and pattern.match(path):
-                if length > best_length or allow:
-                    best_length, allowed = length, allow
+        for length, allow, pattern in self.rules:  # the longest match wins; on a tie, Allow
+            if (length > best_length or (length == best_length and allow)) and pattern.match(path):
+                best_length, allowed = length, allow
         return allowed
 
 

@@ -28,10 +28,10 @@ from core.config import ConfigError, to_dict
 from core.reasons import Reason
 from crawl.archive import crawl_warc_file
 from crawl.config import CrawlConfig
+from crawl.extract import resolve
 from crawl.output import STATS_FILE, CrawlStats, PairWriter, write_unit_stats
 from crawl.warc import warc_files
 from crawl.worker import CrawlWorker, Link, StepReport, host_of, owner_of
-from crawl.extract import resolve
 
 SEEDS_MARKER = "seeds_stats.json"
 
@@ -139,11 +139,20 @@ def _remove_stale_seed_parts(cfg: CrawlConfig) -> None:
             storage.remove(path)
 
 
+_EXECUTION_OPTIONS = ("progress", "processes_count", "distributor", "ray_address", "incremental_mode",
+                      "max_unit_retry", "warc", "seeds", "seed_file", "output_folder")
+
+
+def output_settings(cfg: CrawlConfig) -> dict[str, Any]:
+    """The options a unit's output depends on: a committed unit made with others is redone."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in _EXECUTION_OPTIONS}
+
+
 def crawl_seeds(seeds: list[str], cfg: CrawlConfig, enabled: bool) -> CrawlStats:
     marker = storage.join(cfg.output_folder, SEEDS_MARKER)
     if cfg.incremental_mode == "incremental" and storage.exists(marker):
         done = storage.read_json(marker)
-        if done.get("seeds") == seeds:
+        if done.get("seeds") == seeds and done.get("settings") == output_settings(cfg):
             return CrawlStats.from_dict(done)
     _remove_stale_seed_parts(cfg)
     domains = cfg.allowed_domains or sorted({host_of(url) for url in seeds})
@@ -168,7 +177,7 @@ def crawl_seeds(seeds: list[str], cfg: CrawlConfig, enabled: bool) -> CrawlStats
     for result in results:
         total.add(result)
     total.add(frontier.stats)
-    write_unit_stats(marker, total, seeds=seeds, domains=domains, workers=workers)
+    write_unit_stats(marker, total, seeds=seeds, domains=domains, workers=workers, settings=output_settings(cfg))
     return total
 
 
@@ -192,7 +201,11 @@ def _crawl_on_ray(cfg, domains, workers, frontier, seeds, on_report) -> list[dic
                           workers, frontier, seeds, on_report))
         return ray.get([actor.finish.remote() for actor in actors])
     except BaseException:
-        ray.get([actor.finish.remote(commit=False) for actor in actors])
+        for actor in actors:  # drop what each wrote; an actor that died has nothing to drop
+            try:
+                ray.get(actor.finish.remote(commit=False))
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
         raise
     finally:
         for actor in actors:
@@ -218,7 +231,7 @@ def crawl_warc_unit(index: int, source: str, cfg: CrawlConfig) -> dict[str, Any]
         writer.abort()
         raise
     writer.close()
-    write_unit_stats(marker, stats, source=source, unit=index)
+    write_unit_stats(marker, stats, source=source, unit=index, settings=output_settings(cfg))
     return stats.to_dict()
 
 
@@ -227,7 +240,7 @@ def _pending_units(files: list[str], cfg: CrawlConfig, done: Callable[[dict], No
         marker = _unit_paths(cfg, index)[1]
         if cfg.incremental_mode == "incremental" and storage.exists(marker):
             stats = storage.read_json(marker)
-            if stats.get("source") == source:
+            if stats.get("source") == source and stats.get("settings") == output_settings(cfg):
                 done(stats)
                 continue
         yield index, source

@@ -27,7 +27,7 @@ from crawl.__main__ import main as crawl_main
 from crawl.archive import crawl_warc_file
 from crawl.config import CrawlConfig
 from crawl.output import CrawlStats, PairWriter
-from crawl.warc import http_payload, iter_warc
+from crawl.warc import http_payload
 from infra.local.pages import load_truth, write_warc
 
 PAGE_REASON_IN_A_WARC = {"robots_disallowed": None, "redirect": "http_other"}  # archives know no robots.txt
@@ -221,6 +221,10 @@ def test_cli_resumes_by_file_and_ingest_downloads_the_result(small_corpus, demo_
     assert (out / "warc-00000_stats.json").read_text() == marker  # committed: skipped, not redone
     assert (out / "warc-00001_stats.json").exists()
     assert json.loads((out / "_crawl_stats.json").read_text())["pairs"] == len(expected_pairs)
+    assert crawl_main([*argv, "--max_page_bytes", "3000000"]) == 0  # another setting: committed units are redone
+    redone = json.loads((out / "_crawl_stats.json").read_text())
+    assert (out / "warc-00000_stats.json").read_text() != marker and "page_too_large" not in redone["reasons"]
+    assert crawl_main(argv) == 0  # and back, for the ingest below
 
     pool = tmp_path / "pool"
     cfg = from_dict(IngestConfig, {

@@ -146,7 +146,9 @@ def _gallery_basics(page: _Page, images: _Images) -> None:
 def _gallery_lazy(page: _Page, images: _Images) -> None:
     """g2: a <base href="/img/">, lazy attributes, a <noscript> repeat, figures."""
     page.head = '<base href="/img/">'
-    name = lambda path: path.rsplit("/", 1)[-1]  # noqa: E731 - relative to the <base>
+    def name(path: str) -> str:  # relative to the <base>
+        return path.rsplit("/", 1)[-1]
+
     path, caption = images.take()
     page.add(f'<img src="{name(path)}" alt="{_attr(caption)}">', path, caption, "alt")
     lazy_path, lazy_caption = images.take()
