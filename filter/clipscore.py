@@ -328,16 +328,19 @@ def read_scores(path: str) -> tuple[pa.Table, dict[str, Any]]:
 @dataclass
 class ClipScoreSummary:
     shards: int  # committed pool shards, all of which now have a score file
-    scored_now: int  # of which this run scored
+    shards_scored_now: int  # of which this run scored
     samples: int
     scored: int
     errors: dict[str, int]
     duration: float
-    failed: dict[int, str] = field(default_factory=dict)  # shard -> error (then no stats file)
 
 
 class ClipScoreError(RuntimeError):
     """Some shards failed; the others are written, and a rerun retries only the failed ones."""
+
+    def __init__(self, message: str, failed: dict[int, str]):
+        super().__init__(message)
+        self.failed = failed  # shard id -> what went wrong
 
 
 class _Totals:
@@ -346,8 +349,14 @@ class _Totals:
         self.score_sum = 0.0
         self.errors: Counter = Counter()
         self.histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+        self.shards_now = self.samples_now = 0  # scored by this run
+        self.busy_seconds = 0.0  # the actors' time on this run's shards, model loading excluded
 
-    def add(self, summary: dict[str, Any]) -> None:
+    def add(self, summary: dict[str, Any], now: bool = True) -> None:
+        if now:
+            self.shards_now += 1
+            self.samples_now += summary["samples"]
+            self.busy_seconds += summary["duration"]
         self.samples += summary["samples"]
         self.scored += summary["scored"]
         self.score_sum += summary["score_sum"]
@@ -357,7 +366,7 @@ class _Totals:
     def sparse_histogram(self) -> dict[str, Any]:
         """Non-empty bins only, each named by its lower edge: short enough to read."""
         width = 2.0 / HISTOGRAM_BINS
-        counts = {f"{-1.0 + i * width:.2f}": int(n) for i, n in enumerate(self.histogram) if n}
+        counts = {f"{round(-1.0 + i * width, 2) + 0.0:.2f}": int(n) for i, n in enumerate(self.histogram) if n}
         return {"bin_width": width, "counts_by_lower_edge": counts}
 
     def quantiles(self) -> dict[str, float | None]:
@@ -417,55 +426,58 @@ def run_clipscore(cfg: ClipScoreConfig) -> ClipScoreSummary:
 
     totals = _Totals()
     for summary in done.values():
-        totals.add(summary)
+        totals.add(summary, now=False)
     failed: dict[int, str] = {}
     bar = tqdm(total=len(shards), initial=len(done), unit="shard", desc="clipscore", disable=not cfg.progress,
                dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-    samples_now = 0
 
     def on_done(summary: dict[str, Any]) -> None:
-        nonlocal samples_now
         totals.add(summary)
-        samples_now += summary["samples"]
         bar.update(1)
-        bar.set_postfix(samples_per_s=f"{samples_now / max(time.time() - start, 1e-9):.0f}", refresh=False)
+        bar.set_postfix(samples_per_s=f"{totals.samples_now / max(time.time() - start, 1e-9):.0f}", refresh=False)
 
     def on_failed(shard_id: int, error: str) -> None:
         failed[shard_id] = error
         log.error("shard %s: %s", shard_name(shard_id), error)
 
-    scorer_info: dict[str, Any] = {}
+    scorer: dict[str, Any] = {}
     if pending:
-        if cfg.actors == 0:
-            scorer_info = _score_inline(cfg, model_path, pending, on_done, on_failed)
-        else:
-            scorer_info = _score_on_ray(cfg, model_path, pending, on_done, on_failed)
+        score = _score_inline if cfg.actors == 0 else _score_on_ray
+        scorer = score(cfg, model_path, pending, on_done, on_failed)
     bar.close()
-    duration = time.time() - start
-    summary = ClipScoreSummary(len(shards), len(pending) - len(failed), totals.samples, totals.scored,
-                               dict(totals.errors), duration, failed)  # fmt: skip
     if failed:
-        raise ClipScoreError(
-            f"{len(failed)} of {len(pending)} shard(s) failed ({', '.join(map(shard_name, sorted(failed)[:5]))}"
-            f"{', ...' if len(failed) > 5 else ''}); the others are written: rerun the same command to retry"
-        )
+        names = ", ".join(map(shard_name, sorted(failed)[:5])) + (", ..." if len(failed) > 5 else "")
+        raise ClipScoreError(f"{len(failed)} of {len(pending)} shard(s) failed ({names}); the others are "
+                             "written: rerun the same command to retry", failed)  # fmt: skip
+    duration = time.time() - start
     if pending or not storage.exists(stats_path):
-        storage.write_json(stats_path, {
-            "shards": len(shards),
-            "shards_scored_this_run": len(pending),
-            "samples": totals.samples,
-            "scored": totals.scored,
-            "errors": dict(sorted(totals.errors.items())),
-            "mean_score": round(totals.score_sum / totals.scored, 6) if totals.scored else None,
-            "quantiles": totals.quantiles(),
-            "histogram": totals.sparse_histogram(),
-            "duration": round(duration, 3),
-            "samples_per_second_this_run": round(samples_now / duration, 1) if pending else None,
-            "checkpoint": identity,
-            "scorer": scorer_info,
-            "config": to_dict(cfg),
-        })  # fmt: skip
-    return summary
+        storage.write_json(stats_path, _stats(cfg, len(shards), totals, identity, scorer, duration))
+    return ClipScoreSummary(len(shards), len(pending), totals.samples, totals.scored, dict(totals.errors), duration)
+
+
+def _stats(cfg, shards: int, totals: _Totals, checkpoint: str, scorer: dict, duration: float) -> dict[str, Any]:
+    """The content of ``_clipscore_stats.json``: the whole folder, plus this run's speed."""
+    return {
+        "shards": shards,
+        "samples": totals.samples,
+        "scored": totals.scored,
+        "errors": dict(sorted(totals.errors.items())),
+        "mean_score": round(totals.score_sum / totals.scored, 6) if totals.scored else None,
+        "quantiles": totals.quantiles(),
+        "histogram": totals.sparse_histogram(),
+        "checkpoint": checkpoint,
+        "scorer": scorer,  # model, image size, device, precision, actors: from the first actor
+        "this_run": {
+            "shards": totals.shards_now,
+            "samples": totals.samples_now,
+            "duration": round(duration, 3),  # Ray start and model loading included
+            "samples_per_second": round(totals.samples_now / duration, 1),
+            "samples_per_actor_second": (  # one actor's steady rate: loading excluded
+                round(totals.samples_now / totals.busy_seconds, 1) if totals.busy_seconds else None
+            ),
+        },
+        "config": to_dict(cfg),
+    }
 
 
 def _score_inline(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any]:
@@ -574,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ClipScoreError) as exc:
         print(f"python -m filter.clipscore: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    print(f"{summary.samples} samples in {summary.shards} shards ({summary.scored_now} scored now, "
+    print(f"{summary.samples} samples in {summary.shards} shards ({summary.shards_scored_now} scored now, "
           f"{summary.duration:.1f}s): {summary.scored} scored")  # fmt: skip
     for reason, n in sorted(summary.errors.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:<20} {n}")

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from _train_fixtures import train_sample
+from _train_fixtures import train_sample, write_tiny_model_config
 from core import storage
 from core.config import ConfigError
 from core.layout import committed_shards, sample_key
@@ -150,7 +150,7 @@ def test_ray_actor_scores_equal_a_direct_computation(pool, checkpoint, ray_score
         assert rows[k][0] == pytest.approx(expected[k], abs=1e-5)
     scores = np.array([s for s, _ in rows.values() if s is not None])
     assert np.all(np.abs(scores) <= 1.0 + 1e-6) and np.std(scores) > 0  # cosines, and not all one value
-    assert summary.scored_now == SHARDS and not summary.failed
+    assert summary.shards_scored_now == SHARDS
 
 
 @pytest.mark.integration
@@ -181,12 +181,12 @@ def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ra
     paths = [clipscore.score_path(output, s) for s in range(SHARDS)]
     before = {p: os.stat(p).st_mtime_ns for p in paths}
     summary = run_clipscore(config(pool, checkpoint, output))
-    assert summary.scored_now == 0 and summary.samples == ray_scores[1].samples
+    assert summary.shards_scored_now == 0 and summary.samples == ray_scores[1].samples
     assert {p: os.stat(p).st_mtime_ns for p in paths} == before
 
     os.remove(paths[1])
     summary = run_clipscore(config(pool, checkpoint, output))
-    assert summary.scored_now == 1
+    assert summary.shards_scored_now == 1
     assert {p: os.stat(p).st_mtime_ns for p in paths if p != paths[1]} == {p: before[p] for p in paths if p != paths[1]}
     fresh, reference = read_all_scores(output), read_all_scores(ray_scores[0])
     assert fresh.keys() == reference.keys()
@@ -195,7 +195,7 @@ def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ra
         assert (fresh[k][0] is None) == (score is None)
         if score is not None:
             assert fresh[k][0] == pytest.approx(score, abs=1e-6)
-    assert storage.read_json(os.path.join(output, clipscore.STATS_NAME))["shards_scored_this_run"] == 1
+    assert storage.read_json(os.path.join(output, clipscore.STATS_NAME))["this_run"]["shards"] == 1
 
 
 def test_a_folder_of_another_checkpoints_scores_is_refused(pool, checkpoint, ray_scores, tmp_path):
@@ -215,7 +215,7 @@ def test_pool_and_scores_on_s3(pool, checkpoint, ray_scores, s3_env):
         fs.put(os.path.join(pool, name), f"webclip/clipscore-pool/{name}")
     remote_pool, remote_scores = "s3://webclip/clipscore-pool", "s3://webclip/clipscore-scores"
     summary = run_clipscore(config(remote_pool, checkpoint, remote_scores))
-    assert summary.scored_now == SHARDS
+    assert summary.shards_scored_now == SHARDS
     reference = read_all_scores(ray_scores[0])
     for shard in range(SHARDS):
         table, info = clipscore.read_scores(clipscore.score_path(remote_scores, shard))
@@ -227,7 +227,7 @@ def test_pool_and_scores_on_s3(pool, checkpoint, ray_scores, s3_env):
             if score is not None:
                 assert row["clip_score"] == pytest.approx(score, abs=1e-6)
     assert storage.exists(storage.join(remote_scores, clipscore.STATS_NAME))
-    assert run_clipscore(config(remote_pool, checkpoint, remote_scores)).scored_now == 0
+    assert run_clipscore(config(remote_pool, checkpoint, remote_scores)).shards_scored_now == 0
 
 
 def test_a_shard_that_fails_is_reported_and_the_stats_wait_for_it(pool, checkpoint, tmp_path):
@@ -235,8 +235,9 @@ def test_a_shard_that_fails_is_reported_and_the_stats_wait_for_it(pool, checkpoi
     shutil.copytree(pool, broken)
     (broken / "00001.parquet").write_bytes(b"not parquet")  # the success rows cannot be read
     output = str(tmp_path / "scores")
-    with pytest.raises(ClipScoreError, match="1 of 3 shard"):
+    with pytest.raises(ClipScoreError, match="1 of 3 shard") as error:
         run_clipscore(config(str(broken), checkpoint, output))
+    assert list(error.value.failed) == [1]
     assert sorted(os.listdir(output)) == ["00000.parquet", "00002.parquet"]  # no stats: not complete
 
 
@@ -291,3 +292,20 @@ def test_stats_marker_is_last(ray_scores):
         "checkpoint"
     ].endswith("step_00000007.pt")
 
+
+
+def test_an_architecture_from_a_json_file_is_found_through_the_run_config(tmp_path):
+    """A run trained with model.config_file: the checkpoint names the model, config.yaml its JSON."""
+    name = "webclip-clipscore-fallback"  # registered nowhere before this test
+    assert name not in model_mod.model_names()
+    config_file = write_tiny_model_config(str(tmp_path), name)
+    model_mod.register_model_config(write_tiny_model_config(str(tmp_path), "webclip-clipscore-twin"))
+    torch.manual_seed(0)
+    model = model_mod.create_model("webclip-clipscore-twin")  # the same architecture under another name
+    run_dir = tmp_path / "run"
+    ckpt.save_checkpoint(str(run_dir / "checkpoints"), model, ckpt.TrainProgress(1, 0, 0), name, 32, {})
+    (run_dir / "config.yaml").write_text(f"model:\n  name: {name}\n  config_file: {config_file}\n")
+    loaded = ckpt.load_model(str(run_dir / "checkpoints"))
+    assert loaded.name == name and loaded.image_size == 32 and loaded.step == 1
+    for ours, theirs in zip(loaded.model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(ours, theirs)
