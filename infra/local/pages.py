@@ -33,7 +33,8 @@ Outputs: the page files and ``robots.txt`` under ``site/`` with their routes
 ``crawl_pages.parquet`` (path, depth, robots_allowed, expected_reason: null for a
 page whose images are read, ``redirect`` for a redirect) and ``crawl_images.parquet``
 (page_path, image_path, caption, caption_source, expected_reason: null for a pair).
-Paths only, no host: the port may change between runs.
+Paths only, no host: the port may change between runs. ``write_warc`` archives the
+pages as WARC response records, for the crawler's archive tests.
 """
 
 from __future__ import annotations
