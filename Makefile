@@ -19,8 +19,16 @@ TRAIN_CONFIG  ?= configs/demo/train.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
+# A Ray cluster's job server (http://HEAD:8265), from CLUSTER=, RAY_API_SERVER_ADDRESS or an
+# http(s) RAY_ADDRESS: the data-stage targets (crawl, ingest, filter, shards) then submit the
+# same command to it as a job (`ray job submit`: infra/ray/submit.py, infra/README.md) instead
+# of running here. A RAY_ADDRESS of host:port (the GCS) runs the stage here, as that cluster's driver.
+CLUSTER ?= $(or $(RAY_API_SERVER_ADDRESS),$(filter http://% https://%,$(RAY_ADDRESS)))
+SUBMIT_ARGS ?=
+STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_ARGS) -- python -m,$(PY) -m)
+
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-web crawl ingest filter shards report train test bench bench-peers clean-demo
+.PHONY: help venv demo demo-web crawl ingest filter shards report train test cluster-test bench bench-peers clean-demo
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -28,6 +36,7 @@ help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 	@echo
 	@echo "Stage targets take CONFIG=file.yaml (default: configs/demo/<stage>.yaml) and ARGS=\"--flag value\"."
+	@echo "CLUSTER=http://HEAD:8265 runs crawl/ingest/filter/shards as a job on that Ray cluster (infra/README.md)."
 
 $(STAMP): pyproject.toml
 	@echo "Setting up $(VENV) (the first time takes a few minutes: torch, ray, open_clip)..."
@@ -45,16 +54,16 @@ demo-web: $(STAMP) ## serve the demo web on 127.0.0.1:8765 (for running `make in
 	$(PY) -m infra.local.webserver --root data/demo/corpus/site --port $${DEMO_PORT:-8765}
 
 crawl: $(STAMP) ## seed pages and/or WARC/WAT archives -> a URL list for ingest, on Ray (CONFIG=, ARGS=)
-	$(PY) -m crawl --config $(if $(CONFIG),$(CONFIG),$(CRAWL_CONFIG)) $(ARGS)
+	$(STAGE) crawl --config $(if $(CONFIG),$(CONFIG),$(CRAWL_CONFIG)) $(ARGS)
 
 ingest: $(STAMP) ## download a URL list into pool shards on Ray (CONFIG=, ARGS=)
-	$(PY) -m ingest --config $(if $(CONFIG),$(CONFIG),$(INGEST_CONFIG)) $(ARGS)
+	$(STAGE) ingest --config $(if $(CONFIG),$(CONFIG),$(INGEST_CONFIG)) $(ARGS)
 
 filter: $(STAMP) ## decide keep/reject with a reason for every pool row (CONFIG=, ARGS=)
-	$(PY) -m filter --config $(if $(CONFIG),$(CONFIG),$(FILTER_CONFIG)) $(ARGS)
+	$(STAGE) filter --config $(if $(CONFIG),$(CONFIG),$(FILTER_CONFIG)) $(ARGS)
 
 shards: $(STAMP) ## train shards + manifest.json + report from pool and decisions (CONFIG=, ARGS=)
-	$(PY) -m shards --config $(if $(CONFIG),$(CONFIG),$(SHARDS_CONFIG)) $(ARGS)
+	$(STAGE) shards --config $(if $(CONFIG),$(CONFIG),$(SHARDS_CONFIG)) $(ARGS)
 
 report: shards ## same as shards (the report is written with the shards)
 
@@ -63,6 +72,9 @@ train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONF
 
 test: $(STAMP) ## unit and integration tests (real HTTP server, Ray, S3 server, torchrun)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+cluster-test: $(STAMP) ## only the cluster tests: 2-node Ray and torchrun on loopback, node loss, infra/ configs
+	$(PY) -m pytest tests/test_cluster_*.py $(PYTEST_ARGS)
 
 bench-peers: ## the peers' own venvs under .bench/ (img2dataset 1.47, open_clip_train + webdataset 0.2.86)
 	VENV=$(VENV) bash bench/peers.sh
