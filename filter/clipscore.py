@@ -183,7 +183,7 @@ def _expected_keys(pool: str, shard_id: int) -> list[str]:
 
 
 def summarise(scores: pa.Array, errors: pa.Array) -> dict[str, Any]:
-    """Counts, errors by reason and a histogram of one score file's columns (mergeable by ``merge``)."""
+    """Counts, errors by reason and a score histogram of one score file: what the stats add up."""
     values = scores.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
     values = values[np.isfinite(values)]
     histogram, _ = np.histogram(np.clip(values, -1.0, 1.0), bins=HISTOGRAM_BINS, range=(-1.0, 1.0))
@@ -239,8 +239,11 @@ class ClipScorer:
     @torch.inference_mode()
     def scores(self, images: torch.Tensor, captions: list[str]) -> np.ndarray:
         """float32 cosine similarity of each uint8 image (B, 3, S, S) with its caption."""
+        if self.device.type == "cuda":
+            images = images.pin_memory()  # the copy is then asynchronous: it overlaps the tokenising
+        images = images.to(self.device, non_blocking=True)
         tokens = self.tokenizer(captions).to(self.device, non_blocking=True)
-        pixels = model_mod.normalise(images.to(self.device, non_blocking=True), self.mean, self.std)
+        pixels = model_mod.normalise(images, self.mean, self.std)
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             image_features = self.model.encode_image(pixels)
@@ -271,6 +274,7 @@ class ClipScorer:
         tar_path = storage.join(cfg.pool, f"{shard_name(shard_id)}.tar")
         if not storage.exists(tar_path):
             raise FileNotFoundError(f"{tar_path}: missing, though the shard is committed")
+        expected = _expected_keys(cfg.pool, shard_id)  # first: an unreadable parquet fails the shard at once
         skipped: Counter = Counter()  # shard_error, counted by the trainer's reader
         rows: dict[str, tuple[float | None, str | None]] = {}
         for batch in self._batches(data_mod.iter_tar_samples(tar_path, skipped)):
@@ -284,7 +288,7 @@ class ClipScorer:
                 rows[prepared.key] = row
         # A success row whose sample the tar does not hold: lost to damage, or never written.
         lost = data_mod.Skip.SHARD_ERROR if skipped else data_mod.Skip.IMAGE_MISSING
-        for key in _expected_keys(cfg.pool, shard_id):
+        for key in expected:
             rows.setdefault(key, (None, lost))
         keys = sorted(rows)
         table = pa.Table.from_arrays(
@@ -522,6 +526,7 @@ def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any
     started_here = not ray.is_initialized()
     if started_here:
         init_ray(cfg.ray_address or None)
+    pool: list = []
     try:
         cluster = ray.cluster_resources()
         actors, threads, resources = _actor_plan(cfg, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
@@ -558,6 +563,8 @@ def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any
             idle.append(actor)
         return {**info, "actors": actors, "actor_resources": resources}
     finally:
+        for actor in pool:  # their models hold memory (a GPU's, perhaps) on a cluster that lives on
+            ray.kill(actor)
         if started_here:
             ray.shutdown()
 
