@@ -154,3 +154,38 @@ def test_ingest_survives_losing_a_worker_node(cluster, web, tmp_path):
     assert twice and len({i // PER_SHARD for i in twice}) == 1, asked
     assert all(n == 1 for i, n in asked.items() if i not in twice), asked
     assert "ok=" in log  # the progress bar ran through the shard tasks' reports
+
+
+def _job_server_installed() -> bool:
+    """The dashboard (the job server) needs ray[default] (`pip install -e '.[cluster]'`)."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _job_server_installed(), reason="needs ray[default] for the job server: "
+                    "pip install -e '.[cluster]'")  # fmt: skip
+def test_ingest_submitted_as_a_job_to_the_job_server(s3_env, web):
+    """``python -m infra.ray.submit`` (what ``make ingest CLUSTER=...`` runs) against a real job server."""
+    config = LocalClusterConfig(head_cpus=1, worker_cpus=(1,), dashboard=True)
+    base = "s3://webclip/cluster-job"
+    urls = [f"{web.base}/img/j{i}.jpg" for i in range(20)]
+    with storage.open_file(f"{base}/urls.parquet", "wb") as handle:
+        pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(20)]}), handle)
+    with LocalRayCluster(config) as cluster:
+        env = {**os.environ, **cluster.auth_env, "PYTHONPATH": str(REPO)}  # the token: as for any submitter
+        env.pop("RAY_ADDRESS", None)
+        done = subprocess.run(
+            [sys.executable, "-m", "infra.ray.submit", "--address", cluster.dashboard_url, "--no-pip",
+             "--submission-id", f"ingest-{os.getpid()}", "--",
+             "python", "-m", "ingest", "--url_list", f"{base}/urls.parquet", "--input_format", "parquet",
+             "--caption_col", "caption", "--output_folder", f"{base}/pool", "--number_sample_per_shard", "10",
+             "--allow_networks", "127.0.0.1/32", "--image_size", "32"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "20 rows in 2 shards" in done.stdout  # the driver's summary, streamed back from the head node
+    rows = [r for s in range(2) for r in pq.read_table(io.BytesIO(read_bytes(f"{base}/pool/{s:05d}.parquet"))).to_pylist()]
+    assert [r["url"] for r in rows] == urls and all(r["status"] == "success" for r in rows)

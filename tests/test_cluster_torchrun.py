@@ -118,6 +118,7 @@ def test_two_node_torchrun_resumes_from_s3_after_losing_a_worker(s3_env, tmp_pat
     resumed = summary["resumed_from_step"]
     assert resumed is not None and seen_at_kill[0] <= resumed < STEPS and resumed % EVERY == 0, summary
     assert summary["world_size"] == 2 and summary["samples_seen"] == STEPS * 8
+    assert f"resume=latest: no checkpoint in {checkpoints} yet, starting at step 0" in output  # the first start
     assert f"resuming from {checkpoints}/step_{resumed:08d}.pt at step {resumed}" in output
     # The log (appended to on resume) has every step; where it steps back, it restarts right after the checkpoint.
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

@@ -226,6 +226,8 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
             skipped.update(rank_state["skipped"])
         if world.is_main:
             log.info("resuming from %s at step %d (%d samples seen)", resume_from, step, samples_seen)
+    elif config.resume and world.is_main:  # "latest" with no checkpoint yet: the first start of a restartable job
+        log.info("resume=%s: no checkpoint in %s yet, starting at step 0", config.resume, config.checkpoint_dir)
 
     # -- data: this rank's slice of every epoch's shard order, batched in the stream ---------
     data_workers = max(1, config.data.workers)

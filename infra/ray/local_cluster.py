@@ -235,8 +235,12 @@ class LocalRayCluster:
         return args
 
     def _node_env(self) -> dict[str, str]:
+        # `python` on a node is the Python that runs Ray there, as on a real cluster (a job's
+        # entrypoint is `python -m STAGE`): this interpreter, whatever PATH says otherwise.
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
         return {
             **os.environ,
+            "PATH": path,
             **self.auth_env,
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_health_check_initial_delay_ms": "0",
