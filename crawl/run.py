@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core import storage
+from core.cluster import init_ray
 from core.config import ConfigError, to_dict
 from core.reasons import Reason
 from crawl.archive import crawl_warc_file
@@ -306,15 +307,7 @@ def run_crawl(cfg: CrawlConfig) -> CrawlStats:
     enabled = _progress_enabled(cfg.progress)
     total = CrawlStats()
 
-    started_ray = False
-    if cfg.distributor == "ray":
-        import ray
-
-        from ingest.distributor import init_ray
-
-        if not ray.is_initialized():
-            init_ray(cfg.ray_address, cfg.processes_count)
-            started_ray = True
+    started_ray = cfg.distributor == "ray" and init_ray(cfg.ray_address, cfg.processes_count)
     try:
         if files:
             total.add(crawl_archives(files, cfg, enabled))
