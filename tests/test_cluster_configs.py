@@ -30,8 +30,11 @@ from infra.ray import submit
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
-SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.I)
-LITERAL_KEYS = [re.compile(r"AKIA[0-9A-Z]{16}"), re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{30,}")]
+SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
+LITERAL_KEYS = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),  # an AWS access key id
+    re.compile(r"(?i)aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{30,}"),
+]
 
 
 def documents(path: Path) -> list[dict]:
@@ -254,7 +257,7 @@ def test_every_yaml_has_what_its_tool_requires(path, monkeypatch):
 
 def test_the_dockerfile_copies_every_package_it_installs():
     include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
-    copied = set(re.findall(r"^COPY (\S+) ", (INFRA / "k8s" / "Dockerfile").read_text(), re.M))
+    copied = set(re.findall(r"^COPY (\S+) ", (INFRA / "k8s" / "Dockerfile").read_text(), re.MULTILINE))
     assert {name.rstrip("*") for name in include} <= copied
 
 
@@ -266,7 +269,7 @@ SBATCH = INFRA / "slurm" / "train.sbatch"
 
 def test_sbatch_script_is_valid_bash_with_the_slurm_directives():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
-    directives = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", SBATCH.read_text(), re.M))
+    directives = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", SBATCH.read_text(), re.MULTILINE))
     assert {"nodes", "ntasks-per-node", "gpus-per-node", "time", "requeue"} <= set(directives)
     assert directives["ntasks-per-node"] == "1", "one torchrun launcher per node"
 
@@ -289,7 +292,7 @@ def test_sbatch_script_launches_torchrun_across_nodes(tmp_path):
            "SLURM_CPUS_PER_TASK": "64", "SLURM_GPUS_ON_NODE": "8", "CONFIG": "configs/demo/train.yaml",
            "CHECKPOINTS": "s3://bucket/runs/demo/checkpoints"}  # fmt: skip
     done = subprocess.run(["bash", str(SBATCH), "--set", "steps=10"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
+                          text=True, timeout=30, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     share_store, rest = capture.read_text().split("\n", 1)
     argv = rest.rstrip("\0").split("\0")
@@ -301,7 +304,7 @@ def test_sbatch_script_launches_torchrun_across_nodes(tmp_path):
     assert config.checkpoint_dir == "s3://bucket/runs/demo/checkpoints" and config.steps == 10
 
     missing = subprocess.run(["bash", str(SBATCH)], cwd=REPO, env={**env, "CHECKPOINTS": ""}, capture_output=True,
-                             text=True, timeout=30)  # fmt: skip
+                             text=True, timeout=30, check=False)  # fmt: skip
     assert missing.returncode != 0 and "CHECKPOINTS" in missing.stderr
 
 
@@ -374,7 +377,7 @@ def test_make_ingest_runs_here_or_submits_to_the_cluster(variables, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "CLUSTER")}
     done = subprocess.run(["make", "-n", "ingest", *[f"{k}={v}" for k, v in variables.items() if k == "CLUSTER"]],
                           cwd=REPO, env={**env, **{k: v for k, v in variables.items() if k != "CLUSTER"}},
-                          capture_output=True, text=True, timeout=30)  # fmt: skip
+                          capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     line = done.stdout.strip().splitlines()[-1]
     assert " ".join(line.split()).startswith(expected), line

@@ -14,6 +14,7 @@ having resumed from a checkpoint step, not from 0.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -23,9 +24,9 @@ import threading
 import time
 from pathlib import Path
 
+import _train_fixtures as fx
 import pytest
 
-import _train_fixtures as fx
 from core import storage
 from infra.ray.local_cluster import command_line, free_port, node_processes
 
@@ -123,4 +124,4 @@ def test_two_node_torchrun_resumes_from_s3_after_losing_a_worker(s3_env, tmp_pat
     # The log (appended to on resume) has every step; where it steps back, it restarts right after the checkpoint.
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert set(steps) == set(range(1, STEPS + 1)) and steps[-1] == STEPS
-    assert all(b == resumed + 1 for a, b in zip(steps, steps[1:]) if b <= a), steps
+    assert all(b == resumed + 1 for a, b in itertools.pairwise(steps) if b <= a), steps

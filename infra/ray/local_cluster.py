@@ -40,6 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 DEFAULT_HOST = "127.0.0.2"
 READY_LINE = "Ray runtime started"
@@ -185,7 +186,7 @@ class LocalRayCluster:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def __enter__(self) -> "LocalRayCluster":
+    def __enter__(self) -> Self:
         self.start()
         return self
 
