@@ -46,7 +46,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, NamedTuple
 
@@ -189,7 +189,7 @@ def summarise(scores: pa.Array, errors: pa.Array) -> dict[str, Any]:
     histogram, _ = np.histogram(np.clip(values, -1.0, 1.0), bins=HISTOGRAM_BINS, range=(-1.0, 1.0))
     return {
         "samples": len(scores),
-        "scored": int(len(values)),
+        "scored": len(values),
         "errors": dict(Counter(e for e in errors.to_pylist() if e is not None)),
         "score_sum": float(values.sum()),
         "histogram": histogram.tolist(),

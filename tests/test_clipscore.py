@@ -175,6 +175,7 @@ def test_one_row_per_pool_success_row_with_reasons(pool, ray_scores):
     assert stats["scorer"]["step"] == 7 and stats["checkpoint"].endswith("step_00000007.pt")
 
 
+@pytest.mark.integration
 def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ray_scores, tmp_path):
     output = str(tmp_path / "scores")
     shutil.copytree(ray_scores[0], output)
@@ -198,6 +199,7 @@ def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ra
     assert storage.read_json(os.path.join(output, clipscore.STATS_NAME))["this_run"]["shards"] == 1
 
 
+@pytest.mark.integration
 def test_a_folder_of_another_checkpoints_scores_is_refused(pool, checkpoint, ray_scores, tmp_path):
     other = str(tmp_path / "other" / "checkpoints")
     torch.manual_seed(1)
@@ -209,6 +211,7 @@ def test_a_folder_of_another_checkpoints_scores_is_refused(pool, checkpoint, ray
         run_clipscore(config(pool, other, output))
 
 
+@pytest.mark.integration
 def test_pool_and_scores_on_s3(pool, checkpoint, ray_scores, s3_env):
     fs, _ = storage.filesystem("s3://webclip")
     for name in sorted(os.listdir(pool)):
@@ -281,6 +284,7 @@ def test_help_explains_the_options(capsys):
         assert word in text
 
 
+@pytest.mark.integration
 def test_stats_marker_is_last(ray_scores):
     output, _ = ray_scores
     names = os.listdir(output)
