@@ -57,6 +57,7 @@ import torch
 from tqdm import tqdm
 
 from core import storage
+from core.cluster import init_ray
 from core.config import ConfigError, option, parse_config, to_dict
 from core.layout import committed_shards, shard_id_of, shard_name
 from train import checkpoint as ckpt
@@ -521,11 +522,7 @@ def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any
     import ray
     from ray.exceptions import RayActorError
 
-    from ingest.distributor import init_ray
-
-    started_here = not ray.is_initialized()
-    if started_here:
-        init_ray(cfg.ray_address or None)
+    started_here = init_ray(cfg.ray_address or None)
     pool: list = []
     try:
         cluster = ray.cluster_resources()
