@@ -189,9 +189,10 @@ def test_a_million_fingerprints_of_distinct_pairs_do_not_collide():
     assert seen.add(values[::1000]).all() and len(seen) == 1_000_000
 
 
-def test_fingerprint_set_matches_a_python_set_across_merges():
+@pytest.mark.parametrize("max_run", [1 << 25, 1000])  # 1000: big runs stop merging, as at 100M+ rows
+def test_fingerprint_set_matches_a_python_set_across_merges(max_run):
     rng = np.random.default_rng(3)
-    seen, reference = FingerprintSet(), set()
+    seen, reference = FingerprintSet(max_run), set()
     added = 0
     for batch in range(300):
         size = int(rng.integers(0, 400))
@@ -203,7 +204,8 @@ def test_fingerprint_set_matches_a_python_set_across_merges():
         assert seen.add(values).tolist() == expected, batch
         added += size
         assert len(seen) == len(reference)
-        assert seen.runs <= max(1, len(reference)).bit_length() + 1  # a binary counter of runs
+        capped = len(reference) // (max_run // 2) if max_run < len(reference) else 0
+        assert seen.runs <= capped + max(1, len(reference)).bit_length() + 1  # a binary counter of runs
     probe = rng.integers(0, 40_000, size=5000, dtype=np.uint64)
     assert seen.contains(probe).tolist() == [v in reference for v in probe.tolist()]
     assert seen.nbytes == 8 * len(reference)
