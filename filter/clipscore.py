@@ -343,9 +343,9 @@ class ClipScoreSummary:
 class ClipScoreError(RuntimeError):
     """Some shards failed; the others are written, and a rerun retries only the failed ones."""
 
-    def __init__(self, message: str, failed: dict[int, str]):
+    def __init__(self, message: str, failed: dict[int, str] | None = None):
         super().__init__(message)
-        self.failed = failed  # shard id -> what went wrong
+        self.failed = failed or {}  # shard id -> what went wrong
 
 
 class _Totals:
@@ -522,7 +522,14 @@ def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any
     import ray
     from ray.exceptions import RayActorError
 
+    # Set before torch loads OpenMP in an actor's process (as train/__main__.py does): idle OpenMP
+    # threads sleep instead of spinning on cores the decode threads and other jobs need. A local
+    # instance started here passes our environment to its workers; on a cluster it is said explicitly
+    # (a runtime_env costs seconds of actor start, so only there).
+    omp = {"OMP_WAIT_POLICY": os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")}
+    joins = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
     started_here = init_ray(cfg.ray_address or None)
+    options = {"runtime_env": {"env_vars": omp}} if joins else {}
     pool: list = []
     try:
         cluster = ray.cluster_resources()
@@ -531,7 +538,7 @@ def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any
         device = "cuda" if "num_gpus" in resources else "cpu"
         # An actor that dies (OOM, lost node) is restarted once and its shard retried; a score
         # file is written whole or not at all, so a retry cannot leave half a file behind.
-        remote = ray.remote(max_restarts=1, max_task_retries=1, **resources)(ClipScorer)
+        remote = ray.remote(max_restarts=1, max_task_retries=1, **options, **resources)(ClipScorer)
         pool = [remote.remote(cfg, model_path, device, threads) for _ in range(actors)]
         try:
             info = ray.get(pool[0].describe.remote())
