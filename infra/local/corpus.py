@@ -85,8 +85,8 @@ from ingest.resizer import ResizeConfig, resize_image
 # Bump when the generator's output changes for the same (rows, seed, slow_delay):
 # stale sites are then re-rendered instead of silently reused.
 # 4: HTML pages and robots.txt for the crawler (infra.local.pages); 5: scenes carry a light field;
-# 6: dup_url and caption_junk rows fail before download (ingest.plan), more junk captions
-CORPUS_FORMAT = 6
+# 6: dup_url and caption_junk rows fail before download (ingest.plan), more junk captions;
+CORPUS_FORMAT = 7  # 7: the held-out pairs are a 2 x 3 block (infra.local.scenes)
 
 # Planted defects, as fractions of all rows; "clean" takes the rest (about 49%).
 # "mismatch" is about 19% of the rows whose download yields a scene image.
