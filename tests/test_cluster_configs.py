@@ -374,8 +374,11 @@ def test_submit_cli_dry_run_and_errors(capsys, monkeypatch):
     ],
 )
 def test_make_ingest_runs_here_or_submits_to_the_cluster(variables, expected):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "CLUSTER")}
-    done = subprocess.run(["make", "-n", "ingest", *[f"{k}={v}" for k, v in variables.items() if k == "CLUSTER"]],
+    # Under `make test` the parent make's MAKEFLAGS / MAKELEVEL would make this one print
+    # "Entering/Leaving directory" lines: run it as a top-level make.
+    dropped = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "CLUSTER", "MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    done = subprocess.run(["make", "--no-print-directory", "-n", "ingest", *[f"{k}={v}" for k, v in variables.items() if k == "CLUSTER"]],
                           cwd=REPO, env={**env, **{k: v for k, v in variables.items() if k != "CLUSTER"}},
                           capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
