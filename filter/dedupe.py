@@ -116,7 +116,7 @@ class NearGuard:
 
     A re-encode, resize or slight crop keeps an image's shape and tonal spread; two
     different pictures whose hashes happen to be close rarely share both. On the
-    demo corpus these guards take the false matches at 10 bits from 138 to 8
+    demo corpus these guards take the false matches at 10 bits from 143 to 5
     (BENCHMARKS.md, curation).
     """
 
