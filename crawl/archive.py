@@ -31,7 +31,7 @@ def _charset(content_type: str | None) -> str | None:
     return None
 
 
-def _response_page(record: WarcRecord, cfg: CrawlConfig) -> PageExtraction:
+def _response_page(record: WarcRecord, cfg: CrawlConfig, directives: tuple[str, ...]) -> PageExtraction:
     if not record.complete:  # judge by the headers what the unread rest was
         head = http_payload(record.block, cfg.max_page_bytes, headers_only=True)
         media_type = (head.header("content-type") or "").split(";")[0].strip().lower()
@@ -41,33 +41,41 @@ def _response_page(record: WarcRecord, cfg: CrawlConfig) -> PageExtraction:
     payload = http_payload(record.block, cfg.max_page_bytes)
     if not 200 <= payload.status < 300:
         raise SampleError(http_reason(payload.status), f"archived HTTP {payload.status}")
-    directive = opt_out_directive(payload.headers.get("x-robots-tag", []), cfg.directives(), cfg.user_agent_token)
+    robots_tags = payload.headers.get("x-robots-tag")
+    directive = opt_out_directive(robots_tags, directives, cfg.user_agent_token) if robots_tags else None
     if directive:
         raise SampleError(Reason.OPT_OUT, f"X-Robots-Tag: {directive}")
     content_type = payload.header("content-type")
     return read_page(record.target_uri, payload.body, content_type=content_type, charset=_charset(content_type),
-                     max_bytes=cfg.max_page_bytes, disallowed_directives=cfg.directives())
+                     max_bytes=cfg.max_page_bytes, disallowed_directives=directives)
 
 
-def record_extraction(record: WarcRecord, cfg: CrawlConfig) -> tuple[str | None, PageExtraction | None]:
-    """``(page_url, extraction)``; ``(None, None)`` for a record that is no page; ``SampleError`` for a bad page."""
+def record_extraction(
+    record: WarcRecord, cfg: CrawlConfig, directives: tuple[str, ...] | None = None,
+) -> tuple[str | None, PageExtraction | None]:
+    """``(page_url, extraction)``; ``(None, None)`` for a record that is no page; ``SampleError`` for a bad page.
+
+    ``directives``: ``cfg.directives()``, computed once per file by the caller.
+    """
+    if directives is None:
+        directives = cfg.directives()
     kind = record.type
     if kind == "response" and record.content_type.startswith("application/http"):
         if not record.target_uri:
             raise SampleError(Reason.WARC_MALFORMED, "response record without WARC-Target-URI")
-        return record.target_uri, _response_page(record, cfg)
+        return record.target_uri, _response_page(record, cfg, directives)
     if kind == "resource" and record.target_uri and record.target_uri.startswith(("http://", "https://")):
         if not record.complete:
             raise SampleError(Reason.PAGE_TOO_LARGE, f"record of {record.length} bytes")
         return record.target_uri, read_page(
             record.target_uri, record.block, content_type=record.content_type, charset=_charset(record.content_type),
-            max_bytes=cfg.max_page_bytes, disallowed_directives=cfg.directives(),
+            max_bytes=cfg.max_page_bytes, disallowed_directives=directives,
         )
     if kind == "metadata" and record.content_type.startswith("application/json"):
         if not record.complete:
             raise SampleError(Reason.PAGE_TOO_LARGE, f"WAT record of {record.length} bytes")
         try:
-            return extract_wat(json.loads(record.block), cfg.directives())
+            return extract_wat(json.loads(record.block), directives)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SampleError(Reason.WARC_MALFORMED, f"WAT JSON: {type(exc).__name__}: {exc}"[:200]) from None
     return None, None
@@ -75,11 +83,12 @@ def record_extraction(record: WarcRecord, cfg: CrawlConfig) -> tuple[str | None,
 
 def crawl_warc_file(path: str, cfg: CrawlConfig, writer: PairWriter, stats: CrawlStats) -> None:
     """Every record of ``path`` into ``writer`` and ``stats``; a damaged file ends early, counted."""
+    directives = cfg.directives()
     try:
         for record in iter_warc(path, cfg.max_page_bytes + HTTP_HEADER_ALLOWANCE):
             stats.records += 1
             try:
-                page_url, extraction = record_extraction(record, cfg)
+                page_url, extraction = record_extraction(record, cfg, directives)
             except SampleError as error:
                 stats.pages += 1
                 stats.count(error.reason.value)

@@ -34,6 +34,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -64,6 +65,7 @@ _CAMERA_NAME = re.compile(
     r"(?:img|image|dsc[nf]?|dcim|pict?|pxl|mvimg|photo|screenshot|screen ?shot|capture|scan)[\s_\-]*\d[\w\-]*",
     re.IGNORECASE,
 )
+_CAMERA_PREFIXES = ("img", "image", "dsc", "dcim", "pic", "pxl", "mvimg", "photo", "screen", "capture", "scan")
 _END_PUNCTUATION = " \t.,:;-_|*#!?\"'()[]{}<>/\\"
 _LETTER = re.compile(r"[^\W\d_]")
 _SUSPECT_INITIALS = frozenset("idpmschwIDPMSCHW")  # how camera names and URLs begin (see _CAMERA_NAME)
@@ -105,9 +107,12 @@ def is_meaningless(caption: str) -> bool:
         core = core.strip(_END_PUNCTUATION)
     if core in GENERIC_ALTS:
         return True
-    if core[:1] in _SUSPECT_INITIALS and (_CAMERA_NAME.fullmatch(core) or core.startswith(("http://", "https://",
-                                                                                              "www."))):
-        return True
+    if core[:1] in _SUSPECT_INITIALS:
+        if core.startswith(("http://", "https://", "www.")):
+            return True
+        # the regex only when the text begins like a camera name (or with letters it folds, like 'ſ')
+        if (core.startswith(_CAMERA_PREFIXES) or not core[:11].isascii()) and _CAMERA_NAME.fullmatch(core):
+            return True
     return "." in caption and _FILE_NAME.fullmatch(caption) is not None
 
 
@@ -118,9 +123,37 @@ def srcset_candidates(value: str) -> list[tuple[str, int, float]]:
     may contain commas), a trailing comma ends a candidate without descriptors, and
     commas inside parentheses do not split descriptors.
     """
-    if "(" not in value:  # no parenthesised descriptors: one regex splits the same way, faster
-        return [_candidate(url, descriptor) for url, descriptor in _SRCSET_CANDIDATE.findall(value)]
-    return _srcset_by_hand(value)
+    if "(" in value:
+        return _srcset_by_hand(value)
+    tokens = value.split()
+    count = len(tokens)
+    if count % 2 == 0:  # perhaps the usual "a.jpg 320w, b.jpg 640w": then whitespace alone splits it right
+        candidates = []
+        for i in range(0, count, 2):
+            url, descriptor = tokens[i], tokens[i + 1]
+            if url[0] == "," or url[-1] == ",":
+                break
+            if i + 2 < count:  # a descriptor ends its candidate with one comma, but the last
+                if descriptor[-1] != ",":
+                    break
+                descriptor = descriptor[:-1]
+            if "," in descriptor:
+                break
+            if descriptor[-1:] == "w" and descriptor[:-1].isdecimal():
+                candidates.append((url, int(descriptor[:-1]), 1.0))
+            else:
+                candidates.append(_candidate(url, descriptor))
+        else:
+            return candidates
+    candidates = []  # no parenthesised descriptors: one regex splits the same way, faster
+    for url, descriptor in _SRCSET_CANDIDATE.findall(value):
+        if not descriptor:
+            candidates.append((url, 0, 1.0))
+        elif descriptor[-1] == "w" and descriptor[:-1].isdecimal():  # "640w", as _candidate reads it
+            candidates.append((url, int(descriptor[:-1]), 1.0))
+        else:
+            candidates.append(_candidate(url, descriptor))
+    return candidates
 
 
 def _srcset_by_hand(value: str) -> list[tuple[str, int, float]]:
@@ -165,10 +198,6 @@ def _candidate(url: str, descriptor: str) -> tuple[str, int, float]:
     return url, width, density
 
 
-def _is_data_uri(url: str) -> bool:
-    return url[:5].lower() == "data:"
-
-
 def resolve(base: str, raw: str) -> tuple[str | None, Reason | None]:
     """``raw`` as an absolute http(s) URL without fragment, or the reason it is not one."""
     raw = raw.strip().translate(_URL_WHITESPACE)
@@ -188,6 +217,8 @@ def resolve(base: str, raw: str) -> tuple[str | None, Reason | None]:
 
 
 _PLAIN_NETLOC = re.compile(r"[a-z0-9.\-]+(?::[0-9]{1,4})?")  # no userinfo, IDN, IPv6 or odd port
+# A base URL urlsplit would take apart as written: http(s), a plain host, nothing to strip or remove.
+_SIMPLE_BASE = re.compile(r"(https?)://([a-z0-9.\-]+(?::[0-9]{1,4})?)(/[^?#\x00-\x20]*)?(?:[?#][^\x00-\x20]*)?")
 
 
 class Resolver:
@@ -201,23 +232,31 @@ class Resolver:
 
     def __init__(self, base: str):
         self.base = base
-        parts = urlsplit(base)
-        netloc = parts.netloc.lower()
-        self._fast = (parts.scheme in ("http", "https") and _PLAIN_NETLOC.fullmatch(netloc) is not None
-                      and "/." not in parts.path)
-        self._origin = f"{parts.scheme}://{netloc}"
-        path = parts.path or "/"
+        simple = _SIMPLE_BASE.fullmatch(base)
+        if simple is not None:  # what urlsplit would find, without urlsplit
+            scheme, netloc, path = simple.group(1), simple.group(2), simple.group(3) or ""
+            self._fast = "/." not in path
+        else:
+            parts = urlsplit(base)
+            scheme, netloc, path = parts.scheme, parts.netloc.lower(), parts.path
+            self._fast = (scheme in ("http", "https") and _PLAIN_NETLOC.fullmatch(netloc) is not None
+                          and "/." not in path)
+        self._origin = f"{scheme}://{netloc}"
+        path = path or "/"
         self._directory = self._origin + path[: path.rfind("/") + 1]
 
-    def __call__(self, raw: str) -> tuple[str | None, Reason | None]:
+    def join(self, raw: str) -> tuple[str | None, Reason | None]:
         url = raw.strip()
         if "\n" in url or "\t" in url or "\r" in url:
             url = url.translate(_URL_WHITESPACE)
-        if self._fast and url and "/." not in url and url[0] not in ".#":
+        if self._fast and url and url[0] > " " and "/." not in url and url[0] not in ".#":  # urlsplit drops C0 too
             fragment = url.find("#")
             if fragment >= 0:
                 url = url[:fragment]
-            if url.startswith(("http://", "https://")):
+            if url[0] == "/":
+                if "//" not in url and ";" not in url and url[-1] != "?":  # see _plain_path
+                    return self._origin + url, None
+            elif url.startswith(("http://", "https://")):
                 start = url.index("//") + 2
                 end = len(url)
                 for mark in ("/", "?"):
@@ -227,13 +266,13 @@ class Resolver:
                 netloc, rest = url[start:end].lower(), url[end:]
                 if _PLAIN_NETLOC.fullmatch(netloc) and netloc[0] != ":" and _plain_path(rest):
                     return f"{url[: start - 3]}://{netloc}{rest if rest[:1] == '/' else '/' + rest}", None
-            elif "//" not in url and ";" not in url and url[-1] != "?":  # see _plain_path
-                if url[0] == "/":
-                    return self._origin + url, None
+            elif "//" not in url and ";" not in url and url[-1] != "?":
                 colon = url.find(":")
                 if url[0] != "?" and (colon < 0 or 0 <= url.find("/") < colon):  # no scheme
                     return self._directory + url, None
         return resolve(self.base, raw)
+
+    __call__ = join
 
 
 def _plain_path(path: str) -> bool:
@@ -243,125 +282,208 @@ def _plain_path(path: str) -> bool:
 
 def pick_image_url(attributes: dict[str, Any], source_srcsets: Iterable[str] = ()) -> tuple[str | None, Reason | None]:
     """The raw URL an ``<img>`` stands for (rule 1 above), or ``data_uri`` / ``invalid_url``."""
+    raw, problem = _pick_url(attributes, tuple(source_srcsets))
+    return raw, (None if problem is None else Reason(problem))
+
+
+_DATA_URI, _INVALID_URL = Reason.DATA_URI.value, Reason.INVALID_URL.value
+
+
+def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tuple[str | None, str | None]:
+    """``pick_image_url``, with the reason as its code."""
+    get = attributes.get
     if not source_srcsets and _URL_ATTRIBUTES.isdisjoint(attributes):  # the common case: src only
-        value = (attributes.get("src") or "").strip()
+        value = (get("src") or "").strip()
         if value and value[:5].lower() != "data:":
             return value, None
-        return None, (Reason.DATA_URI if value else Reason.INVALID_URL)
-    best, best_rank, saw_data = None, (-1, -1.0), False
-    srcsets = [attributes.get(name) for name in ("srcset", *LAZY_SRCSET_ATTRIBUTES)]
-    for srcset in (*srcsets, *source_srcsets):
-        if not srcset:
-            continue
-        for url, width, density in srcset_candidates(srcset):
-            if _is_data_uri(url):
-                saw_data = True
-            elif (width, density) > best_rank:
-                best, best_rank = url, (width, density)
-    if best is not None:
-        return best, None
-    for name in (*LAZY_SRC_ATTRIBUTES, "src"):
-        value = (attributes.get(name) or "").strip()
+        return None, (_DATA_URI if value else _INVALID_URL)
+    srcset = get("srcset")
+    if srcset and not source_srcsets and not get("data-srcset") and not get("data-lazy-srcset"):
+        widest = _widest_of_usual_srcset(srcset)
+        if widest is not None:
+            return widest, None
+    best, best_width, best_density, saw_data = None, -1, -1.0, False
+    for value in (srcset, get("data-srcset"), get("data-lazy-srcset"), *source_srcsets):
         if not value:
             continue
-        if _is_data_uri(value):
+        for url, width, density in srcset_candidates(value):
+            if url[:5].lower() == "data:":
+                saw_data = True
+            elif width > best_width or (width == best_width and density > best_density):  # widths rank first
+                best, best_width, best_density = url, width, density
+    if best is not None:
+        return best, None
+    for name in _LAZY_THEN_SRC:
+        value = get(name)
+        if not value:
+            continue
+        value = value.strip()
+        if not value:
+            continue
+        if value[:5].lower() == "data:":
             saw_data = True
             continue
         return value, None
-    return None, (Reason.DATA_URI if saw_data else Reason.INVALID_URL)
+    return None, (_DATA_URI if saw_data else _INVALID_URL)
+
+
+_LAZY_THEN_SRC = (*LAZY_SRC_ATTRIBUTES, "src")
+
+
+def _widest_of_usual_srcset(srcset: str) -> str | None:
+    """The widest candidate of the usual srcset, ``"a.jpg 320w, b.jpg 640w"``; None for any other.
+
+    Usual: whitespace splits it into URL, ``"640w,"`` pairs (the last without its comma),
+    no URL begins or ends with a comma, and none is a data: URI. srcset_candidates reads
+    such a srcset token by token, and _pick_url then takes the first of the widest; this
+    does the same with C loops (map) instead of a Python one per candidate.
+    """
+    tokens = srcset.split()
+    if len(tokens) % 2 or not tokens:
+        return None
+    urls = tokens[::2]
+    widths = list(map(str.removesuffix, tokens[1:-1:2], repeat("w,")))
+    widths.append(tokens[-1].removesuffix("w"))
+    if (not all(map(str.isdecimal, widths)) or any(map(str.startswith, urls, repeat(",")))
+            or any(map(str.endswith, urls, repeat(","))) or "data:" in srcset.lower()):
+        return None
+    widths = list(map(int, widths))
+    return urls[widths.index(max(widths))]
 
 
 def robots_directives(content: str | None) -> set[str]:
     return {d.strip().lower() for d in (content or "").split(",") if d.strip()}
 
 
-# -- the collector both HTML and WAT feed -------------------------------------------------
+# -- rules 1-4, for the images of an HTML page or a WAT record --------------------------
+
+# Lexbor's element kinds, as its tree reports them (by name, whatever the namespace).
+_TAG_IDS = {node.tag: node.tag_id for node in LexborHTMLParser(
+    "<picture><source srcset><img></picture><figure><figcaption></figcaption></figure><a></a><area>").css("*")}
+_IMG, _SOURCE, _PICTURE = _TAG_IDS["img"], _TAG_IDS["source"], _TAG_IDS["picture"]
+_FIGURE, _FIGCAPTION = _TAG_IDS["figure"], _TAG_IDS["figcaption"]
+# A src beginning with one of these takes _pick_url: a data: URI, or whitespace that strip() removes
+# (so that " data:..." is a data URI too). Every str.isspace() character is below U+3001 (a test checks).
+_CAREFUL_FIRST = frozenset("dD" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()))
+_ALT_MEANINGLESS, _DUP_IN_PAGE = Reason.ALT_MEANINGLESS.value, Reason.DUP_IN_PAGE.value
+# An alt text longer than any generic phrase, beginning with one of these letters (none begins a camera
+# name or a URL) and without a '.' (no file extension) says something: is_meaningless's first test.
+_PLAIN_INITIALS = frozenset(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                            if c not in _SUSPECT_INITIALS)
 
 
-class _Collector:
-    """Applies rules 1-4 to each image and keeps the page's outcome."""
+def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction, hrefs: list[str] | None) -> None:
+    """Rules 1-4 for each ``<img>`` among ``nodes`` (document order), into ``result``.
 
-    def __init__(self, base_url: str):
-        self.resolve = Resolver(base_url)
-        self.result = PageExtraction()
-        self._seen_images: set[str] = set()
-        self._seen_links: set[str] = set()
-
-    def images(self, images: Iterable[tuple[dict[str, Any], Sequence[str], Any]]) -> None:
-        """Rules 1-4 for each (img attributes, its <picture>'s srcsets, node to look for a figure from).
-
-        One loop per page with everything bound locally and the common case (a plain
-        ``src``) inline: it runs for every image of every page, so it is written for
-        speed (see bench/crawl_parse.py).
-        """
-        resolve, seen, pairs, reasons = self.resolve, self._seen_images, self.result.pairs, self.result.reasons
-        url_attributes, new_pair = _URL_ATTRIBUTES, tuple.__new__
-        for attributes, srcsets, node in images:
-            raw = attributes.get("src")
-            if srcsets or not url_attributes.isdisjoint(attributes) or not raw or raw[:5].lower() == "data:":
-                raw, problem = pick_image_url(attributes, srcsets)
-                if raw is None:
-                    reasons[problem.value] += 1
-                    continue
-            url, problem = resolve(raw)
-            if url is None:
-                reasons[problem.value] += 1
+    ``nodes`` are what ``css("img, source[srcset]")`` (plus ``a[href], area[href]``
+    with ``hrefs``, which collects those links) returns: a ``<picture>``'s sources come
+    before its ``<img>``. This loop runs for every image of every page, so it is one
+    function with the common case inline (an image with just ``src`` and a meaningful
+    ``alt``); each shortcut falls back on the plain rule (``_pick_url``, ``Resolver``,
+    ``is_meaningless``) whenever it is not sure. A test checks it against the plain
+    rules applied one by one (tests/test_crawl_extract.py).
+    """
+    pairs, reasons = result.pairs, result.reasons
+    counted = reasons.get  # the Counter as a dict: no __missing__ call
+    seen: set[str] = set()
+    url_attributes, careful_first, longest_generic, plain_initials = (
+        _URL_ATTRIBUTES, _CAREFUL_FIRST, _LONGEST_GENERIC, _PLAIN_INITIALS)
+    join = resolve.join
+    new_pair = tuple.__new__
+    picture, sources = None, []  # the <picture> whose <source srcset>s came last, and those srcsets
+    for node in nodes:
+        tag = node.tag_id
+        if tag != _IMG:
+            if tag == _SOURCE:
+                parent = node.parent
+                if parent is not None and parent.tag_id == _PICTURE:
+                    if parent.mem_id != picture:
+                        picture, sources = parent.mem_id, []
+                    sources.append(node.attributes.get("srcset") or "")
+            elif hrefs is not None:  # a[href], area[href]
+                attributes = node.attributes
+                if "nofollow" not in (attributes.get("rel") or "").lower():
+                    hrefs.append(attributes.get("href") or "")
+            continue
+        attributes = node.attributes
+        if sources:
+            parent = node.parent
+            srcsets = sources if parent is not None and parent.mem_id == picture else ()
+        else:
+            srcsets = ()
+        # 1. URL
+        raw = attributes.get("src")
+        if srcsets or not raw or raw[0] in careful_first or not url_attributes.isdisjoint(attributes):
+            raw, problem = _pick_url(attributes, srcsets)
+            if raw is None:
+                reasons[problem] = counted(problem, 0) + 1
                 continue
-            alt = attributes.get("alt")
-            caption, source = " ".join(alt.split()) if alt else "", "alt"
+        # 2. resolution
+        url, problem = join(raw)
+        if url is None:
+            problem = problem.value
+            reasons[problem] = counted(problem, 0) + 1
+            continue
+        # 3. caption
+        alt = attributes.get("alt")
+        caption = " ".join(alt.split()) if alt else ""
+        if len(caption) > longest_generic and caption[0] in plain_initials and "." not in caption:
+            source = "alt"  # is_meaningless's first test, inline
+        elif caption and not is_meaningless(caption):
+            source = "alt"
+        else:
+            caption, source = clean_text(_enclosing_figcaption(node)), "figcaption"
             if is_meaningless(caption):
-                caption = clean_text(_enclosing_figcaption(node)) if node is not None else ""
-                source = "figcaption"
-                if is_meaningless(caption):
-                    reasons["alt_meaningless"] += 1
-                    continue
-            if url in seen:
-                reasons["dup_in_page"] += 1
+                reasons[_ALT_MEANINGLESS] = counted(_ALT_MEANINGLESS, 0) + 1
                 continue
-            seen.add(url)
-            pairs.append(new_pair(Pair, (url, caption, source)))
+        # 4. dedupe
+        if url in seen:
+            reasons[_DUP_IN_PAGE] = counted(_DUP_IN_PAGE, 0) + 1
+            continue
+        seen.add(url)
+        pairs.append(new_pair(Pair, (url, caption, source)))
 
-    def link(self, raw_url: str) -> None:
-        if len(self._seen_links) >= MAX_LINKS_PER_PAGE:
+
+class _Links:
+    """A page's links: resolved, deduplicated, capped."""
+
+    def __init__(self, resolve: Resolver, links: list[str]):
+        self.resolve = resolve
+        self.links = links
+        self._seen: set[str] = set()
+
+    def add(self, raw_url: str) -> None:
+        if len(self._seen) >= MAX_LINKS_PER_PAGE:
             return
         url, _ = self.resolve(raw_url)
-        if url is not None and url not in self._seen_links:
-            self._seen_links.add(url)
-            self.result.links.append(url)
+        if url is not None and url not in self._seen:
+            self._seen.add(url)
+            self.links.append(url)
 
 
 # -- HTML ------------------------------------------------------------------------------
 
 
 def _enclosing_figcaption(node) -> str:
+    """The text of the first ``<figcaption>`` (document order) of the nearest enclosing ``<figure>``."""
     for _ in range(FIGURE_SEARCH_DEPTH):
         node = node.parent
         if node is None:
             return ""
-        if node.tag == "figure":
-            caption = node.css_first("figcaption")
+        if node.tag_id == _FIGURE:
+            caption = _first_figcaption(node)
             return caption.text(deep=True, separator=" ") if caption is not None else ""
     return ""
 
 
-def _walk_images(tree, hrefs: list[str] | None) -> Iterable[tuple[dict[str, Any], Sequence[str], Any]]:
-    """(attributes, <picture> srcsets, node) of each ``<img>``, in order; links into ``hrefs`` on the way."""
-    picture, sources = None, []  # the <picture> whose <source srcset>s came last, and those srcsets
-    for node in tree.css("img, source[srcset], a[href], area[href]" if hrefs is not None else "img, source[srcset]"):
-        tag = node.tag
-        if tag == "img":
-            in_picture = bool(sources) and node.parent is not None and node.parent.mem_id == picture
-            yield node.attributes, sources if in_picture else (), node
-        elif tag == "source":
-            parent = node.parent
-            if parent is not None and parent.tag == "picture":
-                if parent.mem_id != picture:
-                    picture, sources = parent.mem_id, []
-                sources.append(node.attributes.get("srcset") or "")
-        else:
-            attributes = node.attributes
-            if "nofollow" not in (attributes.get("rel") or "").lower():
-                hrefs.append(attributes.get("href") or "")
+def _first_figcaption(figure):
+    """``figure.css_first("figcaption")``: a figure is small, and a walk in Python beats a query's setup."""
+    for seen, node in enumerate(figure.traverse()):
+        if node.tag_id == _FIGCAPTION:
+            return node
+        if seen == 64:  # a large figure: the query walks the rest faster
+            return figure.css_first("figcaption")
+    return None
 
 
 def extract_html(
@@ -376,8 +498,8 @@ def extract_html(
     The parser is an HTML5 one (Lexbor): malformed markup is repaired the way a
     browser repairs it, never refused. ``page_url`` must be absolute. ``<base>`` and
     ``<meta name=robots>`` are read from ``<head>`` (where the parser puts them unless
-    a page writes them after its content); then one walk of the tree finds images
-    (and links): each CSS query over the whole tree costs a fifth of the parse.
+    a page writes them after its content); then one CSS query over the tree finds
+    images (and links): each query over the whole tree costs a fifth of the parse.
     """
     tree = LexborHTMLParser(html)
     directives: set[str] = set()
@@ -391,24 +513,36 @@ def extract_html(
             directives |= robots_directives(node.attributes.get("content"))
     if "none" in directives:  # shorthand for both
         directives |= {"noindex", "nofollow"}
-    collector = _Collector(base_url)
-    result = collector.result
+    result = PageExtraction()
+    resolver = Resolver(base_url)
     hrefs: list[str] | None = [] if want_links and "nofollow" not in directives else None
     opted_out = sorted(directives.intersection(disallowed_directives))
     if opted_out:
         result.opt_out = opted_out[0]
-        for _ in _walk_images(tree, hrefs) if hrefs is not None else ():
-            pass  # links only
+        if hrefs is not None:  # links only
+            _image_pairs(tree.css("a[href], area[href]"), resolver, PageExtraction(), hrefs)
     else:
-        collector.images(_walk_images(tree, hrefs))
-    for href in hrefs or ():
-        collector.link(href)
+        query = "img, source[srcset], a[href], area[href]" if hrefs is not None else "img, source[srcset]"
+        _image_pairs(tree.css(query), resolver, result, hrefs)
+    if hrefs:
+        links = _Links(resolver, result.links)
+        for href in hrefs:
+            links.add(href)
     return result
 
 
 # -- WAT (Common Crawl's metadata of a page: its links, already parsed) -------------------
 
 _WAT_IMAGE_ATTRIBUTES = frozenset(("src", "srcset", *LAZY_SRC_ATTRIBUTES, *LAZY_SRCSET_ATTRIBUTES))
+
+
+class _WatImage(NamedTuple):
+    """A WAT image entry, shaped like the parser's ``<img>`` node as ``_image_pairs`` reads it."""
+
+    attributes: dict[str, Any]
+    tag_id: int = _IMG
+    parent: None = None  # no tree: no <picture>, no <figure>
+
 
 
 def extract_wat(
@@ -431,7 +565,6 @@ def extract_wat(
     disallowed = set(disallowed_directives)
     head = html.get("Head") or {}
     base_url = (resolve(page_url, str(head["Base"]))[0] or page_url) if head.get("Base") else page_url
-    collector = _Collector(base_url)
     directives: set[str] = set()
     for meta in head.get("Metas") or []:
         if str(meta.get("name", "")).lower() in ("robots", "webclip"):
@@ -439,11 +572,12 @@ def extract_wat(
     opted_out = sorted(directives & disallowed)
     if opted_out:
         return page_url, PageExtraction(opt_out=opted_out[0])
-    images: list[tuple[dict[str, Any], tuple, None]] = []
+    images: list[_WatImage] = []
     for link in html.get("Links") or []:
         tag, _, attribute = str(link.get("path", "")).partition("@/")
         attribute = attribute.lower()
         if tag.upper() == "IMG" and attribute in _WAT_IMAGE_ATTRIBUTES:  # as if the img had only that attribute
-            images.append(({attribute: str(link.get("url") or ""), "alt": link.get("alt")}, (), None))
-    collector.images(images)
-    return page_url, collector.result
+            images.append(_WatImage({attribute: str(link.get("url") or ""), "alt": link.get("alt")}))
+    result = PageExtraction()
+    _image_pairs(images, Resolver(base_url), result, None)
+    return page_url, result

@@ -20,6 +20,7 @@ parser as their own bytes, with no decode and re-encode in between.
 from __future__ import annotations
 
 import codecs
+import functools
 import re
 from collections.abc import Iterable
 
@@ -29,7 +30,8 @@ from crawl.extract import PageExtraction, extract_html
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 SNIFF_BYTES = 1024  # what browsers look at to sniff, and how far a <meta charset> may be
 DETECT_BYTES = 65536  # what charset detection reads when nothing declared works
-_BINARY_BYTE = re.compile(rb"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f]")  # the HTML standard's "binary data bytes"
+# The HTML standard's "binary data bytes": no text page has them.
+_BINARY_BYTES = bytes([*range(0x09), 0x0B, *range(0x0E, 0x1B), *range(0x1C, 0x20)])
 _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([a-z0-9_:.\-]+)""", re.IGNORECASE)
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 # Browsers read these labels as windows-1252 (a superset); so do we.
@@ -41,7 +43,7 @@ def looks_binary(body: bytes) -> bool:
     head = body[:SNIFF_BYTES]
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return False
-    return _BINARY_BYTE.search(head) is not None
+    return len(head.translate(None, _BINARY_BYTES)) != len(head)  # one C pass; a regex search is ~10x slower
 
 
 def codec_for(label: str | bytes | None) -> str | None:
@@ -50,6 +52,11 @@ def codec_for(label: str | bytes | None) -> str | None:
         return None
     if isinstance(label, bytes):
         label = label.decode("ascii", "replace")
+    return _codec_for(label)
+
+
+@functools.lru_cache(maxsize=256)  # a few labels cover the web; a lookup is a few microseconds
+def _codec_for(label: str) -> str | None:
     try:
         info = codecs.lookup(label.strip().strip("\"'"))
     except LookupError:

@@ -393,10 +393,12 @@ def test_wat_opt_out_and_non_pages():
 def test_fast_paths_agree_with_the_plain_rules():
     rng = random.Random(11)
     bases = ["http://example.org/articles/cats.html", "https://Ex.COM", "https://ex.com/a/b/", "http://h:8080/x?y#z",
-             "http://ex.com/a/./b/../c.html", "http://user@ex.com/p", "http://[::1]:80/x", "https://bücher.de/x"]
+             "http://ex.com/a/./b/../c.html", "http://user@ex.com/p", "http://[::1]:80/x", "https://bücher.de/x",
+             "https://ex.com", "http://ex.com/a b/c", "http://ex.com:/x", "https://ex.com/p;q/r", " http://ex.com/y/",
+             "HTTP://ex.com/z/", "http://ex.com/a\tb/", "ftp://ex.com/f/"]
     pieces = ["a", "b.jpg", "/", "//", "?", "#", "..", ".", ":", "http:", "https://", "HTTP://", "Ex.com", ":80",
               "?q=1", "#f", " ", "\t", "%20", "@", "~", "javascript:", "data:", "[::1]", "/img/x.jpg", "C:", ";",
-              ":99999", "ü", "\\", "http://a.b"]
+              ":99999", "ü", "\\", "http://a.b", "\x01", "\x1f", "\xa0", "\u3000", "\n", "/.x", "..", "A.B"]
     for _ in range(20000):
         base = rng.choice(bases)
         raw = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
@@ -405,3 +407,218 @@ def test_fast_paths_agree_with_the_plain_rules():
     for _ in range(20000):
         value = "".join(rng.choice(srcset_pieces) for _ in range(rng.randint(0, 8)))
         assert srcset_candidates(value) == extract_mod._srcset_by_hand(value), value
+
+
+# -- the page loop agrees with the rules applied one by one -----------------------------------
+
+
+def reference_image_url(attributes, source_srcsets=()):
+    """Rule 1 as written: the widest srcset candidate, else a lazy attribute, else src; no data: URIs."""
+    best, rank, saw_data = None, (-1, -1.0), False
+    for srcset in (attributes.get("srcset"), attributes.get("data-srcset"), attributes.get("data-lazy-srcset"),
+                   *source_srcsets):
+        for url, width, density in extract_mod._srcset_by_hand(srcset or ""):
+            if url[:5].lower() == "data:":
+                saw_data = True
+            elif (width, density) > rank:
+                best, rank = url, (width, density)
+    if best is not None:
+        return best, None
+    for name in (*extract_mod.LAZY_SRC_ATTRIBUTES, "src"):
+        value = (attributes.get(name) or "").strip()
+        if value[:5].lower() == "data:":
+            saw_data = True
+        elif value:
+            return value, None
+    return None, Reason.DATA_URI if saw_data else Reason.INVALID_URL
+
+
+def reference_is_meaningless(caption):
+    """is_meaningless without its shortcuts."""
+    if not caption or extract_mod._LETTER.search(caption) is None:
+        return True
+    core = caption.lower()
+    if len(caption) > extract_mod._LONGEST_GENERIC and caption[0] not in extract_mod._SUSPECT_INITIALS \
+            and "." not in caption[-6:]:
+        return False
+    core = core.strip(extract_mod._END_PUNCTUATION)
+    if core in extract_mod.GENERIC_ALTS:
+        return True
+    if core[:1] in extract_mod._SUSPECT_INITIALS and (
+            extract_mod._CAMERA_NAME.fullmatch(core) or core.startswith(("http://", "https://", "www."))):
+        return True
+    return extract_mod._FILE_NAME.fullmatch(caption) is not None
+
+
+def reference_extract_html(page_url, html, want_links=False,
+                           disallowed=("noai", "noimageai", "noindex", "noimageindex")):
+    """Rules 1-4 (and links) with the plain functions, one image at a time, no shortcut."""
+    from selectolax.lexbor import LexborHTMLParser
+
+    from crawl.extract import PageExtraction, resolve, robots_directives
+
+    tree = LexborHTMLParser(html)
+    directives, base = set(), page_url
+    for node in tree.head.css("base[href], meta[name]") if tree.head is not None else ():
+        if node.tag == "base":
+            if base is page_url:
+                base = resolve(page_url, node.attributes.get("href") or "")[0] or page_url
+        elif (node.attributes.get("name") or "").lower() in ("robots", "webclip"):
+            directives |= robots_directives(node.attributes.get("content"))
+    if "none" in directives:
+        directives |= {"noindex", "nofollow"}
+    result = PageExtraction()
+    opted_out = sorted(directives.intersection(disallowed))
+    if opted_out:
+        result.opt_out = opted_out[0]
+    hrefs, seen, picture, sources = [], set(), None, []
+    for node in tree.css("img, source[srcset], a[href], area[href]"):
+        if node.tag in ("a", "area"):
+            if "nofollow" not in (node.attributes.get("rel") or "").lower():
+                hrefs.append(node.attributes.get("href") or "")
+            continue
+        if node.tag == "source":
+            if node.parent is not None and node.parent.tag == "picture":
+                if node.parent.mem_id != picture:
+                    picture, sources = node.parent.mem_id, []
+                sources.append(node.attributes.get("srcset") or "")
+            continue
+        if opted_out:
+            continue
+        in_picture = bool(sources) and node.parent is not None and node.parent.mem_id == picture
+        raw, problem = reference_image_url(node.attributes, sources if in_picture else ())
+        url, problem = resolve(base, raw) if raw is not None else (None, problem)
+        if url is None:
+            result.reasons[problem.value] += 1
+            continue
+        caption, source = extract_mod.clean_text(node.attributes.get("alt")), "alt"
+        if reference_is_meaningless(caption):
+            caption, source = "", "figcaption"
+            figure = node.parent
+            for _ in range(extract_mod.FIGURE_SEARCH_DEPTH):
+                if figure is None or figure.tag == "figure":
+                    break
+                figure = figure.parent
+            if figure is not None and figure.tag == "figure":
+                figcaption = figure.css_first("figcaption")
+                caption = extract_mod.clean_text(figcaption.text(deep=True, separator=" ") if figcaption else "")
+            if reference_is_meaningless(caption):
+                result.reasons["alt_meaningless"] += 1
+                continue
+        if url in seen:
+            result.reasons["dup_in_page"] += 1
+            continue
+        seen.add(url)
+        result.pairs.append(Pair(url, caption, source))
+    if want_links and "nofollow" not in directives:
+        for href in hrefs:
+            if len(set(result.links)) >= extract_mod.MAX_LINKS_PER_PAGE:
+                break
+            url, _ = resolve(base, href)
+            if url is not None and url not in result.links:
+                result.links.append(url)
+    return result
+
+
+def random_page(rng: random.Random) -> str:
+    """Markup of the shapes the fast paths single out, and the odd cases around them."""
+    srcs = ["a.jpg", "/img/b.jpg", "https://cdn.example.net/c.jpg", "HTTPS://CDN.Example.NET/D.JPG", "../e.jpg",
+            "./a.jpg", " a.jpg ", "a.jpg#x", "//cdn.example.net/f.jpg", "data:image/gif;base64,R0l", " data:,x",
+            "DATA:,y", "javascript:void(0)", "", "  ", "\ta.jpg", "g h.jpg", "\xa0/i.jpg", "/j.jpg?", "/k;l.jpg",
+            "/m//n.jpg", "mailto:x@y", "http://[::1/", "\x01/o.jpg", "p.jpg\n", "?q=1", "#top"]
+    srcsets = ["a-1.jpg 320w, a-2.jpg 640w", "b.jpg 1x, b2.jpg 2x", "c.jpg 100w,c2.jpg 200w", "d,1.jpg 10w, d2.jpg 5w",
+               "data:,z 1000w, e.jpg 10w", "f.jpg 10w, g.jpg 10w", "h.jpg (x, y) 5w", ",i.jpg 5w", "j.jpg, k.jpg 2x",
+               "l.jpg 0320w, m.jpg 320w", "n.jpg 5W", "o.jpg\t7w ,\np.jpg 9w", "q.jpg 1w, r.jpg 2w,", "   "]
+    alts = ["a red kite over a hill", "Street market in the morning", "image", "IMG_4032.JPG", "", "  ", "logo!!",
+            "logo!!!!!!!!!!!!!!!!!!!!!!", "photo of a dog", "scan 0042", "ſcan 0042", "www.example.com", "12345",
+            "Tom &amp; Jerry", "a\tcat\non a mat", "The end.", "Mr. Smith at his desk, reading", "café au lait"]
+    lazy = ["data-src", "data-lazy-src", "data-original", "data-srcset", "data-lazy-srcset"]
+
+    def img() -> str:
+        attributes = []
+        if rng.random() < 0.8:
+            attributes.append(f'src="{rng.choice(srcs)}"')
+        if rng.random() < 0.3:
+            attributes.append(f'srcset="{rng.choice(srcsets)}"')
+        if rng.random() < 0.2:
+            name = rng.choice(lazy)
+            attributes.append(f'{name}="{rng.choice(srcsets if "srcset" in name else srcs)}"')
+        if rng.random() < 0.9:
+            attributes.append(f'alt="{rng.choice(alts)}"')
+        rng.shuffle(attributes)
+        return f"<img {' '.join(attributes)}>"
+
+    def block(depth: int = 0) -> str:
+        roll = rng.random()
+        if depth > 3 or roll < 0.4:
+            return img()
+        inner = "".join(block(depth + 1) for _ in range(rng.randint(1, 3)))
+        if roll < 0.55:
+            caption = f"<figcaption>{rng.choice(alts)}</figcaption>"
+            return f"<figure>{caption if rng.random() < 0.3 else ''}{inner}{caption if rng.random() < 0.6 else ''}</figure>"
+        if roll < 0.65:
+            sources = "".join(f'<source srcset="{rng.choice(srcsets)}">' for _ in range(rng.randint(0, 2)))
+            return f"<picture>{sources}{img()}</picture>{inner}"
+        if roll < 0.75:
+            return f"<noscript>{inner}</noscript>"
+        if roll < 0.85:
+            return f'<a href="{rng.choice(srcs)}"{" rel=nofollow" if rng.random() < 0.2 else ""}>{inner}</a>'
+        return f"<div><p>{inner}</p></div>"
+
+    head = ""
+    if rng.random() < 0.3:
+        head += f'<base href="{rng.choice(["/static/", "https://Media.Example.com/x/", "sub/", "../up/"])}">'
+    if rng.random() < 0.1:
+        head += f'<meta name="robots" content="{rng.choice(["noai", "nofollow", "none", "index"])}">'
+    return f"<html><head>{head}</head><body>{''.join(block() for _ in range(rng.randint(0, 12)))}</body></html>"
+
+
+def test_the_page_loop_agrees_with_the_rules_one_by_one():
+    rng = random.Random(7)
+    pages = ["http://example.org/articles/cats.html", "https://Ex.COM", "http://ex.com/a/./b/c.html",
+             "https://bücher.de/x/", "http://h:8080/x?y#z"]
+    for _ in range(1500):
+        page, html, links = rng.choice(pages), random_page(rng), rng.random() < 0.3
+        got, expected = extract_html(page, html, want_links=links), reference_extract_html(page, html, links)
+        assert (got.pairs, dict(got.reasons), got.links, got.opt_out) == \
+            (expected.pairs, dict(expected.reasons), expected.links, expected.opt_out), html
+
+
+def test_the_page_loop_agrees_on_the_benchmark_pages():
+    from bench.crawl_parse import synthetic_page
+
+    rng = random.Random(0)
+    for page in range(40):
+        html = synthetic_page(rng, page, rng.choice([5, 50]) * 1024)
+        url = f"https://site{page}.example/articles/{page}.html"
+        got, expected = extract_html(url, html), reference_extract_html(url, html)
+        assert (got.pairs, dict(got.reasons)) == (expected.pairs, dict(expected.reasons))
+        assert got.pairs
+
+
+def test_caption_shortcuts_agree_with_the_plain_rule():
+    rng = random.Random(5)
+    pieces = ["img", "IMG", "image", "dsc", "DSCN", "dcim", "pict", "pxl", "mvimg", "photo", "screen shot", "capture",
+              "scan", "ſcan", "İmg", "K", "_", "-", " ", "0", "12", "a", ".jpg", "www.", "http://", "x", "logo", "ı",
+              "é", "!", "s", "c", "river stone light garden", "Market", "."]
+    for _ in range(50000):
+        caption = extract_mod.clean_text("".join(rng.choice(pieces) for _ in range(rng.randint(0, 6))))
+        assert is_meaningless(caption) == reference_is_meaningless(caption), caption
+
+
+def test_image_url_shortcuts_agree_with_the_plain_rule():
+    rng = random.Random(9)
+    pieces = ["a.jpg", "b", ",", " ", "\t", "1x", "2x", "320w", "1.5x", "w", ",,", "http://h/p,q.jpg", "100h",
+              "640w", " 640w,", "data:x", "DATA:y", "\xa0", "0w", "9w ", "12w,", "٣w", "²w", " 5w, ", "(1, 2)"]
+    names = ["src", "srcset", "data-src", "data-srcset", "data-lazy-srcset", "data-original", "alt"]
+    for _ in range(30000):
+        attributes = {rng.choice(names): "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
+                      for _ in range(rng.randint(0, 3))}
+        sources = tuple("".join(rng.choice(pieces) for _ in range(3)) for _ in range(rng.choice([0, 0, 0, 1, 2])))
+        assert pick_image_url(attributes, sources) == reference_image_url(attributes, sources), (attributes, sources)
+
+
+def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
+    import sys
+
+    assert max(c for c in range(sys.maxunicode + 1) if chr(c).isspace()) < 0x3001
