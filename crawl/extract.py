@@ -34,7 +34,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -297,13 +296,8 @@ def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tupl
         if value and value[:5].lower() != "data:":
             return value, None
         return None, (_DATA_URI if value else _INVALID_URL)
-    srcset = get("srcset")
-    if srcset and not source_srcsets and not get("data-srcset") and not get("data-lazy-srcset"):
-        widest = _widest_of_usual_srcset(srcset)
-        if widest is not None:
-            return widest, None
     best, best_width, best_density, saw_data = None, -1, -1.0, False
-    for value in (srcset, get("data-srcset"), get("data-lazy-srcset"), *source_srcsets):
+    for value in (get("srcset"), get("data-srcset"), get("data-lazy-srcset"), *source_srcsets):
         if not value:
             continue
         for url, width, density in srcset_candidates(value):
@@ -329,26 +323,6 @@ def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tupl
 
 _LAZY_THEN_SRC = (*LAZY_SRC_ATTRIBUTES, "src")
 
-
-def _widest_of_usual_srcset(srcset: str) -> str | None:
-    """The widest candidate of the usual srcset, ``"a.jpg 320w, b.jpg 640w"``; None for any other.
-
-    Usual: whitespace splits it into URL, ``"640w,"`` pairs (the last without its comma),
-    no URL begins or ends with a comma, and none is a data: URI. srcset_candidates reads
-    such a srcset token by token, and _pick_url then takes the first of the widest; this
-    does the same with C loops (map) instead of a Python one per candidate.
-    """
-    tokens = srcset.split()
-    if len(tokens) % 2 or not tokens:
-        return None
-    urls = tokens[::2]
-    widths = list(map(str.removesuffix, tokens[1:-1:2], repeat("w,")))
-    widths.append(tokens[-1].removesuffix("w"))
-    if (not all(map(str.isdecimal, widths)) or any(map(str.startswith, urls, repeat(",")))
-            or any(map(str.endswith, urls, repeat(","))) or "data:" in srcset.lower()):
-        return None
-    widths = list(map(int, widths))
-    return urls[widths.index(max(widths))]
 
 
 def robots_directives(content: str | None) -> set[str]:

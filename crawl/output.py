@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -91,29 +92,41 @@ class PairWriter:
         self.path = path
         self.rows = 0
         self._rows_per_group = rows_per_group
-        self._columns: tuple[list, list, list, list] = ([], [], [], [])
+        # This row group's columns, as lists of str: the collector never walks str (a list of 50,000 Pair
+        # tuples would be walked by every full collection), plus each page's URL and its number of pairs.
+        self._columns: tuple[list[str], list[str], list[str]] = ([], [], [])  # url, caption, caption_source
+        self._pages: list[str] = []
+        self._counts: list[int] = []
         self._stack = contextlib.ExitStack()
         self._handle = self._stack.enter_context(storage.atomic_write(path, "wb"))
-        self._writer = pq.ParquetWriter(self._handle, PAIR_SCHEMA, compression="zstd")
+        # Dictionary pages only where values repeat (a page's URL, the caption source): URLs and captions
+        # are nearly all distinct, and hashing them into a dictionary only to give up on it costs time.
+        self._writer = pq.ParquetWriter(self._handle, PAIR_SCHEMA, compression="zstd",
+                                        use_dictionary=["page_url", "caption_source"])
 
     def add(self, page_url: str, pairs: list[Pair]) -> None:
         if not pairs:
             return
-        urls, captions, pages, sources = self._columns
+        urls, captions, sources = self._columns
         page_urls, page_captions, page_sources = zip(*pairs)
         urls += page_urls
         captions += page_captions
         sources += page_sources
-        pages += [page_url] * len(pairs)
+        self._pages.append(page_url)
+        self._counts.append(len(pairs))
         self.rows += len(pairs)
         if len(urls) >= self._rows_per_group:
             self._flush()
 
     def _flush(self) -> None:
-        if self._columns[0]:
-            arrays = [pa.array(column, pa.string()) for column in self._columns]
+        urls, captions, sources = self._columns
+        if urls:
+            # each page's URL converted once, then repeated by Arrow
+            pages = pa.array(self._pages, pa.string()).take(np.repeat(np.arange(len(self._pages)), self._counts))
+            arrays = [pa.array(urls, pa.string()), pa.array(captions, pa.string()), pages,
+                      pa.array(sources, pa.string())]
             self._writer.write_table(pa.Table.from_arrays(arrays, schema=PAIR_SCHEMA))
-            self._columns = ([], [], [], [])
+            self._columns, self._pages, self._counts = ([], [], []), [], []
 
     def close(self) -> None:
         self._flush()
