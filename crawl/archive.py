@@ -10,6 +10,7 @@ records, not as pages. A response page is judged as a fetched page is — HTTP s
 
 from __future__ import annotations
 
+import functools
 import json
 
 from core.reasons import Reason, SampleError, http_reason
@@ -23,6 +24,7 @@ from ingest.fetcher import opt_out_directive
 HTTP_HEADER_ALLOWANCE = 65536  # a response block holds headers besides the page's bytes
 
 
+@functools.lru_cache(maxsize=256)  # a few Content-Type values cover most pages
 def _charset(content_type: str | None) -> str | None:
     for parameter in (content_type or "").split(";")[1:]:
         name, _, value = parameter.partition("=")
@@ -101,7 +103,9 @@ def crawl_warc_file(path: str, cfg: CrawlConfig, writer: PairWriter, stats: Craw
                 continue
             stats.pages_parsed += 1
             stats.pairs += len(extraction.pairs)
-            stats.reasons.update(extraction.reasons)
+            reasons, counted = stats.reasons, stats.reasons.get  # Counter.update, without its isinstance checks
+            for reason, n in extraction.reasons.items():
+                reasons[reason] = counted(reason, 0) + n
             writer.add(page_url, extraction.pairs)
     except SampleError as error:  # the file itself is damaged: what came before it stands
         stats.count(error.reason.value)

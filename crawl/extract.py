@@ -83,7 +83,8 @@ class PageExtraction:
 
     pairs: list[Pair] = field(default_factory=list)
     links: list[str] = field(default_factory=list)  # absolute http(s), no fragment, first occurrence order
-    reasons: Counter = field(default_factory=Counter)  # image-level reason code -> count
+    reasons: Counter = field(default_factory=lambda: Counter.__new__(Counter))  # image-level reason code -> count
+    # (Counter.__new__: an empty Counter without __init__'s update of nothing; every page makes one)
     opt_out: str | None = None  # the <meta name=robots> directive that opted the page out
 
 
@@ -296,8 +297,13 @@ def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tupl
         if value and value[:5].lower() != "data:":
             return value, None
         return None, (_DATA_URI if value else _INVALID_URL)
+    srcset = get("srcset")
+    if srcset and not source_srcsets and not get("data-srcset") and not get("data-lazy-srcset"):
+        widest = _widest_usual_candidate(srcset)
+        if widest is not None:
+            return widest, None
     best, best_width, best_density, saw_data = None, -1, -1.0, False
-    for value in (get("srcset"), get("data-srcset"), get("data-lazy-srcset"), *source_srcsets):
+    for value in (srcset, get("data-srcset"), get("data-lazy-srcset"), *source_srcsets):
         if not value:
             continue
         for url, width, density in srcset_candidates(value):
@@ -322,6 +328,38 @@ def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tupl
 
 
 _LAZY_THEN_SRC = (*LAZY_SRC_ATTRIBUTES, "src")
+
+
+def _widest_usual_candidate(srcset: str) -> str | None:
+    """The first widest candidate of a srcset of the usual shape, ``"a.jpg 320w, b.jpg 640w"``; else None.
+
+    Usual: whitespace splits it into URL, ``"640w,"`` pairs (the last without its comma),
+    no URL begins or ends with a comma or is a data: URI. srcset_candidates reads such a
+    srcset token by token and _pick_url then keeps the first widest; this does both in
+    one pass. Anything else (densities, odd commas, data: URIs) gets None: the general path.
+    """
+    tokens = srcset.split()
+    count = len(tokens)
+    if not count or count % 2:
+        return None
+    best, best_width, last = None, -1, count - 1
+    for i in range(0, count, 2):
+        url, descriptor = tokens[i], tokens[i + 1]
+        if i + 1 == last:
+            if descriptor[-1] != "w":
+                return None
+            descriptor = descriptor[:-1]
+        elif descriptor[-2:] == "w,":
+            descriptor = descriptor[:-2]
+        else:
+            return None
+        if not descriptor.isdecimal() or url[0] == "," or url[-1] == "," or (
+                url[0] in "dD" and url[:5].lower() == "data:"):
+            return None
+        width = int(descriptor)
+        if width > best_width:
+            best, best_width = url, width
+    return best
 
 
 

@@ -116,6 +116,11 @@ def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
     raise SampleError(Reason.BAD_ENCODING, "no charset declared, not UTF-8, and none detected that decodes it")
 
 
+@functools.lru_cache(maxsize=256)  # a few Content-Type values cover most pages
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
 def read_page(
     url: str,
     body: bytes,
@@ -129,7 +134,7 @@ def read_page(
     """The page's extraction, or ``SampleError`` with the page's one reason."""
     if len(body) > max_bytes:
         raise SampleError(Reason.PAGE_TOO_LARGE, f"{len(body)} bytes > {max_bytes}")
-    media_type = (content_type or "").split(";")[0].strip().lower()
+    media_type = _media_type(content_type)
     if media_type and media_type not in HTML_TYPES:
         raise SampleError(Reason.NOT_HTML, media_type)
     if looks_binary(body):
