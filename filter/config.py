@@ -47,7 +47,7 @@ class FilterConfig:
     near_dup_threshold: int = option(10, "Hamming distance (of 64 pHash bits) at or below which two images "
                                          "are near duplicates")
     near_dup_max_aspect_change: float = option(0.1, "near duplicates also differ by at most this in "
-                                                    "log(width / height) (0.1: about 10%, a 5% crop per side; "
+                                                    "log(width / height) (0.1: about 10 percent, a crop of 5 percent per side; "
                                                     "inf: no check)")
     near_dup_max_luma_change: float = option(1.5, "near duplicates also differ by at most this in grey-level "
                                                   "spread (luma_std; inf: no check)")

@@ -58,3 +58,13 @@ def test_thresholds_can_be_switched_off():
                        min_caption_words=1)
     assert row_reason(row(luma=0.0), cfg, hashes_ok=True)[0] is None
     assert row_reason(row(caption="image"), cfg, hashes_ok=True)[0] is None
+
+
+def test_help_explains_every_option():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "filter", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in ("--near_dup_threshold", "--clip_top_fraction", "--decontaminate", "--languages", "--partition_rows"):
+        assert name in done.stdout
