@@ -221,6 +221,16 @@ _PLAIN_NETLOC = re.compile(r"[a-z0-9.\-]+(?::[0-9]{1,4})?")  # no userinfo, IDN,
 _SIMPLE_BASE = re.compile(r"(https?)://([a-z0-9.\-]+(?::[0-9]{1,4})?)(/[^?#\x00-\x20]*)?(?:[?#][^\x00-\x20]*)?")
 
 
+# The two references pages use most, matched in one go when as plain as can be, else left to Resolver's
+# string operations: nothing strip() or urlsplit would remove (whitespace, C0 controls), no fragment, no
+# ';', no empty ('//') or dot ('/.') segment, no trailing '?' (see _plain_path); a lower-case plain host.
+_NOT_IN_URL = "\\x00-\\x20\\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000#;"
+_SEGMENT = rf"[^/.{_NOT_IN_URL}][^/{_NOT_IN_URL}]*"
+_PATH = rf"/(?:{_SEGMENT}/)*(?:{_SEGMENT})?(?<!\?)"
+_CLEAN_ROOTED = re.compile(_PATH)
+_CLEAN_ABSOLUTE = re.compile(rf"https?://[a-z0-9\-][a-z0-9.\-]*(?::[0-9]{{1,4}})?({_PATH})?")
+
+
 class Resolver:
     """``resolve`` against one base URL, with a fast path for the shapes pages use most.
 
@@ -246,6 +256,12 @@ class Resolver:
         self._directory = self._origin + path[: path.rfind("/") + 1]
 
     def join(self, raw: str) -> tuple[str | None, Reason | None]:
+        if self._fast:
+            if _CLEAN_ROOTED.fullmatch(raw) is not None:  # "/path": the page's origin + it
+                return self._origin + raw, None
+            absolute = _CLEAN_ABSOLUTE.fullmatch(raw)
+            if absolute is not None:  # "http(s)://host/path": itself ("/" for an empty path)
+                return (raw if absolute.group(1) else raw + "/"), None
         url = raw.strip()
         if "\n" in url or "\t" in url or "\r" in url:
             url = url.translate(_URL_WHITESPACE)
@@ -378,10 +394,15 @@ _FIGURE, _FIGCAPTION = _TAG_IDS["figure"], _TAG_IDS["figcaption"]
 # (so that " data:..." is a data URI too). Every str.isspace() character is below U+3001 (a test checks).
 _CAREFUL_FIRST = frozenset("dD" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()))
 _ALT_MEANINGLESS, _DUP_IN_PAGE = Reason.ALT_MEANINGLESS.value, Reason.DUP_IN_PAGE.value
-# An alt text longer than any generic phrase, beginning with one of these letters (none begins a camera
-# name or a URL) and without a '.' (no file extension) says something: is_meaningless's first test.
+# is_meaningless, inline in _image_pairs for the common case: an alt text longer than any generic phrase
+# (with its end punctuation), without a '.' (no file name), says something if it begins with an ASCII
+# letter that begins no camera name or URL (_PLAIN_INITIALS); or with one that may (_SUSPECT_INITIALS),
+# if it does not end in punctuation (stripping it leaves it too long to be generic) and its first 11
+# characters (the longest camera prefix, "screen shot") are ASCII, which the regex's IGNORECASE cannot
+# fold, and begin like no camera name or URL (_CAMERA_OR_URL).
 _PLAIN_INITIALS = frozenset(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                             if c not in _SUSPECT_INITIALS)
+_CAMERA_OR_URL = (*_CAMERA_PREFIXES, "http://", "https://", "www.")
 
 
 def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction, hrefs: list[str] | None) -> None:
@@ -398,8 +419,9 @@ def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction
     pairs, reasons = result.pairs, result.reasons
     counted = reasons.get  # the Counter as a dict: no __missing__ call
     seen: set[str] = set()
-    url_attributes, careful_first, longest_generic, plain_initials = (
-        _URL_ATTRIBUTES, _CAREFUL_FIRST, _LONGEST_GENERIC, _PLAIN_INITIALS)
+    url_attributes, careful_first, longest_generic, plain_initials, suspect_initials = (
+        _URL_ATTRIBUTES, _CAREFUL_FIRST, _LONGEST_GENERIC, _PLAIN_INITIALS, _SUSPECT_INITIALS)
+    end_punctuation, camera_or_url = _END_PUNCTUATION, _CAMERA_OR_URL
     join = resolve.join
     new_pair = tuple.__new__
     picture, sources = None, []  # the <picture> whose <source srcset>s came last, and those srcsets
@@ -439,8 +461,10 @@ def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction
         # 3. caption
         alt = attributes.get("alt")
         caption = " ".join(alt.split()) if alt else ""
-        if len(caption) > longest_generic and caption[0] in plain_initials and "." not in caption:
-            source = "alt"  # is_meaningless's first test, inline
+        if len(caption) > longest_generic and "." not in caption and (caption[0] in plain_initials or (
+                caption[0] in suspect_initials and caption[-1] not in end_punctuation and caption[:11].isascii()
+                and not caption[:11].lower().startswith(camera_or_url))):
+            source = "alt"  # is_meaningless, inline for a long text without a '.' (see _PLAIN_INITIALS)
         elif caption and not is_meaningless(caption):
             source = "alt"
         else:

@@ -398,7 +398,7 @@ def test_fast_paths_agree_with_the_plain_rules():
              "HTTP://ex.com/z/", "http://ex.com/a\tb/", "ftp://ex.com/f/"]
     pieces = ["a", "b.jpg", "/", "//", "?", "#", "..", ".", ":", "http:", "https://", "HTTP://", "Ex.com", ":80",
               "?q=1", "#f", " ", "\t", "%20", "@", "~", "javascript:", "data:", "[::1]", "/img/x.jpg", "C:", ";",
-              ":99999", "ü", "\\", "http://a.b", "\x01", "\x1f", "\xa0", "\u3000", "\n", "/.x", "..", "A.B"]
+              ":99999", "ü", "\\", "http://a.b", "\x01", "\x1f", "\xa0", "\u3000", "\n", "/.x", "..", "A.B", "http://", "ex.com", "-", "x.", ":8080"]
     for _ in range(20000):
         base = rng.choice(bases)
         raw = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
@@ -531,7 +531,10 @@ def random_page(rng: random.Random) -> str:
                "l.jpg 0320w, m.jpg 320w", "n.jpg 5W", "o.jpg\t7w ,\np.jpg 9w", "q.jpg 1w, r.jpg 2w,", "   "]
     alts = ["a red kite over a hill", "Street market in the morning", "image", "IMG_4032.JPG", "", "  ", "logo!!",
             "logo!!!!!!!!!!!!!!!!!!!!!!", "photo of a dog", "scan 0042", "ſcan 0042", "www.example.com", "12345",
-            "Tom &amp; Jerry", "a\tcat\non a mat", "The end.", "Mr. Smith at his desk, reading", "café au lait"]
+            "Tom &amp; Jerry", "a\tcat\non a mat", "The end.", "Mr. Smith at his desk, reading", "café au lait",
+            "stone light garden market", "image!!!!!!!!!!!!!!!!!!!!!!!", "Screenshot of the old harbour",
+            "screen shot 2024 of the harbour", "Image of a quiet morning street", "ſcan of the old city street",
+            "http://example.com/some/long/path", "Street market in the morning (detail)", "dsc 0042 at the harbour"]
     lazy = ["data-src", "data-lazy-src", "data-original", "data-srcset", "data-lazy-srcset"]
 
     def img() -> str:
