@@ -6,8 +6,9 @@ parser (Lexbor via selectolax) and nothing else — the speed any extractor buil
 that parser could reach. Three loops over the same file, in this one process:
 
 * **read**: crawl/'s WARC reader (gunzip, record headers) and HTTP split, nothing else;
-* **plain** (the limit): read, then ``LexborHTMLParser(body).css("img")`` and each
-  ``<img>``'s ``src`` and ``alt`` read: the same records, the same parser, nothing else;
+* **plain** (the limit): read, then ``LexborHTMLParser(body).tags("img")`` (the fastest
+  way Lexbor lists elements; ``css("img")`` costs more) and each ``<img>``'s ``src`` and
+  ``alt`` read: the same records, the same parser, nothing else;
 * **ours**: what one Ray task of ``python -m crawl --warc`` runs for one file
   (``crawl.archive.crawl_warc_file``): read, the page checks (status, X-Robots-Tag,
   byte cap, content type, binary sniff, charset), the parse, the rules of
@@ -134,7 +135,7 @@ def plain_loop(path: str) -> int:
         if record.type != "response":
             continue
         body = http_payload(record.block, 10_000_000).body
-        for img in LexborHTMLParser(body).css("img"):
+        for img in LexborHTMLParser(body).tags("img"):  # Lexbor's tag index walk: faster than css("img")
             attributes = img.attributes
             attributes.get("src"), attributes.get("alt")
         pages += 1
