@@ -11,6 +11,7 @@ read the same as img2dataset's to tools that know only that.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 
@@ -192,3 +193,51 @@ class SampleError(Exception):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
+
+
+# Rows of a pool that never reached the network: decided from the input row alone
+# (the report's funnel counts them as not attempted). dup_url rows are the
+# not-unique ones; every other failure was attempted.
+NOT_UNIQUE = frozenset({Reason.DUP_URL})
+NOT_ATTEMPTED = frozenset({
+    Reason.CAPTION_MISSING, Reason.CAPTION_SHORT, Reason.CAPTION_BOILERPLATE, Reason.CAPTION_NOT_UTF8,
+    Reason.INVALID_URL, Reason.UNSUPPORTED_SCHEME,
+})
+
+# img2dataset writes free-text error messages instead of codes; these patterns map the
+# ones it produces (its own, urllib's and Pillow's) onto our vocabulary, so a report on
+# an img2dataset folder groups failures like ours. Order matters: the first match wins.
+_MESSAGE_PATTERNS: tuple[tuple[str, Reason], ...] = (
+    (r"http error 403", Reason.HTTP_403),
+    (r"http error 404", Reason.HTTP_404),
+    (r"http error 410", Reason.HTTP_410),
+    (r"http error 429", Reason.HTTP_429),
+    (r"http error 5\d\d", Reason.HTTP_5XX),
+    (r"http error \d+", Reason.HTTP_OTHER),
+    (r"x-robots-tag|noai|opt.?out", Reason.OPT_OUT),
+    (r"timed out|timeout", Reason.TIMEOUT),
+    (r"name or service not known|nodename nor servname|getaddrinfo|temporary failure in name resolution|no address",
+     Reason.DNS_ERROR),
+    (r"redirect", Reason.TOO_MANY_REDIRECTS),
+    (r"unknown url type|unsupported url|unsupported scheme", Reason.UNSUPPORTED_SCHEME),
+    (r"invalid url|no host given|url can't contain control characters", Reason.INVALID_URL),
+    (r"connection (refused|reset|aborted)|remote end closed|errno 10[34]|errno 111|broken pipe|urlopen error",
+     Reason.CONNECTION_ERROR),
+    (r"incompleteread|incomplete read|truncated", Reason.TRUNCATED),
+    (r"image too small", Reason.TOO_SMALL),
+    (r"image area too large|decompression ?bomb", Reason.TOO_MANY_PIXELS),
+    (r"aspect ratio too large", Reason.ASPECT_RATIO),
+    (r"cannot identify image|image decoding error|image file is truncated|broken data stream|not a valid image",
+     Reason.DECODE_ERROR),
+)
+
+
+def reason_from_message(message: str | None) -> Reason | None:
+    """Our reason for a foreign (img2dataset) error message; None when none fits."""
+    if not message:
+        return None
+    lowered = message.lower()
+    for pattern, reason in _MESSAGE_PATTERNS:
+        if re.search(pattern, lowered):
+            return reason
+    return None

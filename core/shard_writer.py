@@ -24,11 +24,11 @@ same shard.
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
 import json
 import os
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from typing import Any
 
 import pyarrow as pa
@@ -116,16 +116,24 @@ class BaseShardWriter(ABC):
         pq.write_table(self._metadata_table(), path, compression="zstd")
 
     def commit(self, stats: dict[str, Any]) -> dict[str, Any]:
-        """Publish images, then the parquet, then the stats marker; return the data's entry."""
+        """Publish images, then the parquet, then the stats marker; return the data's entry.
+
+        The marker also lists the shard's files with their bytes and sha256 (``files``),
+        so ``python -m shards.verify`` can check a pool's integrity without a manifest.
+        The returned entry is the image data's (tar) with the parquet's under ``metadata``.
+        """
         try:
             entry = self._publish_samples()
             parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
             self._write_metadata(parquet_tmp)
+            metadata = {"name": f"{self.name}.parquet", "bytes": os.path.getsize(parquet_tmp),
+                        "sha256": _sha256(parquet_tmp)}
             _publish_file(parquet_tmp, storage.join(self.output_folder, f"{self.name}.parquet"))
-            storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), stats)
+            files = [metadata] if entry["name"] == metadata["name"] else [entry, metadata]
+            storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), {**stats, "files": files})
         finally:
             self.close()
-        return entry
+        return {**entry, "metadata": metadata}
 
     def close(self) -> None:
         """Drop temporary files (after commit, or to abandon the shard)."""

@@ -17,6 +17,7 @@ S3 settings come from the environment, as for any AWS client (``AWS_ACCESS_KEY_I
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -115,3 +116,30 @@ def remove(path: str) -> None:
     fs, p = filesystem(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+
+
+def sha256_of(path: str) -> tuple[str, int]:
+    """(sha256 hex, bytes) of a file, streamed."""
+    digest, size = hashlib.sha256(), 0
+    with open_file(path) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def fingerprint(path: str) -> dict[str, Any]:
+    """What identifies a file's contents, for manifests.
+
+    Local files: their sha256 (read once). Object storage: size, ETag and modification
+    time from the store, without downloading the object (an ETag is the MD5 of a
+    single-part upload and a version tag otherwise: it changes whenever the object does).
+    """
+    if is_local(path):
+        sha, size = sha256_of(path)
+        return {"path": path, "bytes": size, "sha256": sha}
+    fs, p = filesystem(path)
+    info = fs.info(p)
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"') or None
+    modified = info.get("LastModified") or info.get("mtime")
+    return {"path": path, "bytes": info.get("size"), "etag": etag, "modified": str(modified) if modified else None}

@@ -75,7 +75,7 @@ class TarWriter:
         self._file.write(bytes(end))
         self._file.close()
 
-    def __enter__(self) -> "TarWriter":
+    def __enter__(self) -> TarWriter:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.cluster import DISTRIBUTORS
 from core.config import ConfigError, option
-
-DISTRIBUTORS = ("ray", "inline")
 
 
 @dataclass

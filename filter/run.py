@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from core import storage
+from core.cluster import open_runner
 from core.config import to_dict
 from core.layout import committed_shards, shard_name
 from core.reasons import Reason
@@ -74,64 +74,6 @@ class FilterSummary:
     passes: dict[str, float] = field(default_factory=dict)
     near_dup_plan: dict[str, Any] = field(default_factory=dict)
     skipped_checks: list[str] = field(default_factory=list)
-
-
-# -- where tasks run ----------------------------------------------------------------------
-
-
-class _Inline:
-    def map(self, fn: Callable, args: list[tuple], desc: str, progress: bool) -> list:
-        return [fn(*a) for a in tqdm(args, desc=desc, unit="task", disable=not progress)]
-
-    def put(self, value):
-        return value
-
-    def close(self) -> None:
-        pass
-
-
-class _OnRay:
-    """Ray tasks with at most ``2 x workers`` in flight; results come back in input order."""
-
-    def __init__(self, cfg: FilterConfig):
-        import ray
-
-        from core.cluster import init_ray
-
-        self._ray = ray
-        self._started = init_ray(cfg.ray_address or None)
-        self.workers = cfg.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-    def put(self, value):
-        return self._ray.put(value)
-
-    def map(self, fn: Callable, args: list[tuple], desc: str, progress: bool) -> list:
-        ray = self._ray
-        task = ray.remote(num_cpus=1, max_retries=2)(fn)
-        results: list[Any] = [None] * len(args)
-        pending: dict[Any, int] = {}
-        bar = tqdm(total=len(args), desc=desc, unit="task", disable=not progress)
-        queue = iter(enumerate(args))
-        try:
-            for index, a in queue:
-                pending[task.remote(*a)] = index
-                while len(pending) >= 2 * self.workers:
-                    self._collect(pending, results, bar)
-            while pending:
-                self._collect(pending, results, bar)
-        finally:
-            bar.close()
-        return results
-
-    def _collect(self, pending: dict, results: list, bar) -> None:
-        ready, _ = self._ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            results[pending.pop(ref)] = self._ray.get(ref)
-            bar.update(1)
-
-    def close(self) -> None:
-        if self._started:
-            self._ray.shutdown()
 
 
 # -- task bodies (module level, so Ray can ship them) --------------------------------------
@@ -285,7 +227,7 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
 
         eval_hashes = load_eval_hashes(cfg.decontaminate)
     summary = FilterSummary()
-    runner = _OnRay(cfg) if cfg.distributor == "ray" else _Inline()
+    runner = open_runner(cfg.distributor, cfg.ray_address, cfg.workers)
     try:
         _passes(cfg, runner, shard_ids, work, eval_hashes, summary)
     finally:
@@ -300,7 +242,7 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
         "pool_shards": [shard_name(i) for i in shard_ids],
         "near_dup_plan": summary.near_dup_plan,
         "skipped_checks": summary.skipped_checks,
-        "eval_images": 0 if eval_hashes is None else int(len(eval_hashes)),
+        "eval_images": 0 if eval_hashes is None else len(eval_hashes),
         "pass_seconds": summary.passes,
         "config": to_dict(cfg),
         "duration": summary.duration,
@@ -394,7 +336,7 @@ def near_duplicate_pass(cfg: FilterConfig, runner, work: str, shard_ids: list[in
     left, right = unique_edges(left, right)
     info = {
         "bands": plan.bands, "bits_per_band": plan.bits, "threshold": plan.threshold, "tasks": len(tasks),
-        "candidate_recall_at_threshold": round(plan.recall_at(plan.threshold), 4), "verified_pairs": int(len(left)),
+        "candidate_recall_at_threshold": round(plan.recall_at(plan.threshold), 4), "verified_pairs": len(left),
     }
     return components_first(left, right), info
 

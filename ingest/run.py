@@ -135,6 +135,8 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     summary.duration = time.time() - start
     storage.write_json(
         storage.join(cfg.output_folder, SUMMARY_FILE),
-        {**summary.__dict__, "config": to_dict(cfg)},
+        {**summary.__dict__, "config": to_dict(cfg),
+         # what the pool was made from, for the train shards' manifest
+         "inputs": [storage.fingerprint(p) for p in input_files(cfg.url_list, cfg.input_format)]},
     )
     return summary

@@ -1,35 +1,46 @@
-"""``python -m shards``: kept pool samples → train shards, manifest.json and a report."""
+"""``python -m shards``: kept pool samples → train shards, manifest.json and the report."""
 
 from __future__ import annotations
 
 import sys
 
-from core.config import parse_config
 from core import storage
-from shards.config import ShardsConfig
-from shards.report import REPORT_HTML, build_report, write_report
-from shards.reshard import MANIFEST, reshard
+from core.config import parse_config
+from shards.config import ReportConfig, ShardsConfig
+from shards.manifest import MANIFEST
+from shards.report import build_report, write_report
+from shards.reshard import DamagedPool, reshard
 
 DESCRIPTION = """\
-Copy the samples the filter kept into train shards of --samples_per_shard samples
-(same layout as the pool: {shard}.tar, {shard}.parquet, {shard}_stats.json), write
-manifest.json (every shard's name, sample count, bytes and sha256, plus the config
-and code version) and a statistics summary: report.json and report.html.
+Copy the samples the filter kept into train shards of --samples_per_shard samples,
+mixed across pool shards (--mix_window pool shards interleaved, seeded: the same
+inputs and settings give byte-identical shards), in the pool's layout ({shard}.tar,
+{shard}.parquet, {shard}_stats.json). Writes manifest.json last: every shard's name,
+sample count, bytes and sha256, the totals, the config, the code version and the
+fingerprints of the pool, the decisions and the URL lists. Then (unless --report
+false) the statistics report: report.json, index.html and datasheet.md.
+
+Runs on Ray (or --distributor inline); resumable: a killed run, rerun with the same
+command, writes only the train shards that are missing. Check the result with
+`python -m shards.verify --folder OUTPUT_FOLDER`.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ShardsConfig, argv, prog="python -m shards", description=DESCRIPTION)
-    manifest = reshard(cfg)
-    report = build_report(cfg.pool, cfg.decisions, manifest)
-    write_report(cfg.output_folder, report)
-    funnel = report["funnel"]
-    print(
-        f"{manifest['total_samples']} samples in {len(manifest['shards'])} train shards "
-        f"(input rows {funnel['input_rows']} → downloaded {funnel['downloaded']} → kept {funnel['kept']})"
-    )
+    try:
+        manifest = reshard(cfg)
+    except DamagedPool as exc:
+        print(f"shards: the pool is damaged: {exc}", file=sys.stderr)
+        return 1
+    print(f"{manifest['total_samples']:,} samples in {manifest['shard_count']} train shards")
     print(f"manifest: {storage.join(cfg.output_folder, MANIFEST)}")
-    print(f"report:   {storage.join(cfg.output_folder, REPORT_HTML)}")
+    if cfg.report:
+        report = build_report(ReportConfig(pool=cfg.pool, decisions=cfg.decisions, train=cfg.output_folder,
+                                           output_folder=cfg.output_folder, progress=cfg.progress))
+        paths = write_report(cfg.output_folder, report)
+        print(" → ".join(f"{s['label'].split(' (')[0]} {s['count']:,}" for s in report["funnel"]))
+        print(f"report:   {paths['html']}")
     return 0
 
 

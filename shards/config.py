@@ -1,23 +1,83 @@
-"""ShardsConfig: turning a pool and its decisions into train shards."""
+"""The typed configs of shards/: resharding, verifying, reporting."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.cluster import DISTRIBUTORS
 from core.config import ConfigError, option
+
+
+def _require(config: object, *names: str) -> None:
+    for name in names:
+        if not getattr(config, name):
+            raise ConfigError(f"{name}: required")
 
 
 @dataclass
 class ShardsConfig:
+    """``python -m shards``: pool + decisions → train shards, manifest.json (+ the report)."""
+
     pool: str = option("", "pool folder written by ingest (local or s3://)")
     decisions: str = option("", "decisions folder written by filter")
     output_folder: str = option("", "where train shards, manifest.json and the report go")
     samples_per_shard: int = option(1000, "samples per train shard (the last one may hold fewer)")
+    mix_window: int = option(16, "pool shards whose samples are interleaved into the same train shards "
+                                 "(more: better mixed, more pool shards open per task)")
+    seed: int = option(0, "seed of the pool-shard order and of the interleaving (same seed, same shards)")
+    distributor: str = option("ray", "ray: tasks on a local Ray instance or the cluster at ray_address / "
+                                     "RAY_ADDRESS; inline: this process")
+    ray_address: str = option("", "a Ray cluster to join (empty: RAY_ADDRESS, else a local instance)")
+    workers: int = option(0, "parallel tasks (0: one per CPU of the Ray cluster)")
+    max_shards_per_task: int = option(64, "train shards written by one task at most")
+    overwrite: bool = option(False, "replace train shards of a different plan found in output_folder "
+                                    "(otherwise the run stops and says what differs)")
+    report: bool = option(True, "also write report.json, index.html and datasheet.md to output_folder")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        for name in ("pool", "decisions", "output_folder"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name}: required")
-        if self.samples_per_shard < 1:
-            raise ConfigError(f"samples_per_shard={self.samples_per_shard}: must be a positive integer")
+        _require(self, "pool", "decisions", "output_folder")
+        for name in ("samples_per_shard", "mix_window", "max_shards_per_task"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if self.distributor not in DISTRIBUTORS:
+            raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")
+
+
+@dataclass
+class VerifyConfig:
+    """``python -m shards.verify``: are the shards on storage the ones described?"""
+
+    folder: str = option("", "folder of shards to check: train shards (with manifest.json), a pool, or an "
+                             "img2dataset output folder (local or s3://)")
+    workers: int = option(0, "shards checked in parallel (0: one per CPU)")
+    output_json: str = option("", "also write the findings as JSON to this path")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _require(self, "folder")
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")
+
+
+@dataclass
+class ReportConfig:
+    """``python -m shards.report``: statistics, plots and a datasheet, from metadata only."""
+
+    pool: str = option("", "pool folder (ours, or an img2dataset output folder); local or s3://")
+    decisions: str = option("", "decisions folder written by filter (optional: without it, kept = downloaded)")
+    train: str = option("", "train shard folder with manifest.json (optional: adds the train shards)")
+    output_folder: str = option("", "where report.json, index.html and datasheet.md go")
+    dataset_name: str = option("", "name shown in the report and datasheet (default: the pool folder's name)")
+    top_domains: int = option(50, "domains listed with their counts and success rates")
+    workers: int = option(0, "pool shards summarised in parallel (0: one per CPU)")
+    progress: bool = option(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        _require(self, "pool", "output_folder")
+        if self.top_domains < 1:
+            raise ConfigError(f"top_domains={self.top_domains}: must be a positive integer")
+        if self.workers < 0:
+            raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")

@@ -1,140 +1,246 @@
-"""A first statistics summary of a dataset: ``report.json`` and a simple ``report.html``.
+"""``python -m shards.report``: what went in, what came out, what was dropped and why.
 
-Built from metadata only (pool parquet, decisions, manifest; no image is decoded),
-one pool shard at a time. It answers the auditor's first questions: how many rows
-went in, how many were downloaded, kept and written, and why the others were not.
-The page is self-contained (no scripts, no network).
+Built from metadata only — pool parquet, ``_stats.json`` markers, decisions, the
+manifest; no image is decoded and no tar is read — for our pools and for folders made
+by img2dataset (its error messages are mapped onto our reason codes). Writes three
+files to the output folder:
+
+* ``report.json``  — every number of the report, for tools;
+* ``index.html``   — one self-contained page (plots are inline SVG, the table sorting
+                     and filtering is inline script; nothing is fetched to view it);
+* ``datasheet.md`` — a datasheet after "Datasheets for Datasets" (Gebru et al.),
+                     filled with what the pipeline knows, the rest marked as unknown.
+
+Pool shards are summarised in parallel processes (``shards/stats.py``), one shard at a
+time each, so memory stays bounded whatever the dataset's size.
 """
 
 from __future__ import annotations
 
-import html
-from collections import Counter
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit
 
-import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from core import storage
-from core.layout import committed_shards, shard_name
+from core.config import parse_config
+from core.layout import committed_shards
 from core.reasons import Reason
+from shards.config import ReportConfig
+from shards.datasheet import render_datasheet
+from shards.manifest import FILTER_STATS, INGEST_SUMMARY, MANIFEST, code_version
+from shards.page import render_page
+from shards.stats import (
+    DISTRIBUTIONS,
+    DOMAIN_COLUMNS,
+    STEPS,
+    UNCLASSIFIED,
+    Summary,
+    cluster_sizes,
+    display_bins,
+    quantiles,
+    summarize_shard,
+)
 
 REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
-_KNOWN = {r.value for r in Reason}
+REPORT_HTML = "index.html"
+DATASHEET = "datasheet.md"
+
+STEP_LABELS = {
+    "input_rows": "input rows",
+    "unique": "unique (URL and caption)",
+    "attempted": "attempted (requested)",
+    "downloaded": "downloaded",
+    "kept": "kept by the filter",
+    "in_train_shards": "in train shards",
+}
 
 
-def _quantiles(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    return {"min": ordered[0], "p10": pick(0.1), "median": pick(0.5), "p90": pick(0.9), "max": ordered[-1]}
+def _summarize(args: tuple) -> Summary:
+    return summarize_shard(*args)
 
 
-def build_report(pool: str, decisions: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    download_failures: Counter[str] = Counter()
-    rejections: Counter[str] = Counter()
-    domains: Counter[str] = Counter()
-    rows = downloaded = kept = 0
-    widths: list[int] = []
-    heights: list[int] = []
-    caption_words: list[int] = []
-    for shard_id in sorted(committed_shards(pool)):
-        name = shard_name(shard_id)
-        with storage.open_file(storage.join(decisions, f"{name}.parquet")) as handle:
-            decided = pq.read_table(handle, columns=["key", "reason"]).to_pylist()
-        rejected = {d["key"]: d["reason"] for d in decided if d["reason"]}
-        with storage.open_file(storage.join(pool, f"{name}.parquet")) as handle:
-            table = pq.read_table(handle, columns=["key", "url", "caption", "status", "reason",
-                                                   "original_width", "original_height"])
-        for row in table.to_pylist():
-            rows += 1
-            domains[(urlsplit(row["url"] or "").hostname or "(none)")] += 1
-            if row["status"] != "success":
-                download_failures[row["reason"] or "unknown"] += 1
-                continue
-            downloaded += 1
-            if row["key"] in rejected:
-                rejections[rejected[row["key"]]] += 1
-                continue
-            kept += 1
-            widths.append(row["original_width"])
-            heights.append(row["original_height"])
-            caption_words.append(len((row["caption"] or "").split()))
-    with_reasons = {r: Reason(r).description for r in {**download_failures, **rejections} if r in _KNOWN}
-    return {
-        "funnel": {
-            "input_rows": rows,
-            "downloaded": downloaded,
-            "kept": kept,
-            "in_train_shards": manifest["total_samples"],
-        },
-        "download_failures": dict(download_failures.most_common()),
-        "filter_rejections": dict(rejections.most_common()),
-        "reason_descriptions": dict(sorted(with_reasons.items())),
-        "top_domains": dict(domains.most_common(20)),
-        "kept_distributions": {
-            "original_width": _quantiles(widths),
-            "original_height": _quantiles(heights),
-            "caption_words": _quantiles(caption_words),
-        },
-        "shards": manifest["shards"],
-        "code_version": manifest["code_version"],
-    }
+def summarize(cfg: ReportConfig, shard_ids: list[int]) -> Summary:
+    """Every pool shard's summary, merged (in parallel processes when there are several)."""
+    total = Summary()
+    tasks = [(cfg.pool, cfg.decisions, i) for i in shard_ids]
+    workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
+    bar = tqdm(total=len(tasks), desc="report", unit="shard", disable=not cfg.progress)
+    try:
+        if workers <= 1:
+            for args in tasks:
+                total.merge(_summarize(args))
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for part in pool.map(_summarize, tasks, chunksize=max(1, len(tasks) // (8 * workers))):
+                    total.merge(part)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return total
 
 
-def _bars(counts: dict[str, int], descriptions: dict[str, str]) -> str:
-    if not counts:
-        return "<p>none</p>"
-    peak = max(counts.values())
+def _reason_info(code: str) -> dict[str, str]:
+    try:
+        reason = Reason(code)
+    except ValueError:
+        if code == UNCLASSIFIED:
+            return {"stage": "fetch", "description": "an img2dataset error message that none of our reason codes "
+                                                     "matches (the messages are listed under unclassified_messages)"}
+        return {"stage": "?", "description": "not a webclip reason code"}
+    return {"stage": reason.stage.value, "description": reason.description}
+
+
+def _funnel(summary: Summary, manifest: dict | None) -> list[dict[str, Any]]:
+    steps = []
+    previous = None
+    for step in STEPS:
+        count = summary.funnel[step]
+        dropped = dict(summary.dropped[step].most_common()) if step != "input_rows" else {}
+        steps.append({"step": step, "label": STEP_LABELS[step], "count": count,
+                      "share_of_input": round(count / summary.funnel["input_rows"], 4) if summary.funnel["input_rows"]
+                      else None,
+                      "dropped": dropped, "dropped_total": (previous - count) if previous is not None else 0})
+        previous = count
+    if manifest is not None:
+        count = manifest.get("total_samples", 0)
+        steps.append({"step": "in_train_shards", "label": STEP_LABELS["in_train_shards"], "count": count,
+                      "share_of_input": round(count / summary.funnel["input_rows"], 4)
+                      if summary.funnel["input_rows"] else None,
+                      "dropped": {}, "dropped_total": previous - count})
+    return steps
+
+
+def _domains(summary: Summary, top: int) -> dict[str, Any]:
+    ranked = sorted(summary.domains.items(), key=lambda kv: (-kv[1][0], kv[0]))
     rows = []
-    for name, n in counts.items():
-        width = max(1, round(300 * n / peak))
-        rows.append(
-            f"<tr><td title='{html.escape(descriptions.get(name, ''))}'><code>{html.escape(name)}</code></td>"
-            f"<td class=n>{n}</td><td><svg width=300 height=12><rect width={width} height=12 fill='#4477aa'/>"
-            "</svg></td></tr>"
-        )
-    return "<table>" + "".join(rows) + "</table>"
+    for domain, counts in ranked[:top]:
+        row = {"domain": domain, **{c: int(v) for c, v in zip(DOMAIN_COLUMNS, counts)}}
+        row["success_rate"] = round(row["downloaded"] / row["attempted"], 4) if row["attempted"] else None
+        rows.append(row)
+    return {"distinct": len(summary.domains), "exact": summary.domains_dropped_rows == 0,
+            "rows_in_dropped_domains": summary.domains_dropped_rows, "top": rows}
 
 
-def render_html(report: dict[str, Any]) -> str:
-    funnel = report["funnel"]
-    top = funnel["input_rows"] or 1
-    funnel_rows = "".join(
-        f"<tr><td>{html.escape(k.replace('_', ' '))}</td><td class=n>{v}</td><td class=n>{v / top:.1%}</td></tr>"
-        for k, v in funnel.items()
-    )
-    dist_rows = "".join(
-        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td class=n>{(q or {}).get(c, '')}</td>"
-        for c in ("min", "p10", "median", "p90", "max")) + "</tr>"
-        for k, q in report["kept_distributions"].items()
-    )
-    shard_rows = "".join(
-        f"<tr><td>{html.escape(s['name'])}</td><td class=n>{s['count']}</td><td class=n>{s['bytes']}</td>"
-        f"<td><code>{s['sha256'][:16]}…</code></td></tr>"
-        for s in report["shards"]
-    )
-    descriptions = report["reason_descriptions"]
-    return f"""<!doctype html>
-<html lang=en><head><meta charset=utf-8><title>webclip dataset report</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:60em}}td{{padding:2px 8px}}
-.n{{text-align:right;font-variant-numeric:tabular-nums}}h2{{margin-top:1.5em}}</style></head><body>
-<h1>Dataset report</h1>
-<p>Built from metadata only. Code version <code>{html.escape(report['code_version'])}</code>.</p>
-<h2>Funnel</h2><table>{funnel_rows}</table>
-<h2>Download failures, by reason</h2>{_bars(report['download_failures'], descriptions)}
-<h2>Filter rejections, by reason</h2>{_bars(report['filter_rejections'], descriptions)}
-<h2>Kept samples: distributions</h2>
-<table><tr><th></th><th>min</th><th>p10</th><th>median</th><th>p90</th><th>max</th></tr>{dist_rows}</table>
-<h2>Top domains (input rows)</h2>{_bars(report['top_domains'], {})}
-<h2>Train shards</h2><table><tr><th>name</th><th>samples</th><th>bytes</th><th>sha256</th></tr>{shard_rows}</table>
-</body></html>
+def _distributions(summary: Summary) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, binning in DISTRIBUTIONS.items():
+        series = summary.hists.get(name)
+        if series is None:
+            out[name] = {"label": binning.label, "unit": binning.unit, "recorded": False}
+            continue
+        out[name] = {
+            "label": binning.label, "unit": binning.unit, "recorded": True, "scale": binning.scale,
+            "quantiles": {s: quantiles(binning, v) for s, v in series.items()},
+            "plot": display_bins(binning, series),
+        }
+    return out
+
+
+def _read_optional(folder: str, name: str) -> dict | None:
+    if not folder:
+        return None
+    path = storage.join(folder, name)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
+def build_report(cfg: ReportConfig) -> dict[str, Any]:
+    """Every number of the report (the content of report.json)."""
+    start = time.time()
+    shard_ids = sorted(committed_shards(cfg.pool))
+    if not shard_ids:
+        raise SystemExit(f"report: no committed shards ({{shard}}_stats.json) in {cfg.pool!r}")
+    if cfg.decisions and not storage.exists(cfg.decisions):
+        raise SystemExit(f"report: decisions folder {cfg.decisions!r} does not exist")
+    manifest = _read_optional(cfg.train, MANIFEST)
+    if cfg.train and manifest is None:
+        raise SystemExit(f"report: no {MANIFEST} in {cfg.train!r} (run `python -m shards` first)")
+    summary = summarize(cfg, shard_ids)
+    ingest = _read_optional(cfg.pool, INGEST_SUMMARY)
+    filter_stats = _read_optional(cfg.decisions, FILTER_STATS)
+    reasons = {code for step in summary.dropped.values() for code in step}
+    name = cfg.dataset_name or cfg.pool.rstrip("/").rsplit("/", 1)[-1]
+    first, last = summary.time_span
+    report = {
+        "dataset": name,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "code_version": code_version(),
+        "inputs": {"pool": cfg.pool, "layout": summary.layout, "pool_shards": len(shard_ids),
+                   "decisions": cfg.decisions or None, "train": cfg.train or None},
+        "collected": {"first_shard_started": _iso(first), "last_shard_ended": _iso(last)},
+        "funnel": _funnel(summary, manifest),
+        "failures": dict(summary.dropped["downloaded"].most_common()),
+        "not_attempted": dict(summary.dropped["attempted"].most_common()),
+        "not_unique": dict(summary.dropped["unique"].most_common()),
+        "filter_rejections": dict(summary.dropped["kept"].most_common()) if summary.has_decisions else None,
+        "reasons": {code: _reason_info(code) for code in sorted(reasons)},
+        "unclassified_messages": dict(summary.unclassified_messages.most_common(20)),
+        "domains": _domains(summary, cfg.top_domains),
+        "distributions": _distributions(summary),
+        "languages": {s: dict(c.most_common()) for s, c in summary.languages.items()} if summary.has_decisions
+        else None,
+        "near_duplicates": cluster_sizes(summary, "dup_near") if summary.has_decisions else None,
+        "exact_duplicates": cluster_sizes(summary, "dup_exact") if summary.has_decisions else None,
+        "opt_out": {"rows": sum(summary.opt_out_directives.values()),
+                    "by_directive": dict(summary.opt_out_directives.most_common()),
+                    "top_domains": [{"domain": d["domain"], "opt_out": d["opt_out"]}
+                                    for d in sorted(_domains(summary, len(summary.domains))["top"],
+                                                    key=lambda d: -d["opt_out"])[:10] if d["opt_out"]]},
+        "pool_shards": sorted(summary.shards, key=lambda s: s["shard"]),
+        "train_shards": None if manifest is None else {
+            "count": manifest.get("shard_count", len(manifest.get("shards", []))),
+            "samples": manifest.get("total_samples"), "bytes": manifest.get("total_bytes"),
+            "shards": [{"name": e["name"], "samples": e["count"], "bytes": e["bytes"], "sha256": e.get("sha256")}
+                       for e in manifest.get("shards", [])],
+            "plan": manifest.get("plan"), "inputs": manifest.get("inputs"), "code_version": manifest.get("code_version"),
+        },
+        "configs": {"ingest": (ingest or {}).get("config"), "filter": (filter_stats or {}).get("config")},
+        "input_lists": (ingest or {}).get("inputs"),
+    }
+    report["datasheet"] = render_datasheet(report)
+    report["duration_s"] = round(time.time() - start, 2)
+    return report
+
+
+def _iso(t: float | None) -> str | None:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) if t else None
+
+
+def write_report(output_folder: str, report: dict[str, Any]) -> dict[str, str]:
+    """Write report.json, index.html and datasheet.md; return their paths."""
+    storage.makedirs(output_folder)
+    paths = {kind: storage.join(output_folder, name)
+             for kind, name in (("json", REPORT_JSON), ("html", REPORT_HTML), ("datasheet", DATASHEET))}
+    storage.write_json(paths["json"], report)
+    with storage.atomic_write(paths["datasheet"], "w") as handle:
+        handle.write(report["datasheet"])
+    with storage.atomic_write(paths["html"], "w") as handle:
+        handle.write(render_page(report))
+    return paths
+
+
+DESCRIPTION = __doc__.split("\n", 1)[1] + """
+Examples:
+  python -m shards.report --pool data/demo/pool --decisions data/demo/decisions \\
+      --train data/demo/train --output_folder data/demo/report
+  python -m shards.report --pool /data/img2dataset-out --output_folder /data/report
 """
 
 
-def write_report(output_folder: str, report: dict[str, Any]) -> None:
-    storage.write_json(storage.join(output_folder, REPORT_JSON), report)
-    with storage.atomic_write(storage.join(output_folder, REPORT_HTML), "w") as handle:
-        handle.write(render_html(report))
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ReportConfig, argv, prog="python -m shards.report", description=DESCRIPTION)
+    report = build_report(cfg)
+    paths = write_report(cfg.output_folder, report)
+    funnel = " → ".join(f"{s['label'].split(' (')[0]} {s['count']:,}" for s in report["funnel"])
+    print(funnel)
+    print(f"report:    {paths['html']}  (and {REPORT_JSON}, {DATASHEET})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

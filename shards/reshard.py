@@ -1,31 +1,54 @@
-"""Pool + decisions → train shards of a fixed size, and their manifest.
+"""Pool + decisions → train shards of uniform size, mixed across pool shards.
 
-Streams each pool tar once, in shard order, copying the members of kept samples
-byte for byte (images are not re-encoded; nothing is unpickled) into train shards
-written by the same ``ShardWriter`` as the pool, so train shards have the same
-layout. Keys stay the pool keys, so any train sample traces back to its input row.
+The driver counts the kept samples of every pool shard (decisions only), builds the
+plan (``shards/plan.py``: which global position goes to which train shard) and hands
+ranges of train shards to tasks (Ray, or inline). A task opens the pool shards its
+positions come from, streams each tar once — skipping the kept samples that belong to
+earlier train shards — and copies the members of its samples byte for byte (images
+are not re-encoded; nothing is unpickled) into train shards written by the same
+``ShardWriter`` as the pool, so train shards have the pool's layout and keys: any
+train sample traces back to its input row.
+
+Resumable: a train shard is committed by its ``_stats.json`` (written last, holding its
+files' bytes and sha256), and the plan with its inputs' fingerprints is stored in
+``_reshard_plan.json``. A rerun with the same plan rewrites only the missing shards;
+a rerun whose plan differs (other pool, decisions or settings) stops and says so,
+unless ``--overwrite`` is given. ``manifest.json`` is written last, from the markers.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from core import __version__, storage
+from core import storage
+from core.cluster import open_runner
 from core.config import to_dict
-from core.layout import IMAGE_EXTENSIONS, POOL_SCHEMA, STATS_SUFFIX, committed_shards, shard_id_of, shard_name
-from core.tarreader import iter_tar_files
+from core.layout import (
+    IMAGE_EXTENSIONS,
+    POOL_SCHEMA,
+    STATS_SUFFIX,
+    committed_shards,
+    shard_id_of,
+    shard_name,
+)
 from core.shard_writer import ShardWriter
-from filter.run import load_decisions
+from core.tarreader import TarStreamError, iter_tar_files
 from shards.config import ShardsConfig
+from shards.manifest import MANIFEST, PLAN_FILE, build_manifest, pool_inputs
+from shards.plan import ReshardPlan
 
-MANIFEST = "manifest.json"
+ROW_BATCH = 512  # pool rows turned into Python dicts at a time
+
+
+class DamagedPool(RuntimeError):
+    """The pool's tar and parquet disagree: a kept sample's image is missing."""
 
 
 @dataclass
@@ -36,7 +59,7 @@ class PoolSample:
 
 
 def iter_tar_samples(path: str) -> Iterator[PoolSample]:
-    """Images of a shard tar, grouped by key; other members and odd entries are skipped."""
+    """Images of a shard tar, in tar order; other members and odd entries are skipped."""
     with storage.open_file(path) as handle:
         for name, data in iter_tar_files(handle, reopen=lambda: storage.open_file(path)):
             key, _, ext = name.rpartition("/")[2].partition(".")
@@ -44,59 +67,101 @@ def iter_tar_samples(path: str) -> Iterator[PoolSample]:
                 yield PoolSample(key, data, ext.lower())
 
 
-def code_version() -> str:
-    """git describe of the source tree when there is one, else the package version."""
+# -- reading the pool -----------------------------------------------------------------------
+
+
+def _kept_count(decisions: str, shard_id: int) -> int:
+    path = storage.join(decisions, f"{shard_name(shard_id)}.parquet")
+    if not storage.exists(path):
+        raise SystemExit(f"shards: {path} not found: the decisions do not cover pool shard {shard_name(shard_id)} "
+                         "(run the filter on this pool)")
+    with storage.open_file(path) as handle:
+        keep = pq.read_table(handle, columns=["keep"])["keep"]
+    return int(pc.sum(pc.fill_null(keep, False)).as_py() or 0)
+
+
+def iter_kept(pool: str, decisions: str, shard_id: int) -> Iterator[tuple[dict[str, Any], PoolSample]]:
+    """(metadata row, image) of each kept sample of a pool shard, in key order."""
+    name = shard_name(shard_id)
+    with storage.open_file(storage.join(decisions, f"{name}.parquet")) as handle:
+        decided = pq.read_table(handle, columns=["key", "keep"])
+    keep = set(decided.filter(pc.fill_null(decided["keep"], False))["key"].to_pylist())
+    with storage.open_file(storage.join(pool, f"{name}.parquet")) as handle:
+        table = pq.read_table(handle)
+    table = table.filter(pc.is_in(table["key"], pa.array(sorted(keep), pa.string())))
+    table = table.take(pc.sort_indices(table["key"]))
+    rows = _row_batches(table)
+    expected = next(rows, None)
+    tar = storage.join(pool, f"{name}.tar")
     try:
-        described = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            capture_output=True, text=True, timeout=5, cwd=__file__.rsplit("/", 2)[0],
-        )
-        if described.returncode == 0 and described.stdout.strip():
-            return f"{__version__}+git.{described.stdout.strip()}"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return __version__
+        for sample in iter_tar_samples(tar):
+            if expected is None:
+                return
+            if sample.key == expected["key"]:
+                yield expected, sample
+                expected = next(rows, None)
+            elif sample.key > expected["key"]:
+                break
+    except TarStreamError as exc:
+        raise DamagedPool(f"{tar}: {exc}; run `python -m shards.verify --folder {pool}`") from None
+    if expected is not None:
+        raise DamagedPool(f"{tar}: kept sample {expected['key']} has no image in the tar (the tar and "
+                          f"{name}.parquet disagree); run `python -m shards.verify --folder {pool}`")
 
 
-def _remove_old_outputs(folder: str) -> None:
-    """A rerun replaces earlier train shards (and only those files)."""
-    for path in storage.list_files(folder):
-        name = path.rsplit("/", 1)[-1]
-        if shard_id_of(name) is not None or name == MANIFEST:
-            storage.remove(path)
+def _row_batches(table: pa.Table) -> Iterator[dict[str, Any]]:
+    for batch in table.to_batches(max_chunksize=ROW_BATCH):
+        yield from batch.to_pylist()
 
 
-class _TrainShardSink:
-    """Rolls over to a new train shard every ``samples_per_shard`` samples."""
-
-    def __init__(self, cfg: ShardsConfig, extra_columns: list[str]):
-        self.cfg = cfg
-        self.extra_columns = extra_columns
-        self.entries: list[dict[str, Any]] = []
-        self._writer: ShardWriter | None = None
-        self._count = 0
-
-    def add(self, row: dict[str, Any], sample: PoolSample) -> None:
-        if self._writer is None:
-            self._writer = ShardWriter(self.cfg.output_folder, len(self.entries), sample.image_ext, self.extra_columns)
-        self._writer.add(row, sample.image)
-        self._count += 1
-        if self._count == self.cfg.samples_per_shard:
-            self.flush()
-
-    def flush(self) -> None:
-        if self._writer is None:
-            return
-        stats = {"count": self._count, "successes": self._count, "failed_to_download": 0, "failed_to_resize": 0}
-        entry = self._writer.commit({"shard": self._writer.name, **stats})
-        self.entries.append({**entry, "count": self._count})
-        self._writer, self._count = None, 0
+# -- one task: a range of train shards -------------------------------------------------------
 
 
-def reshard(cfg: ShardsConfig) -> dict[str, Any]:
-    """Write the train shards and manifest.json; return the manifest."""
-    start = time.time()
-    pool_ids = sorted(committed_shards(cfg.pool))
+def write_train_shards(cfg: ShardsConfig, plan: ReshardPlan, first: int, last: int, done: set[int],
+                       extra_columns: list[str]) -> list[int]:
+    """Write train shards ``first .. last - 1`` (except those in ``done``); return the ones written."""
+    t, in_shard, writer = first, 0, None
+    written: list[int] = []
+    for segment in plan.segments(first, last):
+        streams = [iter_kept(cfg.pool, cfg.decisions, p) for p in segment.pool_shards]
+        for stream, skip in zip(streams, segment.skip):
+            for _ in range(skip):
+                _next(stream, segment)
+        for label in segment.labels.tolist():
+            row, sample = _next(streams[label], segment)
+            if t not in done:
+                if writer is None:
+                    writer = ShardWriter(cfg.output_folder, t, sample.image_ext, extra_columns)
+                writer.add(row, sample.image)
+            in_shard += 1
+            if in_shard == plan.shard_size(t):
+                if writer is not None:
+                    writer.commit({"shard": shard_name(t), "count": in_shard, "successes": in_shard,
+                                   "failed_to_download": 0, "failed_to_resize": 0,
+                                   "plan": plan.fingerprint()})
+                    written.append(t)
+                t, in_shard, writer = t + 1, 0, None
+        for stream in streams:
+            stream.close()
+    if writer is not None:  # the plan and the streams disagree: never commit a short shard
+        writer.close()
+        raise DamagedPool(f"train shard {shard_name(t)}: the pool ran out of kept samples")
+    return written
+
+
+def _next(stream: Iterator, segment) -> tuple[dict[str, Any], PoolSample]:
+    try:
+        return next(stream)
+    except StopIteration:
+        raise DamagedPool(f"pool shards {[shard_name(p) for p in segment.pool_shards]}: fewer kept samples "
+                          "in the tars than the decisions say") from None
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+def _check_pool(cfg: ShardsConfig, pool_ids: list[int]) -> list[str]:
+    """Refuse what cannot be resharded, up front; return the pool's extra columns."""
     if not pool_ids:
         raise SystemExit(f"shards: no committed pool shards in {cfg.pool!r} (run ingest first)")
     first_tar = storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.tar")
@@ -105,41 +170,57 @@ def reshard(cfg: ShardsConfig) -> dict[str, Any]:
             f"shards: {first_tar} not found: shards/ reads webdataset pools (tar + parquet per shard); "
             "ingest with --output_format webdataset (parquet and files pools are not supported here yet)"
         )
+    with storage.open_file(storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.parquet")) as handle:
+        names = pq.ParquetFile(handle).schema_arrow.names
+    return [c for c in names if c not in POOL_SCHEMA.names]
+
+
+def _prepare_output(cfg: ShardsConfig, identity: dict[str, Any]) -> set[int]:
+    """Check a previous run's plan; return the train shards already committed under it."""
     storage.makedirs(cfg.output_folder)
-    _remove_old_outputs(cfg.output_folder)
-    sink: _TrainShardSink | None = None
-    missing_images = 0
-    for shard_id in tqdm(pool_ids, desc="shards", unit="pool shard", disable=not cfg.progress):
-        name = shard_name(shard_id)
-        keep = load_decisions(cfg.decisions, shard_id)
-        with storage.open_file(storage.join(cfg.pool, f"{name}.parquet")) as handle:
-            table = pq.read_table(handle)
-        if sink is None:
-            sink = _TrainShardSink(cfg, [c for c in table.column_names if c not in POOL_SCHEMA.names])
-        rows = {row["key"]: row for row in table.to_pylist() if keep.get(row["key"])}
-        for sample in iter_tar_samples(storage.join(cfg.pool, f"{name}.tar")):
-            row = rows.pop(sample.key, None)
-            if row is not None:
-                sink.add(row, sample)
-        missing_images += len(rows)  # kept in metadata but absent from the tar: a damaged pool
-    assert sink is not None
-    sink.flush()
-    manifest = {
-        "format": "webdataset",
-        "layout": "{key}.jpg|webp|png, {key}.txt, {key}.json per sample; {shard}.parquet; {shard}" + STATS_SUFFIX,
-        "shards": sink.entries,
-        "total_samples": sum(e["count"] for e in sink.entries),
-        "total_bytes": sum(e["bytes"] for e in sink.entries),
-        "missing_images": missing_images,
-        "inputs": {
-            "pool": cfg.pool,
-            "pool_shards": len(pool_ids),
-            "decisions": cfg.decisions,
-        },
-        "config": to_dict(cfg),
-        "code_version": code_version(),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "duration": time.time() - start,
-    }
+    plan_path = storage.join(cfg.output_folder, PLAN_FILE)
+    previous = storage.read_json(plan_path) if storage.exists(plan_path) else None
+    leftovers = [p for p in storage.list_files(cfg.output_folder) if shard_id_of(p) is not None]
+    if previous != identity and (previous is not None or leftovers):
+        if not cfg.overwrite:
+            what = ("train shards of another plan" if previous is not None else "shards of unknown origin")
+            differs = sorted(k for k in identity if (previous or {}).get(k) != identity[k])
+            raise SystemExit(f"shards: {cfg.output_folder!r} holds {what} (differs in: {', '.join(differs)}); "
+                             "choose another output_folder or rerun with --overwrite true to replace them")
+        for path in leftovers + [storage.join(cfg.output_folder, MANIFEST)]:
+            storage.remove(path)
+    if previous != identity:
+        storage.write_json(plan_path, identity)
+        return set()
+    return committed_shards(cfg.output_folder)
+
+
+def reshard(cfg: ShardsConfig) -> dict[str, Any]:
+    """Write the train shards and manifest.json; return the manifest."""
+    start = time.time()
+    pool_ids = sorted(committed_shards(cfg.pool))
+    extra_columns = _check_pool(cfg, pool_ids)
+    plan = ReshardPlan.build({i: _kept_count(cfg.decisions, i) for i in pool_ids},
+                             cfg.samples_per_shard, cfg.mix_window, cfg.seed)
+    inputs = pool_inputs(cfg.pool, cfg.decisions, pool_ids)
+    identity = {"plan": plan.describe(), "plan_fingerprint": plan.fingerprint(),
+                "pool_fingerprint": inputs["pool"]["fingerprint"],
+                "decisions_fingerprint": inputs["decisions"]["fingerprint"]}
+    done = _prepare_output(cfg, identity)
+    # Markers beyond the plan cannot exist (same plan); a marker without its files would be a bug.
+    units = [(a, b) for a, b in plan.units(cfg.max_shards_per_task) if not set(range(a, b)) <= done]
+    if units:
+        runner = open_runner(cfg.distributor, cfg.ray_address, cfg.workers)
+        try:
+            runner.map(write_train_shards, [(cfg, plan, a, b, done, extra_columns) for a, b in units],
+                       f"shards: {plan.train_shards - len(done)} train shards", cfg.progress)
+        finally:
+            runner.close()
+    entries = []
+    for t in range(plan.train_shards):
+        marker = storage.read_json(storage.join(cfg.output_folder, shard_name(t) + STATS_SUFFIX))
+        tar, metadata = marker["files"]
+        entries.append({**tar, "count": marker["count"], "metadata": metadata})
+    manifest = build_manifest(entries, inputs, plan.describe(), to_dict(cfg), time.time() - start)
     storage.write_json(storage.join(cfg.output_folder, MANIFEST), manifest)
     return manifest

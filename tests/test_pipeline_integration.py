@@ -27,8 +27,9 @@ from infra.local import scenes
 from infra.local.corpus import load_ground_truth
 from ingest.config import IngestConfig
 from ingest.run import run_ingest
-from shards.config import ShardsConfig
+from shards.config import ReportConfig, ShardsConfig, VerifyConfig
 from shards.report import build_report
+from shards.verify import verify
 from shards.reshard import reshard
 
 ROWS_PER_SHARD = 100
@@ -168,16 +169,30 @@ def test_train_shards_hold_exactly_the_kept_samples(small_corpus, s3_pipeline):
 
 
 def test_report_agrees_with_the_parquet_files(s3_pipeline):
-    report = build_report(s3_pipeline["pool"], s3_pipeline["decisions"], s3_pipeline["manifest"])
+    report = build_report(ReportConfig(pool=s3_pipeline["pool"], decisions=s3_pipeline["decisions"],
+                                       train=s3_pipeline["train"], output_folder="s3://webclip/report",
+                                       workers=2, progress=False))
     pool = read_pool(s3_pipeline["pool"])
     decisions = {d["key"]: d for d in read_pool(s3_pipeline["decisions"])}
-    assert report["funnel"]["input_rows"] == len(pool)
-    assert report["funnel"]["downloaded"] == sum(r["status"] == "success" for r in pool)
-    assert report["funnel"]["kept"] == sum(d["keep"] for d in decisions.values())
-    assert report["download_failures"] == dict(Counter(r["reason"] for r in pool if r["reason"]))
+    funnel = {step["step"]: step["count"] for step in report["funnel"]}
+    assert funnel["input_rows"] == len(pool)
+    assert funnel["downloaded"] == sum(r["status"] == "success" for r in pool)
+    assert funnel["kept"] == sum(d["keep"] for d in decisions.values())
+    assert funnel["in_train_shards"] == s3_pipeline["manifest"]["total_samples"]
+    failures = Counter(r["reason"] for r in pool if r["reason"] and r["reason"] not in ("dup_url", "caption_short",
+                       "caption_missing", "caption_boilerplate", "caption_not_utf8"))
+    assert report["failures"] == dict(failures)
     assert report["filter_rejections"] == dict(
         Counter(decisions[r["key"]]["reason"] for r in pool if r["status"] == "success" and decisions[r["key"]]["reason"])
     )
+
+
+def test_train_shards_on_s3_verify_clean(s3_pipeline):
+    result = verify(VerifyConfig(folder=s3_pipeline["train"], workers=2, progress=False))
+    assert result["ok"], result["findings"]
+    assert result["samples"] == s3_pipeline["manifest"]["total_samples"]
+    pool = verify(VerifyConfig(folder=s3_pipeline["pool"], workers=1, progress=False))
+    assert pool["ok"], pool["findings"]
 
 
 def test_local_inline_run_gives_the_same_bytes_and_resumes(small_corpus, s3_pipeline, tmp_path):
