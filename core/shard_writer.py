@@ -60,6 +60,24 @@ def _publish_file(local: str, target: str) -> None:
         shutil.copyfileobj(src, dst, length=1 << 20)
 
 
+def clean_stale_staging(output_folder: str) -> None:
+    """Remove what a killed run was still staging (local output only).
+
+    Staging folders (``.tmp-*``) and half-written files (``.NAME.xxxx.tmp``) never
+    carry a final shard name, so readers ignore them anyway; this only frees the disk.
+    On object storage nothing is staged in the bucket (each object is one PUT).
+    """
+    if not storage.is_local(output_folder):
+        return
+    fs, path = storage.filesystem(output_folder)
+    for entry in fs.ls(path, detail=False):
+        name = entry.rsplit("/", 1)[-1]
+        if name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+        elif name.startswith(".") and name.endswith(".tmp"):
+            os.remove(entry)
+
+
 class BaseShardWriter(ABC):
     """What every layout shares: staging folder, metadata columns, commit order."""
 

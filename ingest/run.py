@@ -10,8 +10,6 @@ half-written shard is never visible (see ``core.shard_writer``).
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +20,7 @@ import pyarrow.parquet as pq
 from core import storage
 from core.config import to_dict
 from core.layout import STATS_SUFFIX, committed_shards
+from core.shard_writer import clean_stale_staging
 from ingest.config import IngestConfig
 from ingest.distributor import DISTRIBUTORS
 from ingest.plan import Planner
@@ -71,30 +70,12 @@ def _total_rows(cfg: IngestConfig) -> int | None:
     return total
 
 
-def _clean_stale_temporaries(output_folder: str) -> None:
-    """Remove what a killed run was still staging (local output only).
-
-    Staging folders (``.tmp-*``) and half-written files (``.NAME.xxxx.tmp``) never
-    carry a final shard name, so readers ignore them anyway; this only frees the disk.
-    On object storage nothing is staged in the bucket (each object is one PUT).
-    """
-    if not storage.is_local(output_folder):
-        return
-    fs, path = storage.filesystem(output_folder)
-    for entry in fs.ls(path, detail=False):
-        name = entry.rsplit("/", 1)[-1]
-        if name.startswith(".tmp-"):
-            shutil.rmtree(entry, ignore_errors=True)
-        elif name.startswith(".") and name.endswith(".tmp"):
-            os.remove(entry)
-
-
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     start = time.time()
     if cfg.incremental_mode == "overwrite":
         storage.remove(cfg.output_folder)
     storage.makedirs(cfg.output_folder)
-    _clean_stale_temporaries(cfg.output_folder)
+    clean_stale_staging(cfg.output_folder)
     done = committed_shards(cfg.output_folder)
     summary = IngestSummary()
 

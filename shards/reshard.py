@@ -38,7 +38,7 @@ from core.layout import (
     shard_id_of,
     shard_name,
 )
-from core.shard_writer import ShardWriter
+from core.shard_writer import ShardWriter, clean_stale_staging
 from core.tarreader import TarStreamError, iter_tar_files
 from shards.config import ShardsConfig
 from shards.manifest import MANIFEST, PLAN_FILE, build_manifest, pool_inputs
@@ -178,6 +178,7 @@ def _check_pool(cfg: ShardsConfig, pool_ids: list[int]) -> list[str]:
 def _prepare_output(cfg: ShardsConfig, identity: dict[str, Any]) -> set[int]:
     """Check a previous run's plan; return the train shards already committed under it."""
     storage.makedirs(cfg.output_folder)
+    clean_stale_staging(cfg.output_folder)  # what a killed run was still writing
     plan_path = storage.join(cfg.output_folder, PLAN_FILE)
     previous = storage.read_json(plan_path) if storage.exists(plan_path) else None
     leftovers = [p for p in storage.list_files(cfg.output_folder) if shard_id_of(p) is not None]
