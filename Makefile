@@ -15,6 +15,8 @@ INGEST_CONFIG ?= configs/demo/ingest.yaml
 CRAWL_CONFIG  ?= configs/demo/crawl.yaml
 FILTER_CONFIG ?= configs/demo/filter.yaml
 SHARDS_CONFIG ?= configs/demo/shards.yaml
+REPORT_CONFIG ?= configs/demo/report.yaml
+VERIFY_CONFIG ?= configs/demo/verify.yaml
 TRAIN_CONFIG  ?= configs/demo/train.yaml
 ARGS ?=
 PYTEST_ARGS ?=
@@ -28,7 +30,7 @@ SUBMIT_ARGS ?=
 STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_ARGS) -- python -m,$(PY) -m)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-web crawl ingest filter shards report train test cluster-test bench bench-peers clean-demo
+.PHONY: help venv browser demo demo-web crawl ingest filter shards report verify train test cluster-test bench bench-peers clean-demo
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -62,15 +64,22 @@ ingest: $(STAMP) ## download a URL list into pool shards on Ray (CONFIG=, ARGS=)
 filter: $(STAMP) ## decide keep/reject with a reason for every pool row (CONFIG=, ARGS=)
 	$(STAGE) filter --config $(if $(CONFIG),$(CONFIG),$(FILTER_CONFIG)) $(ARGS)
 
-shards: $(STAMP) ## train shards + manifest.json + report from pool and decisions (CONFIG=, ARGS=)
+shards: $(STAMP) ## kept samples -> mixed train shards + manifest.json (+ the report), resumable (CONFIG=, ARGS=)
 	$(STAGE) shards --config $(if $(CONFIG),$(CONFIG),$(SHARDS_CONFIG)) $(ARGS)
 
-report: shards ## same as shards (the report is written with the shards)
+report: $(STAMP) ## statistics report from metadata: index.html, report.json, datasheet.md (CONFIG=, ARGS=)
+	$(PY) -m shards.report --config $(if $(CONFIG),$(CONFIG),$(REPORT_CONFIG)) $(ARGS)
+
+verify: $(STAMP) ## recompute hashes and counts of train shards (or ARGS="--folder POOL"); exit 1 on damage
+	$(PY) -m shards.verify --config $(if $(CONFIG),$(CONFIG),$(VERIFY_CONFIG)) $(ARGS)
 
 train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONFIG=, ARGS=)
 	$(PY) -m train --config $(if $(CONFIG),$(CONFIG),$(TRAIN_CONFIG)) $(ARGS)
 
-test: $(STAMP) ## unit and integration tests (real HTTP server, Ray, S3 server, torchrun)
+browser: ## Debian's chromium for the report page's browser tests (installed once, needs root or sudo)
+	@bash infra/local/install_chromium.sh
+
+test: $(STAMP) browser ## unit and integration tests (real HTTP server, Ray, S3 server, torchrun, Chromium)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 cluster-test: $(STAMP) ## only the cluster tests: 2-node Ray and torchrun on loopback, node loss, infra/ configs

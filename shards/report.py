@@ -164,7 +164,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     ingest = _read_optional(cfg.pool, INGEST_SUMMARY)
     filter_stats = _read_optional(cfg.decisions, FILTER_STATS)
     reasons = {code for step in summary.dropped.values() for code in step}
-    name = cfg.dataset_name or cfg.pool.rstrip("/").rsplit("/", 1)[-1]
+    name = cfg.dataset_name or "/".join(cfg.pool.rstrip("/").split("/")[-2:])
     first, last = summary.time_span
     report = {
         "dataset": name,

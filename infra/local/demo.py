@@ -4,7 +4,7 @@
     ingest   serve it on 127.0.0.1 and download it on a local Ray instance → pool shards
     evalset  render the zero-shot evaluation set (all 48 colour × shape classes)
     filter   decide keep / reject for every pool row → decisions (eval look-alikes dropped too)
-    shards   kept samples → train shards + manifest.json + report
+    shards   kept samples → train shards + manifest.json; report; verify
     train    train a small CLIP from scratch on the CPU, then zero-shot evaluation
 
 Each stage runs as the same command a user would type (printed before it runs), so
@@ -62,12 +62,14 @@ def main(argv: list[str] | None = None) -> int:
           str(args.eval_per_class), "--seed", str(args.seed), "--image-size", "128", "--resize-mode", "border"],
          "evalset: zero-shot evaluation images")
     _run([py, "-m", "filter", "--config", f"{CONFIGS}/filter.yaml"], "filter: decisions")
-    _run([py, "-m", "shards", "--config", f"{CONFIGS}/shards.yaml"], "shards: train shards and report")
+    _run([py, "-m", "shards", "--config", f"{CONFIGS}/shards.yaml"], "shards: train shards, manifest")
+    _run([py, "-m", "shards.report", "--config", f"{CONFIGS}/report.yaml"], "report: statistics and datasheet")
+    _run([py, "-m", "shards.verify", "--config", f"{CONFIGS}/verify.yaml"], "verify: shards against the manifest")
     if not args.skip_train:
         _run([py, "-m", "train", "--config", f"{CONFIGS}/train.yaml", *shlex.split(args.train_args)],
              "train: CLIP from scratch + zero-shot")
     print(f"\ndemo finished in {time.time() - start:.0f}s")
-    print(f"  dataset report:  {DATA}/train/report.html (and report.json, manifest.json)")
+    print(f"  dataset report:  {DATA}/train/index.html (and report.json, datasheet.md, manifest.json)")
     if not args.skip_train:
         print(f"  model and logs:  {RUN}/ (zero-shot figures in {RUN}/zeroshot.json)")
         print(_zero_shot_line(f"{RUN}/zeroshot.json"), flush=True)  # the demo's last line
