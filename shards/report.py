@@ -102,7 +102,8 @@ def _funnel(summary: Summary, manifest: dict | None) -> list[dict[str, Any]]:
     for step in STEPS:
         count = summary.funnel[step]
         dropped = dict(summary.dropped[step].most_common()) if step != "input_rows" else {}
-        steps.append({"step": step, "label": STEP_LABELS[step], "count": count,
+        label = STEP_LABELS[step] if step != "kept" or summary.has_decisions else "kept (no decisions given)"
+        steps.append({"step": step, "label": label, "count": count,
                       "share_of_input": round(count / summary.funnel["input_rows"], 4) if summary.funnel["input_rows"]
                       else None,
                       "dropped": dropped, "dropped_total": (previous - count) if previous is not None else 0})

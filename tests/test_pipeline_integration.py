@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -185,6 +186,15 @@ def test_report_agrees_with_the_parquet_files(s3_pipeline):
     assert report["filter_rejections"] == dict(
         Counter(decisions[r["key"]]["reason"] for r in pool if r["status"] == "success" and decisions[r["key"]]["reason"])
     )
+
+
+def test_manifest_fingerprints_the_url_list_behind_the_pool(small_corpus, s3_pipeline):
+    corpus_dir, _ = small_corpus
+    lists = s3_pipeline["manifest"]["inputs"]["input_lists"]
+    url_list = ingest_config(corpus_dir, "unused").url_list
+    assert [entry["path"] for entry in lists] == [url_list]
+    assert lists[0]["sha256"] == hashlib.sha256(Path(url_list).read_bytes()).hexdigest()
+    assert s3_pipeline["manifest"]["inputs"]["decisions"]["filter_config"]["pool"] == s3_pipeline["pool"]
 
 
 def test_train_shards_on_s3_verify_clean(s3_pipeline):
