@@ -280,6 +280,8 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     if not storage.exists(cfg.folder):
         raise SystemExit(f"verify: {cfg.folder!r} does not exist")
     tasks, findings, described = plan_checks(cfg.folder)
+    if not tasks and not findings:
+        findings.append(Finding("missing", ".", "no shards here (no {shard}.tar, .parquet or _stats.json)"))
     workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(tasks)))
     checks: list[ShardCheck] = []
     bar = tqdm(total=len(tasks), desc="verify", unit="shard", disable=not cfg.progress)

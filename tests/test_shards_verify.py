@@ -151,6 +151,8 @@ def test_an_img2dataset_folder_without_hashes_is_checked_for_consistency(built, 
 def test_the_folder_must_exist_and_bad_options_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not exist"):
         verify(VerifyConfig(folder=str(tmp_path / "nowhere"), progress=False))
+    (tmp_path / "empty").mkdir()
+    assert _findings(tmp_path / "empty") == [("missing", ".")]  # an empty folder is not a verified dataset
     with pytest.raises(SystemExit) as exc:
         verify_main(["--folder", str(tmp_path), "--workers", "-1"])
     assert exc.value.code == 2
