@@ -64,7 +64,7 @@ def render_datasheet(report: dict[str, Any]) -> str:
               + f", from {rows:,} input rows ({_pct(final, rows)}).",
               f"- **Is it a sample of a larger set?** It is what survived download and filtering of the input URL "
               f"lists: {downloaded:,} downloaded ({_pct(downloaded, funnel['attempted'])} of those attempted), "
-              f"{kept:,} kept. The input lists themselves are a selection {UNKNOWN[:-1].lower()} how they were drawn.",
+              f"{kept:,} kept. How the input URL lists were drawn: {UNKNOWN}",
               f"- **What data does each instance consist of?** The image (as re-encoded by ingest: "
               f"{_config_line(ingest, ('image_size', 'resize_mode', 'encode_format', 'encode_quality'))}), its caption "
               "(UTF-8 text) and a JSON/parquet metadata row.",
@@ -84,7 +84,8 @@ def render_datasheet(report: dict[str, Any]) -> str:
                  if clip.get("recorded") else "; no CLIP score was recorded, so image–caption agreement is unmeasured")
               + ". Exact and near duplicates were removed by the filter where enabled.",
               f"- **Is the dataset self-contained?** The samples are stored in the shards, but they are copies of "
-              f"third-party content from {domains['distinct']:,} domains; the URLs may stop working or change. "
+              f"third-party content from {domains['distinct']:,} domain{'s' if domains['distinct'] != 1 else ''}; "
+              "the URLs may stop working or change. "
               "Rights to the content: " + UNKNOWN,
               f"- **Does it contain confidential, offensive or sensitive data, or data about people?** {UNKNOWN} "
               "The pipeline does not detect faces, personal data, NSFW or offensive content.",
