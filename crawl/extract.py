@@ -34,6 +34,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -314,7 +315,9 @@ def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tupl
             return value, None
         return None, (_DATA_URI if value else _INVALID_URL)
     srcset = get("srcset")
-    if srcset and not source_srcsets and not get("data-srcset") and not get("data-lazy-srcset"):
+    if not source_srcsets and not get("data-srcset") and not get("data-lazy-srcset"):
+        if not srcset:  # a lazy image: no srcset to read
+            return _lazy_then_src(get)
         widest = _widest_usual_candidate(srcset)
         if widest is not None:
             return widest, None
@@ -329,6 +332,11 @@ def _pick_url(attributes: dict[str, Any], source_srcsets: Sequence[str]) -> tupl
                 best, best_width, best_density = url, width, density
     if best is not None:
         return best, None
+    return _lazy_then_src(get, saw_data)
+
+
+def _lazy_then_src(get: Any, saw_data: bool = False) -> tuple[str | None, str | None]:
+    """The first lazy attribute, else ``src``, that holds a URL other than a data: URI (rule 1's end)."""
     for name in _LAZY_THEN_SRC:
         value = get(name)
         if not value:
@@ -378,7 +386,6 @@ def _widest_usual_candidate(srcset: str) -> str | None:
     return best
 
 
-
 def robots_directives(content: str | None) -> set[str]:
     return {d.strip().lower() for d in (content or "").split(",") if d.strip()}
 
@@ -394,7 +401,7 @@ _FIGURE, _FIGCAPTION = _TAG_IDS["figure"], _TAG_IDS["figcaption"]
 # (so that " data:..." is a data URI too). Every str.isspace() character is below U+3001 (a test checks).
 _CAREFUL_FIRST = frozenset("dD" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()))
 _ALT_MEANINGLESS, _DUP_IN_PAGE = Reason.ALT_MEANINGLESS.value, Reason.DUP_IN_PAGE.value
-# is_meaningless, inline in _image_pairs for the common case: an alt text longer than any generic phrase
+# is_meaningless, inline in _image_rules for the common case: an alt text longer than any generic phrase
 # (with its end punctuation), without a '.' (no file name), says something if it begins with an ASCII
 # letter that begins no camera name or URL (_PLAIN_INITIALS); or with one that may (_SUSPECT_INITIALS),
 # if it does not end in punctuation (stripping it leaves it too long to be generic) and its first 11
@@ -405,62 +412,140 @@ _PLAIN_INITIALS = frozenset(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN
 _CAMERA_OR_URL = (*_CAMERA_PREFIXES, "http://", "https://", "www.")
 
 
-def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction, hrefs: list[str] | None,
-                 only_images: bool = False) -> None:
-    """Rules 1-4 for each ``<img>`` among ``nodes`` (document order), into ``result``.
+def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction, hrefs: list[str] | None) -> None:
+    """Rules 1-4 for the ``<img>`` elements among ``nodes``, into ``result``; links into ``hrefs``.
 
-    ``nodes`` are what ``css("img, source[srcset]")`` (plus ``a[href], area[href]``
-    with ``hrefs``, which collects those links) returns: a ``<picture>``'s sources come
-    before its ``<img>``; or, ``only_images``, ``<img>`` elements alone. This loop runs for every image of every page, so it is one
-    function with the common case inline (an image with just ``src`` and a meaningful
-    ``alt``); each shortcut falls back on the plain rule (``_pick_url``, ``Resolver``,
-    ``is_meaningless``) whenever it is not sure. A test checks it against the plain
-    rules applied one by one (tests/test_crawl_extract.py).
+    ``nodes`` are what ``css("img, source[srcset], a[href], area[href]")`` returns, in
+    document order: a ``<picture>``'s sources come before its ``<img>``, whose URL
+    candidates they are (the sources of that picture seen so far). ``a``/``area``
+    elements' ``href`` go to ``hrefs`` unless ``rel`` says ``nofollow``.
     """
-    pairs, reasons = result.pairs, result.reasons
-    counted = reasons.get  # the Counter as a dict: no __missing__ call
-    seen: set[str] = set()
-    url_attributes, careful_first, longest_generic, plain_initials, suspect_initials = (
-        _URL_ATTRIBUTES, _CAREFUL_FIRST, _LONGEST_GENERIC, _PLAIN_INITIALS, _SUSPECT_INITIALS)
-    end_punctuation, camera_or_url = _END_PUNCTUATION, _CAMERA_OR_URL
-    join = resolve.join
-    new_pair = tuple.__new__
+    images: list[Any] = []
+    srcsets: list[tuple[str, ...]] = []
     picture, sources = None, []  # the <picture> whose <source srcset>s came last, and those srcsets
     for node in nodes:
-        if not only_images and (tag := node.tag_id) != _IMG:
-            if tag == _SOURCE:
+        tag = node.tag_id
+        if tag == _IMG:
+            images.append(node)
+            if sources:
                 parent = node.parent
-                if parent is not None and parent.tag_id == _PICTURE:
-                    if parent.mem_id != picture:
-                        picture, sources = parent.mem_id, []
-                    sources.append(node.attributes.get("srcset") or "")
-            elif hrefs is not None:  # a[href], area[href]
-                attributes = node.attributes
-                if "nofollow" not in (attributes.get("rel") or "").lower():
-                    hrefs.append(attributes.get("href") or "")
-            continue
-        attributes = node.attributes
-        if sources:
+                srcsets.append(tuple(sources) if parent is not None and parent.mem_id == picture else ())
+            else:
+                srcsets.append(())
+        elif tag == _SOURCE:
             parent = node.parent
-            srcsets = sources if parent is not None and parent.mem_id == picture else ()
-        else:
-            srcsets = ()
-        # 1. URL
+            if parent is not None and parent.tag_id == _PICTURE:
+                if parent.mem_id != picture:
+                    picture, sources = parent.mem_id, []
+                sources.append(node.attributes.get("srcset") or "")
+        elif hrefs is not None:  # a[href], area[href]
+            attributes = node.attributes
+            if "nofollow" not in (attributes.get("rel") or "").lower():
+                hrefs.append(attributes.get("href") or "")
+    if images:
+        _image_rules(images, resolve, result, srcsets)
+
+
+def _picture_srcsets(picture: Any, img: Any) -> tuple[str, ...]:
+    """The ``<source srcset>`` values that count for ``img``, a child of ``picture``.
+
+    What ``_image_pairs`` finds walking ``css("img, source[srcset]")`` in document order
+    (the sources of the picture whose sources came last before the image, if it is the
+    image's), found by walking the picture alone: every source before the image in
+    document order that could change that state is inside the picture.
+    """
+    target, last, sources = img.mem_id, None, []
+    for node in picture.traverse():
+        tag = node.tag_id
+        if tag == _SOURCE:
+            attributes = node.attributes
+            if "srcset" not in attributes:
+                continue
+            parent = node.parent
+            if parent is not None and parent.tag_id == _PICTURE:
+                if parent.mem_id != last:
+                    last, sources = parent.mem_id, []
+                sources.append(attributes.get("srcset") or "")
+        elif tag == _IMG and node.mem_id == target:
+            break
+    return tuple(sources) if sources and last == picture.mem_id else ()
+
+
+def _image_rules(images: Sequence[Any], resolver: Resolver, result: PageExtraction,
+                 srcsets: Sequence[tuple[str, ...]] | None = None) -> None:
+    """Rules 1-4 for each of ``images`` (``<img>`` nodes in document order), into ``result``.
+
+    ``srcsets``: per image, the ``<source srcset>`` values of its ``<picture>`` that count
+    (see ``_image_pairs``; a WAT's images, no tree, have none); None: found from the tree
+    (``_picture_srcsets``) for an image whose parent is a ``<picture>``.
+
+    This runs for every image of every page, so it works a page at a time: first each
+    image's URL is chosen (rule 1; ``src`` alone, the common case, inline), then the
+    page's URLs are resolved (rule 2) and its alt texts cleaned with one check over
+    all of them joined (the common case: plain rooted paths, alt texts already clean),
+    then captions are judged (rule 3, the common case inline) and pairs deduplicated (rule
+    4). Each shortcut falls back on the plain rule (``_pick_url``, ``Resolver``,
+    ``clean_text``, ``is_meaningless``) whenever it is not sure; a test checks the whole
+    against the plain rules applied one by one (tests/test_crawl_extract.py).
+    """
+    reasons = result.reasons
+    counted = reasons.get  # the Counter as a dict: no __missing__ call
+    url_attributes, careful_first, picture_tag = _URL_ATTRIBUTES, _CAREFUL_FIRST, _PICTURE
+    raws: list[str] = []
+    alts: list[str] = []
+    kept: list[Any] = []
+    # 1. URL
+    for node, sources in zip(images, srcsets) if srcsets is not None else zip(images, repeat(())):
+        attributes = node.attributes
+        if srcsets is None:
+            parent = node.parent
+            if parent is not None and parent.tag_id == picture_tag:
+                sources = _picture_srcsets(parent, node)
         raw = attributes.get("src")
-        if srcsets or not raw or raw[0] in careful_first or not url_attributes.isdisjoint(attributes):
-            raw, problem = _pick_url(attributes, srcsets)
+        if sources or not raw or raw[0] in careful_first or not url_attributes.isdisjoint(attributes):
+            raw, problem = _pick_url(attributes, sources)
             if raw is None:
                 reasons[problem] = counted(problem, 0) + 1
                 continue
-        # 2. resolution
-        url, problem = join(raw)
-        if url is None:
-            problem = problem.value
-            reasons[problem] = counted(problem, 0) + 1
-            continue
-        # 3. caption
-        alt = attributes.get("alt")
-        caption = " ".join(alt.split()) if alt else ""
+        raws.append(raw)
+        alts.append(attributes.get("alt") or "")
+        kept.append(node)
+    count = len(raws)
+    if not count:
+        return
+    # 2. resolution: one check that every URL is a plain rooted path (what Resolver.join's first test
+    # finds one by one): joined by spaces, which no such path holds, see _all_plain_rooted.
+    if resolver._fast and _all_plain_rooted(" ".join(raws), count):
+        origin = resolver._origin
+        urls = [origin + raw for raw in raws]
+    else:
+        urls = []
+        join = resolver.join
+        failed = False
+        for raw in raws:
+            url, problem = join(raw)
+            if url is None:
+                problem = problem.value
+                reasons[problem] = counted(problem, 0) + 1
+                failed = True
+            urls.append(url)
+        if failed:
+            keep = [i for i, url in enumerate(urls) if url is not None]
+            urls, alts, kept = [urls[i] for i in keep], [alts[i] for i in keep], [kept[i] for i in keep]
+    # 3. caption: the alt texts cleaned (clean_text), unless one check finds them all clean already
+    joined = "\n".join(alts)
+    if not (joined.count("\n") == len(alts) - 1 and "  " not in joined and " \n" not in joined
+            and "\n " not in joined and joined[:1] != " " and joined[-1:] != " "
+            and joined.replace("\n", "-").isprintable()):
+        # (every whitespace character but the space is unprintable, a test checks: printable text without
+        # a newline, a double space or a space at either end is what clean_text leaves as it is)
+        alts = [" ".join(alt.split()) for alt in alts]
+    pairs = result.pairs
+    seen: set[str] = set()
+    longest_generic, plain_initials, suspect_initials = _LONGEST_GENERIC, _PLAIN_INITIALS, _SUSPECT_INITIALS
+    end_punctuation, camera_or_url = _END_PUNCTUATION, _CAMERA_OR_URL
+    new_pair = tuple.__new__
+    for url, caption, node in zip(urls, alts, kept):
         if len(caption) > longest_generic and "." not in caption and (caption[0] in plain_initials or (
                 caption[0] in suspect_initials and caption[-1] not in end_punctuation and caption[:11].isascii()
                 and not caption[:11].lower().startswith(camera_or_url))):
@@ -468,8 +553,9 @@ def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction
         elif caption and not is_meaningless(caption):
             source = "alt"
         else:
-            caption, source = clean_text(_enclosing_figcaption(node)), "figcaption"
-            if is_meaningless(caption):
+            text = _enclosing_figcaption(node)
+            caption, source = " ".join(text.split()) if text else "", "figcaption"  # clean_text
+            if not caption or is_meaningless(caption):
                 reasons[_ALT_MEANINGLESS] = counted(_ALT_MEANINGLESS, 0) + 1
                 continue
         # 4. dedupe
@@ -478,6 +564,21 @@ def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction
             continue
         seen.add(url)
         pairs.append(new_pair(Pair, (url, caption, source)))
+
+
+def _all_plain_rooted(joined: str, count: int) -> bool:
+    """Whether each of ``count`` URLs joined by single spaces matches ``_CLEAN_ROOTED``.
+
+    ``_CLEAN_ROOTED``: a '/', then segments neither empty (no '//', though the last may
+    be) nor beginning with '.' (no '/.'), no character of ``_NOT_IN_URL`` (which
+    includes the space: so ``count - 1`` spaces are the separators, each followed by a
+    URL's '/'), no '?' at the end. ASCII and printable (space aside) leaves, of
+    ``_NOT_IN_URL``, '#' and ';'; anything else (non-ASCII, say) is left to the
+    regex: False here only costs time.
+    """
+    return (joined[0] == "/" and joined.count(" ") == count - 1 == joined.count(" /") and joined.isascii()
+            and joined.isprintable() and "//" not in joined and "/." not in joined and "#" not in joined
+            and ";" not in joined and "? " not in joined and joined[-1] != "?")
 
 
 class _Links:
@@ -534,8 +635,9 @@ def extract_html(
     The parser is an HTML5 one (Lexbor): malformed markup is repaired the way a
     browser repairs it, never refused. ``page_url`` must be absolute. ``<base>`` and
     ``<meta name=robots>`` are read from ``<head>`` (where the parser puts them unless
-    a page writes them after its content); then one CSS query over the tree finds
-    images (and links): each query over the whole tree costs a fifth of the parse.
+    a page writes them after its content); then Lexbor's tag walk lists the images
+    (with links: one CSS query lists images, sources and links in document order).
+    Each walk over the whole tree costs a few percent of the parse, a CSS query more.
     """
     tree = LexborHTMLParser(html)
     directives: set[str] = set()
@@ -552,7 +654,7 @@ def extract_html(
     result = PageExtraction()
     resolver = Resolver(base_url)
     hrefs: list[str] | None = [] if want_links and "nofollow" not in directives else None
-    opted_out = sorted(directives.intersection(disallowed_directives))
+    opted_out = sorted(directives.intersection(disallowed_directives)) if directives else None
     if opted_out:
         result.opt_out = opted_out[0]
         if hrefs is not None:  # links only
@@ -560,13 +662,11 @@ def extract_html(
     elif hrefs is not None:
         _image_pairs(tree.css("img, source[srcset], a[href], area[href]"), resolver, result, hrefs)
     else:
-        # Lexbor's tag index walk is a third of a CSS query's cost; a page with <source> elements (a
-        # <picture>'s, whose srcsets count) takes the query, which puts them in document order among the images.
+        # Lexbor's tag index walk is a third of a CSS query's cost; an image in a <picture> finds the
+        # picture's <source srcset>s itself (_picture_srcsets).
         images = tree.tags("img")
-        if images and tree.tags("source"):
-            _image_pairs(tree.css("img, source[srcset]"), resolver, result, None)
-        else:
-            _image_pairs(images, resolver, result, None, only_images=True)
+        if images:
+            _image_rules(images, resolver, result)
     if hrefs:
         links = _Links(resolver, result.links)
         for href in hrefs:
@@ -622,5 +722,5 @@ def extract_wat(
         if tag.upper() == "IMG" and attribute in _WAT_IMAGE_ATTRIBUTES:  # as if the img had only that attribute
             images.append(_WatImage({attribute: str(link.get("url") or ""), "alt": link.get("alt")}))
     result = PageExtraction()
-    _image_pairs(images, Resolver(base_url), result, None)
+    _image_rules(images, Resolver(base_url), result, [()] * len(images))
     return page_url, result

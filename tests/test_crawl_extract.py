@@ -625,3 +625,51 @@ def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
     import sys
 
     assert max(c for c in range(sys.maxunicode + 1) if chr(c).isspace()) < 0x3001
+
+
+def test_whitespace_but_the_space_is_unprintable():
+    """The page loop's one check that alt texts are clean (clean_text would leave them as they are)."""
+    import sys
+
+    assert all(not chr(c).isprintable() for c in range(sys.maxunicode + 1) if chr(c).isspace() and c != 0x20)
+
+
+def test_picture_sources_found_from_the_picture_as_the_query_finds_them():
+    pictures = [
+        '<picture><source srcset="a 100w"><source srcset="b 200w"><img src="c.jpg" alt="a heron on a post"></picture>',
+        ('<picture><source srcset="a 100w"><img src="c.jpg" alt="a heron on a post"><source srcset="b 900w">'
+         '<img src="d.jpg" alt="a heron on a second post"></picture>'),
+        ('<picture><source srcset="a 100w"><picture><source srcset="n 500w"><img src="i.jpg" alt="inner heron here">'
+         '</picture><source srcset="b 300w"><img src="o.jpg" alt="outer heron there"></picture>'),
+        ('<picture><source srcset="a 100w"><picture><source srcset="n 500w"></picture>'
+         '<img src="o.jpg" alt="outer heron there"></picture>'),
+        ('<picture><div><source srcset="z 999w"></div><source><source srcset="">'
+         '<img src="p.jpg" alt="a heron on a post"></picture>'),
+        '<picture><svg><source srcset="s 700w"></svg><img src="q.jpg" alt="a heron on a post"></picture>',
+        '<picture><img src="r.jpg" alt="a heron on a post"></picture><picture><source srcset="t 10w"></picture>',
+    ]
+    for body in pictures:
+        html = f"<html><body>{body}</body></html>"
+        got, expected = extract_html(PAGE, html), reference_extract_html(PAGE, html)
+        assert (got.pairs, dict(got.reasons)) == (expected.pairs, dict(expected.reasons)), body
+
+
+def test_the_page_loop_agrees_on_plain_pages_and_their_odd_cases():
+    """Pages of rooted URLs and clean alt texts (the all-at-once checks), each with at most one odd image."""
+    rng = random.Random(3)
+    odd_srcs = ["/a b.jpg", "/a//b.jpg", "/a/./b.jpg", "/a#b", "/a;b", "/a?", "/a\x01b", "/ä.jpg", "a.jpg", "/a\x7fb",
+                "https://h.example/x.jpg", "//h.example/y.jpg", " /lead.jpg", "/trail.jpg ", "/", "/q?x=1"]
+    odd_alts = ["two  spaces here and more", " leading space in this alt", "trailing space in this alt ",
+                "a\tcat sitting on the old mat", "a\ncat sitting on the old mat", "nbsp\xa0between words here",
+                "soft\xadhyphen in a long enough alt", "", "logo", "IMG_0001.jpg", "The end. Of a long caption text"]
+    for _ in range(600):
+        images = [(f"/media/{rng.randrange(30)}.jpg", "a river stone in the light of morning") for _ in range(rng.randint(1, 8))]
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            k = rng.randrange(len(images))
+            src, alt = images[k]
+            images[k] = (rng.choice(odd_srcs) if rng.random() < 0.5 else src, rng.choice(odd_alts) if rng.random() < 0.6 else alt)
+        body = "".join(f'<p><img src="{src}" alt="{alt}"></p>' for src, alt in images)
+        html = f"<html><head></head><body>{body}</body></html>"
+        page = rng.choice([PAGE, "https://Ex.COM", "http://ex.com/a/./b/c.html"])
+        got, expected = extract_html(page, html), reference_extract_html(page, html)
+        assert (got.pairs, dict(got.reasons)) == (expected.pairs, dict(expected.reasons)), html
