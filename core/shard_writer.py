@@ -85,6 +85,7 @@ class BaseShardWriter(ABC):
         self.output_folder = output_folder
         self.name = shard_name(shard_id)
         self.encode_format = encode_format
+        self._image_ext = encode_format
         self.extra_columns = list(extra_columns)
         # Local output: stage next to the final names, so commit is a rename.
         local = storage.is_local(output_folder)
@@ -97,10 +98,15 @@ class BaseShardWriter(ABC):
     def metadata_schema(self) -> pa.Schema:
         return pa.schema(list(POOL_SCHEMA) + [pa.field(c, pa.string()) for c in self.extra_columns])
 
-    def add(self, row: dict[str, Any], image: bytes | None) -> None:
-        """Record one input row; ``image`` is the encoded image on success."""
+    def add(self, row: dict[str, Any], image: bytes | None, image_ext: str | None = None) -> None:
+        """Record one input row; ``image`` is the encoded image on success.
+
+        ``image_ext`` names the image member when it differs from the shard's encode format
+        (resharding copies images as they are: a pool may mix jpg and png).
+        """
         for column, values in self._columns.items():
             values.append(row.get(column))
+        self._image_ext = image_ext or self.encode_format
         if image is not None:
             meta = {k: v for k, v in row.items() if k in self._columns and v is not None}
             self._add_sample(row["key"], image, row.get("caption"), meta)
@@ -111,7 +117,7 @@ class BaseShardWriter(ABC):
 
     def _sample_files(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]):
         """The three members of a successful sample, as (name, bytes)."""
-        yield f"{key}.{self.encode_format}", image
+        yield f"{key}.{self._image_ext}", image
         if caption is not None:
             yield f"{key}.txt", caption.encode("utf-8")
         yield f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
@@ -236,8 +242,8 @@ class ParquetShardWriter(BaseShardWriter):
         self._writer = pq.ParquetWriter(self._path, schema, compression="zstd")
         self._bytes = 0
 
-    def add(self, row: dict[str, Any], image: bytes | None) -> None:
-        super().add(row, image)
+    def add(self, row: dict[str, Any], image: bytes | None, image_ext: str | None = None) -> None:
+        super().add(row, image, image_ext)
         self._images.append(image)
         if len(self._images) >= self.ROWS_PER_GROUP:
             self._flush()

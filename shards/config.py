@@ -44,6 +44,8 @@ class ShardsConfig:
             raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
         if self.workers < 0:
             raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed}: must be 0 or more")
 
 
 @dataclass

@@ -34,6 +34,7 @@ code{background:#eef1f5;padding:0 3px;border-radius:3px}.legend span{margin-righ
 .legend i{display:inline-block;width:.8em;height:.8em;margin-right:.3em;vertical-align:-1px}
 .datasheet{background:#fff;border:1px solid #dde2ea;border-radius:6px;padding:.2em 1.5em}
 .note{color:#5b6577;font-size:.92em}
+.warning{background:#fff4e5;border:1px solid #e8a33d;border-radius:6px;padding:.5em 1em}
 """
 
 # Sort a table by the clicked header (numbers as numbers), filter rows by text.
@@ -326,6 +327,7 @@ def render_page(report: dict[str, Any]) -> str:
         f"from metadata only ({_e(inputs['layout'])} layout, {inputs['pool_shards']:,} pool shards). Pool "
         f"<code>{_e(inputs['pool'])}</code>; decisions <code>{_e(inputs['decisions'] or 'none')}</code>; train shards "
         f"<code>{_e(inputs['train'] or 'none')}</code>. The numbers are in <code>report.json</code>.</p>",
+        "".join(f"<p class=warning><b>Warning:</b> {_e(w)}</p>" for w in report.get("warnings", [])),
         "<div class=cards>" + "".join(f"<div class=card><b>{v:,}</b>{_e(k)}</div>" for k, v in cards) + "</div>",
         "<h2 id=funnel-h>Funnel</h2>", _funnel(report),
         "<h2>Download failures, by reason</h2>",
@@ -367,7 +369,9 @@ def render_page(report: dict[str, Any]) -> str:
                      sortable_table("train-shards", [("name", "shard"), ("samples", "samples"), ("bytes", "bytes"),
                                                      ("sha256", "sha256")], train["shards"], {"sha256": "code"})]
     sections += ["<h2>Datasheet</h2><div class=datasheet>" + markdown(report["datasheet"]) + "</div>"]
-    data = json.dumps({"funnel": report["funnel"]}, separators=(",", ":")).replace("</", "<\\/")
+    # JSON inside <script>: no "<", ">" or "&" may appear raw ("<!--", "</script>" would end or bend it).
+    data = (json.dumps({"funnel": report["funnel"]}, separators=(",", ":"))
+            .replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
     return ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width,initial-scale=1'>"
             f"<title>{_e(report['dataset'])}: dataset report</title><style>{_CSS}</style></head><body><main>"

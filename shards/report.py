@@ -39,6 +39,7 @@ from shards.stats import (
     DOMAIN_COLUMNS,
     STEPS,
     UNCLASSIFIED,
+    UNDECIDED,
     Summary,
     cluster_sizes,
     display_bins,
@@ -77,7 +78,7 @@ def summarize(cfg: ReportConfig, shard_ids: list[int]) -> Summary:
                 bar.update(1)
         else:
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for part in pool.map(_summarize, tasks, chunksize=max(1, len(tasks) // (8 * workers))):
+                for part in pool.map(_summarize, tasks):  # one shard's summary in flight per result
                     total.merge(part)
                     bar.update(1)
     finally:
@@ -89,6 +90,8 @@ def _reason_info(code: str) -> dict[str, str]:
     try:
         reason = Reason(code)
     except ValueError:
+        if code == UNDECIDED:
+            return {"stage": "filter", "description": "the decisions have no row for this pool row (not kept)"}
         if code == UNCLASSIFIED:
             return {"stage": "fetch", "description": "an img2dataset error message that none of our reason codes "
                                                      "matches (the messages are listed under unclassified_messages)"}
@@ -203,9 +206,28 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
         "configs": {"ingest": (ingest or {}).get("config"), "filter": (filter_stats or {}).get("config")},
         "input_lists": (ingest or {}).get("inputs"),
     }
+    report["warnings"] = _warnings(summary, manifest, report)
     report["datasheet"] = render_datasheet(report)
     report["duration_s"] = round(time.time() - start, 2)
     return report
+
+
+def _warnings(summary: Summary, manifest: dict | None, report: dict[str, Any]) -> list[str]:
+    """Disagreements between the inputs that an auditor must see first."""
+    warnings = []
+    if summary.undecided:
+        warnings.append(f"{summary.undecided:,} pool rows have no row in the decisions: counted as not kept "
+                        f"(reason '{UNDECIDED}'); were the decisions made from this pool?")
+    if manifest is not None:
+        kept = summary.funnel["kept"]
+        if manifest.get("total_samples") != kept:
+            warnings.append(f"the train shards' manifest.json holds {manifest.get('total_samples')} samples but "
+                            f"the pool and decisions keep {kept:,}: the train shards were not made from these inputs")
+        made_from = ((manifest.get("inputs") or {}).get("pool") or {}).get("path")
+        if made_from and made_from.rstrip("/") != report["inputs"]["pool"].rstrip("/"):
+            warnings.append(f"the train shards were made from the pool at {made_from!r}, "
+                            f"this report reads {report['inputs']['pool']!r}")
+    return warnings
 
 
 def _iso(t: float | None) -> str | None:

@@ -132,7 +132,7 @@ def write_train_shards(cfg: ShardsConfig, plan: ReshardPlan, first: int, last: i
             if t not in done:
                 if writer is None:
                     writer = ShardWriter(cfg.output_folder, t, sample.image_ext, extra_columns)
-                writer.add(row, sample.image)
+                writer.add(row, sample.image, sample.image_ext)
             in_shard += 1
             if in_shard == plan.shard_size(t):
                 if writer is not None:
@@ -164,12 +164,19 @@ def _check_pool(cfg: ShardsConfig, pool_ids: list[int]) -> list[str]:
     """Refuse what cannot be resharded, up front; return the pool's extra columns."""
     if not pool_ids:
         raise SystemExit(f"shards: no committed pool shards in {cfg.pool!r} (run ingest first)")
-    first_tar = storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.tar")
-    if not storage.exists(first_tar):
+    present = {p.rsplit("/", 1)[-1] for p in storage.list_files(cfg.pool)}
+    missing = [f"{shard_name(i)}.{ext}" for i in pool_ids for ext in ("tar", "parquet")
+               if f"{shard_name(i)}.{ext}" not in present]
+    if f"{shard_name(pool_ids[0])}.tar" in missing:
         raise SystemExit(
-            f"shards: {first_tar} not found: shards/ reads webdataset pools (tar + parquet per shard); "
-            "ingest with --output_format webdataset (parquet and files pools are not supported here yet)"
+            f"shards: {storage.join(cfg.pool, shard_name(pool_ids[0]) + '.tar')} not found: shards/ reads webdataset "
+            "pools (tar + parquet per shard); ingest with --output_format webdataset (parquet and files pools are "
+            "not supported here yet)"
         )
+    if missing:
+        raise SystemExit(f"shards: the pool is damaged: committed shards without their files: "
+                         f"{', '.join(missing[:10])}{' …' if len(missing) > 10 else ''} "
+                         f"(`python -m shards.verify --folder {cfg.pool}` lists everything)")
     with storage.open_file(storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.parquet")) as handle:
         names = pq.ParquetFile(handle).schema_arrow.names
     return [c for c in names if c not in POOL_SCHEMA.names]

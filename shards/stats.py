@@ -4,7 +4,9 @@
 given, its decisions, and counts everything the report shows with vectorised pyarrow /
 numpy work; ``Summary.merge`` adds two summaries. Memory is bounded whatever the size
 of the dataset: distributions are fixed fine-grained histograms (quantiles are read off
-them: exact for integer sizes, within 1 percent for the log-scaled ones), domains are
+them: exact for integer sizes up to the range's end, within 1.2 percent for the
+log-scaled ones; values past a range's ends fall in its end bins, and ``clamped`` says
+when that happened), domains are
 capped at ``DOMAIN_CAPACITY`` (the smallest are dropped, and the report says how many
 rows that was), and only near-duplicate clusters grow with the data (8 bytes per
 rejected duplicate).
@@ -38,8 +40,13 @@ DOMAIN_COLUMNS = ("rows", "attempted", "downloaded", "kept", "opt_out")
 STEPS = ("input_rows", "unique", "attempted", "downloaded", "kept")
 SERIES = ("downloaded", "kept")
 UNCLASSIFIED = "unclassified"  # an img2dataset error message none of our reasons matches
+UNDECIDED = "undecided"  # a pool row the decisions have no row for
 CLIP_COLUMNS = ("clip_score", "similarity")  # ours (decisions), LAION-style input columns
-_HOST = r"^[A-Za-z][A-Za-z0-9+.\-]*://(?:[^@/?#]*@)?(?P<host>\[[^\]]*\]|[^:/?#]*)"
+# The authority of an http-like URL (scheme optional: "//cdn.example/x" too); the host is
+# what follows its last "@", without the port. A backslash ends it, as in browsers.
+_AUTHORITY = r"^\s*(?:[A-Za-z][A-Za-z0-9+.\-]*:)?//(?P<authority>[^/?#\\]*)"
+_HOST = r"^(?P<host>\[[^\]]*\]|[^:]*)"
+KEY_NAMES_HELD = 100_000  # non-numeric duplicate keys remembered for naming the largest clusters
 
 
 @dataclass(frozen=True)
@@ -68,11 +75,11 @@ class Binning:
         return np.clip(np.floor(np.nan_to_num(position, nan=0.0, neginf=0.0, posinf=self.bins - 1)), 0,
                        self.bins - 1).astype(np.int64)
 
-    def value(self, i: np.ndarray | int) -> np.ndarray | float:
-        """The value at the start of fine bin ``i`` (its lower edge)."""
+    def value(self, i: np.ndarray | int, at: float = 0.0) -> np.ndarray | float:
+        """The value at fraction ``at`` of fine bin ``i`` (0: its lower edge, 0.5: its middle on the scale)."""
         if self.scale == "int":
             return np.asarray(i) + self.lo
-        x = self.lo + (np.asarray(i, dtype=np.float64)) * (self.hi - self.lo) / self.bins
+        x = self.lo + (np.asarray(i, dtype=np.float64) + at) * (self.hi - self.lo) / self.bins
         return 10 ** x if self.scale == "log10" else 2 ** x if self.scale == "log2" else x
 
 
@@ -101,6 +108,8 @@ class Summary:
     domains_dropped_rows: int = 0
     duplicates_of: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"dup_near": [], "dup_exact": []})
     key_length: int = 0
+    key_names: dict[int, str] = field(default_factory=dict)  # hashed non-numeric duplicate keys
+    undecided: int = 0  # pool rows without a decision row (counted as not kept)
     opt_out_directives: Counter = field(default_factory=Counter)
     shards: list[dict[str, Any]] = field(default_factory=list)
     time_span: list[float | None] = field(default_factory=lambda: [None, None])
@@ -133,6 +142,11 @@ class Summary:
         for kind, arrays in other.duplicates_of.items():
             self.duplicates_of[kind].extend(arrays)
         self.key_length = self.key_length or other.key_length
+        for h, k in other.key_names.items():
+            if len(self.key_names) >= KEY_NAMES_HELD:
+                break
+            self.key_names.setdefault(h, k)
+        self.undecided += other.undecided
         self.opt_out_directives.update(other.opt_out_directives)
         self.shards.extend(other.shards)
         starts = [t for t in (self.time_span[0], other.time_span[0]) if t is not None]
@@ -153,9 +167,19 @@ def _read(path: str, wanted: tuple[str, ...]) -> pa.Table:
 
 
 def _strings(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """A column as strings (all-null columns written without a schema come as type null)."""
     if name in table.column_names:
-        return table[name]
+        return pc.cast(table[name], pa.string())
     return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+
+
+def hosts_of(urls: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Lower-cased host of each URL, without userinfo, port or a trailing dot; "(no host)" if none."""
+    authority = pc.struct_field(pc.extract_regex(pc.fill_null(urls, ""), _AUTHORITY), "authority")
+    authority = pc.replace_substring_regex(pc.fill_null(authority, ""), r"^.*@", "")
+    host = pc.struct_field(pc.extract_regex(authority, _HOST), "host")
+    host = pc.utf8_rtrim(pc.utf8_lower(pc.fill_null(host, "")), ".")
+    return pc.if_else(pc.equal(host, ""), "(no host)", host)
 
 
 def _numbers(table: pa.Table, name: str) -> np.ndarray | None:
@@ -179,13 +203,43 @@ def _reasons(pool: pa.Table, layout: str) -> pa.ChunkedArray:
     return pa.chunked_array([pc.take(pa.array(mapped, pa.string()), messages.indices)])
 
 
-def _as_int_keys(keys: pa.Array) -> np.ndarray:
-    """Keys as int64 (ours are digits); others hashed to 64 bits."""
-    try:
+def _as_int_keys(keys: pa.Array, names: dict[int, str]) -> np.ndarray:
+    """Keys as int64 (ours are digits); others hashed to 64 bits, remembered in ``names`` (capped)."""
+    if pc.all(pc.match_substring_regex(keys, r"^[0-9]{1,18}$")).as_py() is not False:
         return pc.cast(keys, pa.int64()).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
-                         for k in keys.to_pylist()], dtype=np.int64)
+    hashed = []
+    for k in keys.to_pylist():
+        h = int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little", signed=True)
+        if len(names) < KEY_NAMES_HELD:
+            names.setdefault(h, k)
+        hashed.append(h)
+    return np.array(hashed, dtype=np.int64)
+
+
+def _align(decided: pa.Table, keys: pa.ChunkedArray, summary: Summary) -> pa.Table:
+    """Decision rows in the pool's row order; a pool row without one gets keep=false, reason "undecided"."""
+    if decided.num_rows == len(keys) and (not len(keys) or pc.all(pc.equal(decided["key"], keys)).as_py()):
+        return decided
+    order = pc.index_in(keys, decided["key"])
+    missing = pc.is_null(order)
+    summary.undecided += int(pc.sum(missing).as_py() or 0)
+    if decided.num_rows:
+        aligned = decided.take(pc.fill_null(order, 0))
+    else:
+        aligned = pa.table({c: pa.nulls(len(keys), decided.schema.field(c).type) for c in decided.column_names})
+    columns = {}
+    for c in aligned.column_names:
+        column = aligned[c]
+        if c == "keep":
+            column = pc.if_else(missing, False, pc.cast(column, pa.bool_()))
+        elif c == "reason":
+            column = pc.if_else(missing, UNDECIDED, _strings(aligned, c))
+        elif c in ("dup_of", "language"):
+            column = pc.if_else(missing, pa.scalar(None, pa.string()), _strings(aligned, c))
+        elif c == "clip_score":
+            column = pc.if_else(missing, pa.scalar(None, pa.float64()), pc.cast(column, pa.float64()))
+        columns[c] = column
+    return pa.table(columns)
 
 
 def _histograms(summary: Summary, columns: dict[str, np.ndarray | None], masks: dict[str, np.ndarray]) -> None:
@@ -225,11 +279,8 @@ def summarize_shard(pool: str, decisions: str, shard_id: int) -> Summary:
     decided = None
     if decisions:
         summary.has_decisions = True
-        decided = _read(storage.join(decisions, f"{name}.parquet"),
-                        ("key", "keep", "reason", "dup_of", "clip_score", "language"))
-        if decided.num_rows != n or not pc.all(pc.equal(decided["key"], table["key"])).as_py():
-            order = pc.index_in(table["key"], decided["key"])
-            decided = decided.take(pc.fill_null(order, 0)) if n else decided
+        decided = _align(_read(storage.join(decisions, f"{name}.parquet"),
+                               ("key", "keep", "reason", "dup_of", "clip_score", "language")), table["key"], summary)
         keep = success & pc.fill_null(decided["keep"], False).to_numpy(zero_copy_only=False)
 
     summary.funnel.update({"input_rows": n, "unique": int((~not_unique).sum()), "attempted": int(attempted.sum()),
@@ -245,9 +296,7 @@ def summarize_shard(pool: str, decisions: str, shard_id: int) -> Summary:
         summary.dropped["kept"] = _value_counts(decided["reason"], success & ~keep, UNCLASSIFIED)
 
     # Domains: rows, attempted, downloaded, kept and opt-outs per host.
-    hosts = pc.utf8_lower(pc.fill_null(pc.struct_field(pc.extract_regex(pc.fill_null(table["url"], ""), _HOST), "host")
-                                       if n else pa.array([], pa.string()), "(no host)"))
-    hosts = pc.if_else(pc.equal(hosts, ""), "(no host)", hosts)
+    hosts = hosts_of(_strings(table, "url"))
     opt_out = reason_np == Reason.OPT_OUT.value
     grouped = pa.table({"host": hosts, "rows": np.ones(n, np.int64), "attempted": attempted.astype(np.int64),
                         "downloaded": success.astype(np.int64), "kept": keep.astype(np.int64),
@@ -286,8 +335,9 @@ def summarize_shard(pool: str, decisions: str, shard_id: int) -> Summary:
             rows = pc.fill_null(pc.equal(decided["reason"], kind), False).to_numpy(zero_copy_only=False)
             if rows.any():
                 of = pc.drop_null(pc.filter(_strings(decided, "dup_of"), pa.array(rows))).combine_chunks()
-                summary.duplicates_of[kind].append(_as_int_keys(of))
-                summary.key_length = summary.key_length or len(of[0].as_py())
+                if len(of):  # a duplicate whose kept copy is not named counts nowhere
+                    summary.duplicates_of[kind].append(_as_int_keys(of, summary.key_names))
+                    summary.key_length = summary.key_length or len(of[0].as_py())
     summary.shards.append(_shard_row(pool, name, summary, reasons, failed))
     stats_path = storage.join(pool, name + STATS_SUFFIX)
     if storage.exists(stats_path):
@@ -326,10 +376,14 @@ def quantiles(binning: Binning, counts: np.ndarray) -> dict[str, float] | None:
                      ("max", 1.0)):
         rank = max(1, int(np.ceil(q * total)))
         i = int(np.searchsorted(cumulative, rank))
-        value = float(binning.value(i))
+        value = float(binning.value(i, 0.5))
         out[label] = int(value) if binning.scale == "int" else round(value, 4 if binning.scale == "linear" else 3)
-    out["mean_approx"] = round(float((counts * binning.value(np.arange(len(counts)))).sum() / total), 3)
+    centres = binning.value(np.arange(len(counts)), 0.5)
+    out["mean_approx"] = round(float((counts * centres).sum() / total), 3)
     out["count"] = total
+    # Values beyond the binned range are counted in the end bins: then min / max (and any
+    # quantile there) are bounds, not values.
+    out["clamped"] = bool(counts[-1] > 0 if binning.scale == "int" else counts[0] > 0 or counts[-1] > 0)
     return out
 
 
@@ -361,6 +415,7 @@ def cluster_sizes(summary: Summary, kind: str) -> dict[str, Any]:
     keys, counts = np.unique(np.concatenate(arrays), return_counts=True)
     sizes, clusters = np.unique(counts + 1, return_counts=True)
     order = np.argsort(-counts, kind="stable")[:10]
-    largest = [{"kept_key": str(int(keys[i])).zfill(summary.key_length), "size": int(counts[i] + 1)} for i in order]
+    largest = [{"kept_key": summary.key_names.get(int(keys[i])) or str(int(keys[i])).zfill(summary.key_length),
+                "size": int(counts[i] + 1)} for i in order]
     return {"clusters": len(keys), "rejected": int(counts.sum()),
             "sizes": {str(int(s)): int(c) for s, c in zip(sizes, clusters)}, "largest": largest}

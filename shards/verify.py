@@ -28,7 +28,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -119,7 +118,7 @@ def _read_tar(check: ShardCheck, folder: str, name: str, expected: Expected) -> 
         try:
             for member, _data in iter_tar_files(reader, reopen=lambda: storage.open_file(path)):
                 key, _, ext = member.rpartition("/")[2].partition(".")
-                if ext in members[key]:
+                if ext.lower() in members[key]:
                     duplicates.append(member)
                 members[key].add(ext.lower())
             damage = None
@@ -140,18 +139,19 @@ def _read_tar(check: ShardCheck, folder: str, name: str, expected: Expected) -> 
 def _read_parquet_keys(check: ShardCheck, folder: str, name: str, expected: Expected) -> tuple[set[str], int] | None:
     """(keys of successful rows, row count); None when unreadable."""
     path = storage.join(folder, name)
-    with storage.open_file(path) as raw:
-        data = raw.read()  # metadata files are small
-    check.bytes += len(data)
-    if not _compare_file(check, name, expected.parquet, len(data), hashlib.sha256(data).hexdigest(), expected.source):
+    sha, size = storage.sha256_of(path)  # streamed: a parquet-layout shard holds its images
+    check.bytes += size
+    if not _compare_file(check, name, expected.parquet, size, sha, expected.source):
         return None
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        with storage.open_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            if "key" not in parquet.schema_arrow.names:
+                check.findings.append(Finding("mismatched", name, "no key column"))
+                return None
+            table = parquet.read(columns=[c for c in ("key", "status") if c in parquet.schema_arrow.names])
     except Exception as exc:  # noqa: BLE001  (any parse failure is this file's finding)
         check.findings.append(Finding("corrupted", name, f"not a readable parquet file: {exc}"))
-        return None
-    if "key" not in table.column_names:
-        check.findings.append(Finding("mismatched", name, "no key column"))
         return None
     rows = table.num_rows
     if "status" in table.column_names:  # a pool: failures have rows too
@@ -164,9 +164,15 @@ def check_shard(folder: str, shard_id: int, expected: Expected, files: set[str])
     name = shard_name(shard_id)
     check = ShardCheck(name)
     marker = f"{name}{STATS_SUFFIX}"
-    stats = storage.read_json(storage.join(folder, marker)) if marker in files else None
+    stats = _read_json(check, folder, marker) if marker in files else None
     tar_name, parquet_name = f"{name}.tar", f"{name}.parquet"
-    members = _read_tar(check, folder, tar_name, expected) if tar_name in files else None
+    if tar_name in files:
+        members = _read_tar(check, folder, tar_name, expected)
+    elif f"{name}/" in files:  # img2dataset's `files` layout: a folder of key.ext files per shard
+        members = _read_sample_folder(folder, name)
+        tar_name = f"{name}/"
+    else:
+        members = None
     parquet = _read_parquet_keys(check, folder, parquet_name, expected) if parquet_name in files else None
     if members is None:
         return check
@@ -201,6 +207,26 @@ def check_shard(folder: str, shard_id: int, expected: Expected, files: set[str])
     return check
 
 
+def _read_json(check: ShardCheck, folder: str, name: str) -> dict | None:
+    try:
+        value = storage.read_json(storage.join(folder, name))
+    except (ValueError, UnicodeDecodeError) as exc:  # a truncated or damaged upload
+        check.findings.append(Finding("corrupted", name, f"not readable JSON: {exc}"))
+        return None
+    if not isinstance(value, dict):
+        check.findings.append(Finding("corrupted", name, "not a JSON object"))
+        return None
+    return value
+
+
+def _read_sample_folder(folder: str, name: str) -> dict[str, set[str]]:
+    members: dict[str, set[str]] = defaultdict(set)
+    for path in storage.list_files(storage.join(folder, name)):
+        key, _, ext = path.rsplit("/", 1)[-1].partition(".")
+        members[key].add(ext.lower())
+    return members
+
+
 def _check_task(args: tuple) -> ShardCheck:
     return check_shard(*args)
 
@@ -215,6 +241,8 @@ def _shard_files(folder: str) -> dict[int, set[str]]:
         shard_id = shard_id_of(name)
         if shard_id is not None:
             by_shard[shard_id].add(name)
+        elif name.isdigit():  # a shard folder ({N}/, the files layout)
+            by_shard[int(name)].add(f"{name}/")
     return by_shard
 
 
@@ -225,7 +253,10 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
     tasks: list[tuple] = []
     manifest_path = storage.join(folder, MANIFEST)
     if storage.exists(manifest_path):
-        manifest = storage.read_json(manifest_path)
+        try:
+            manifest = storage.read_json(manifest_path)
+        except (ValueError, UnicodeDecodeError) as exc:  # a truncated upload: nothing to check against
+            return [], [Finding("corrupted", MANIFEST, f"not readable JSON: {exc}")], {"records": MANIFEST}
         described = {"records": MANIFEST, "manifest_samples": manifest.get("total_samples")}
         listed: set[int] = set()
         for entry in manifest.get("shards", []):
@@ -257,6 +288,7 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
         return tasks, findings, described
     # No manifest: a pool (ours or img2dataset's); each shard's _stats.json is its record.
     webdataset = any(n.endswith(".tar") for names in by_shard.values() for n in names)
+    folders = any(n.endswith("/") for names in by_shard.values() for n in names)
     for shard_id, present in sorted(by_shard.items()):
         name = shard_name(shard_id)
         marker = f"{name}{STATS_SUFFIX}"
@@ -264,10 +296,20 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
             findings.append(Finding("missing", marker, "commit marker absent: the shard is incomplete "
                                                        "(a run still going, or killed)"))
             continue
-        stats = storage.read_json(storage.join(folder, marker))
-        files = {f["name"]: f for f in stats.get("files", [])}
+        try:
+            stats = storage.read_json(storage.join(folder, marker))
+            files = {f["name"]: f for f in stats.get("files", [])}
+        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as exc:
+            findings.append(Finding("corrupted", marker, f"not a readable commit marker: {exc}"))
+            continue
         tar_record, parquet_record = files.get(f"{name}.tar"), files.get(f"{name}.parquet")
-        for wanted in (f"{name}.parquet",) + ((f"{name}.tar",) if webdataset else ()):
+        # What the shard must hold: the files its marker lists (ours), else what the layout implies.
+        wanted = set(files) or {f"{name}.parquet"}
+        if not files and webdataset:
+            wanted.add(f"{name}.tar")
+        elif not files and folders:
+            wanted.add(f"{name}/")
+        for wanted in sorted(wanted):
             if wanted not in present:
                 findings.append(Finding("missing", wanted, f"the shard is committed ({marker}) but this file is absent"))
         expected = Expected(tar=tar_record, parquet=parquet_record, count=None, source=marker)
@@ -280,7 +322,7 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     if not storage.exists(cfg.folder):
         raise SystemExit(f"verify: {cfg.folder!r} does not exist")
     tasks, findings, described = plan_checks(cfg.folder)
-    if not tasks and not findings:
+    if not tasks and not findings and described.get("manifest_samples") != 0:  # an empty dataset may be empty
         findings.append(Finding("missing", ".", "no shards here (no {shard}.tar, .parquet or _stats.json)"))
     workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(tasks)))
     checks: list[ShardCheck] = []
