@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from tqdm import tqdm
@@ -101,3 +103,31 @@ def open_runner(distributor: str, address: str | None = None, workers: int = 0) 
     if distributor == "inline":
         return InlineRunner()
     raise ValueError(f"distributor={distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
+
+
+def map_processes(fn: Callable, tasks: list[tuple], workers: int, desc: str, progress: bool) -> Iterator[Any]:
+    """``fn(*task)`` for each task, in local processes, results yielded in task order.
+
+    For work that reads storage and wants no cluster (verify, report): ``workers`` 0
+    means one per CPU; one worker (or one task) runs here, without a pool. Processes
+    are spawned, not forked, so no S3 session or thread is copied into a child.
+    """
+    workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
+    bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress)
+    try:
+        if workers == 1:
+            for task in tasks:
+                yield fn(*task)
+                bar.update(1)
+            return
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for result in pool.map(_call, [(fn, task) for task in tasks]):
+                yield result
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+def _call(job: tuple[Callable, tuple]) -> Any:
+    fn, task = job
+    return fn(*task)

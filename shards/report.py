@@ -17,16 +17,12 @@ time each, so memory stays bounded whatever the dataset's size.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from tqdm import tqdm
-
 from core import storage
+from core.cluster import map_processes
 from core.config import parse_config
 from core.layout import committed_shards
 from core.reasons import Reason
@@ -61,28 +57,12 @@ STEP_LABELS = {
 }
 
 
-def _summarize(args: tuple) -> Summary:
-    return summarize_shard(*args)
-
-
 def summarize(cfg: ReportConfig, shard_ids: list[int]) -> Summary:
     """Every pool shard's summary, merged (in parallel processes when there are several)."""
     total = Summary()
     tasks = [(cfg.pool, cfg.decisions, i) for i in shard_ids]
-    workers = min(cfg.workers or os.cpu_count() or 1, len(tasks))
-    bar = tqdm(total=len(tasks), desc="report", unit="shard", disable=not cfg.progress)
-    try:
-        if workers <= 1:
-            for args in tasks:
-                total.merge(_summarize(args))
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for part in pool.map(_summarize, tasks):  # one shard's summary in flight per result
-                    total.merge(part)
-                    bar.update(1)
-    finally:
-        bar.close()
+    for part in map_processes(summarize_shard, tasks, cfg.workers, "report", cfg.progress):
+        total.merge(part)  # one shard's summary held at a time
     return total
 
 

@@ -20,19 +20,16 @@ Shards are checked in parallel processes; each streams its tar once.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import os
 import sys
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from core import storage
+from core.cluster import map_processes
 from core.config import parse_config
 from core.layout import IMAGE_EXTENSIONS, STATS_SUFFIX, shard_id_of, shard_name
 from core.tarreader import TarStreamError, iter_tar_files
@@ -71,6 +68,7 @@ class Expected:
     parquet: dict[str, Any] | None = None
     count: int | None = None  # samples in the tar
     source: str = "manifest.json"
+    stats: dict | None = None  # the shard's _stats.json, when already read
 
 
 class _HashingReader:
@@ -164,7 +162,9 @@ def check_shard(folder: str, shard_id: int, expected: Expected, files: set[str])
     name = shard_name(shard_id)
     check = ShardCheck(name)
     marker = f"{name}{STATS_SUFFIX}"
-    stats = _read_json(check, folder, marker) if marker in files else None
+    stats = expected.stats
+    if stats is None and marker in files:
+        stats = _read_json(check.findings, folder, marker)
     tar_name, parquet_name = f"{name}.tar", f"{name}.parquet"
     if tar_name in files:
         members = _read_tar(check, folder, tar_name, expected)
@@ -207,14 +207,15 @@ def check_shard(folder: str, shard_id: int, expected: Expected, files: set[str])
     return check
 
 
-def _read_json(check: ShardCheck, folder: str, name: str) -> dict | None:
+def _read_json(findings: list[Finding], folder: str, name: str) -> dict | None:
+    """A record (manifest, marker) as a dict; a truncated or damaged one is a finding, and None."""
     try:
         value = storage.read_json(storage.join(folder, name))
-    except (ValueError, UnicodeDecodeError) as exc:  # a truncated or damaged upload
-        check.findings.append(Finding("corrupted", name, f"not readable JSON: {exc}"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        findings.append(Finding("corrupted", name, f"not readable JSON: {exc}"))
         return None
-    if not isinstance(value, dict):
-        check.findings.append(Finding("corrupted", name, "not a JSON object"))
+    if not isinstance(value, dict) or not all(isinstance(f, dict) and "name" in f for f in value.get("files", [])):
+        findings.append(Finding("corrupted", name, "not a record of this layout"))
         return None
     return value
 
@@ -225,10 +226,6 @@ def _read_sample_folder(folder: str, name: str) -> dict[str, set[str]]:
         key, _, ext = path.rsplit("/", 1)[-1].partition(".")
         members[key].add(ext.lower())
     return members
-
-
-def _check_task(args: tuple) -> ShardCheck:
-    return check_shard(*args)
 
 
 # -- the folder ------------------------------------------------------------------------------
@@ -253,10 +250,9 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
     tasks: list[tuple] = []
     manifest_path = storage.join(folder, MANIFEST)
     if storage.exists(manifest_path):
-        try:
-            manifest = storage.read_json(manifest_path)
-        except (ValueError, UnicodeDecodeError) as exc:  # a truncated upload: nothing to check against
-            return [], [Finding("corrupted", MANIFEST, f"not readable JSON: {exc}")], {"records": MANIFEST}
+        manifest = _read_json(findings, folder, MANIFEST)
+        if manifest is None:  # a truncated upload: nothing to check against
+            return [], findings, {"records": MANIFEST}
         described = {"records": MANIFEST, "manifest_samples": manifest.get("total_samples")}
         listed: set[int] = set()
         for entry in manifest.get("shards", []):
@@ -296,12 +292,10 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
             findings.append(Finding("missing", marker, "commit marker absent: the shard is incomplete "
                                                        "(a run still going, or killed)"))
             continue
-        try:
-            stats = storage.read_json(storage.join(folder, marker))
-            files = {f["name"]: f for f in stats.get("files", [])}
-        except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as exc:
-            findings.append(Finding("corrupted", marker, f"not a readable commit marker: {exc}"))
+        stats = _read_json(findings, folder, marker)
+        if stats is None:
             continue
+        files = {f["name"]: f for f in stats.get("files", [])}
         tar_record, parquet_record = files.get(f"{name}.tar"), files.get(f"{name}.parquet")
         # What the shard must hold: the files its marker lists (ours), else what the layout implies.
         wanted = set(files) or {f"{name}.parquet"}
@@ -309,10 +303,9 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
             wanted.add(f"{name}.tar")
         elif not files and folders:
             wanted.add(f"{name}/")
-        for wanted in sorted(wanted):
-            if wanted not in present:
-                findings.append(Finding("missing", wanted, f"the shard is committed ({marker}) but this file is absent"))
-        expected = Expected(tar=tar_record, parquet=parquet_record, count=None, source=marker)
+        for file in sorted(wanted - present):
+            findings.append(Finding("missing", file, f"the shard is committed ({marker}) but this file is absent"))
+        expected = Expected(tar=tar_record, parquet=parquet_record, count=None, source=marker, stats=stats)
         tasks.append((folder, shard_id, expected, present))
     return tasks, findings, {"records": f"{{shard}}{STATS_SUFFIX} (no {MANIFEST})"}
 
@@ -324,22 +317,7 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     tasks, findings, described = plan_checks(cfg.folder)
     if not tasks and not findings and described.get("manifest_samples") != 0:  # an empty dataset may be empty
         findings.append(Finding("missing", ".", "no shards here (no {shard}.tar, .parquet or _stats.json)"))
-    workers = min(cfg.workers or os.cpu_count() or 1, max(1, len(tasks)))
-    checks: list[ShardCheck] = []
-    bar = tqdm(total=len(tasks), desc="verify", unit="shard", disable=not cfg.progress)
-    try:
-        if workers == 1:
-            for args in tasks:
-                checks.append(check_shard(*args))
-                bar.update(1)
-        else:
-            context = multiprocessing.get_context("spawn")  # no forked S3 sessions
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                for check in pool.map(_check_task, tasks, chunksize=1):
-                    checks.append(check)
-                    bar.update(1)
-    finally:
-        bar.close()
+    checks = list(map_processes(check_shard, tasks, cfg.workers, "verify", cfg.progress))
     for check in checks:
         findings.extend(check.findings)
     counts = {kind: sum(1 for f in findings if f.kind == kind) for kind in KINDS}
