@@ -23,7 +23,6 @@ same shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,14 +38,6 @@ from core.layout import POOL_SCHEMA, STATS_SUFFIX, shard_name
 from core.tarwriter import TarWriter
 
 OUTPUT_FORMATS = ("webdataset", "parquet", "files")
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _publish_file(local: str, target: str) -> None:
@@ -85,7 +76,6 @@ class BaseShardWriter(ABC):
         self.output_folder = output_folder
         self.name = shard_name(shard_id)
         self.encode_format = encode_format
-        self._image_ext = encode_format
         self.extra_columns = list(extra_columns)
         # Local output: stage next to the final names, so commit is a rename.
         local = storage.is_local(output_folder)
@@ -106,18 +96,17 @@ class BaseShardWriter(ABC):
         """
         for column, values in self._columns.items():
             values.append(row.get(column))
-        self._image_ext = image_ext or self.encode_format
         if image is not None:
             meta = {k: v for k, v in row.items() if k in self._columns and v is not None}
-            self._add_sample(row["key"], image, row.get("caption"), meta)
+            self._add_sample(row["key"], image, image_ext or self.encode_format, row.get("caption"), meta)
 
     @abstractmethod
-    def _add_sample(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]) -> None:
+    def _add_sample(self, key: str, image: bytes, ext: str, caption: str | None, meta: dict[str, Any]) -> None:
         """Stage the members of one successful sample (each layout its own way)."""
 
-    def _sample_files(self, key: str, image: bytes, caption: str | None, meta: dict[str, Any]):
+    def _sample_files(self, key: str, image: bytes, ext: str, caption: str | None, meta: dict[str, Any]):
         """The three members of a successful sample, as (name, bytes)."""
-        yield f"{key}.{self._image_ext}", image
+        yield f"{key}.{ext}", image
         if caption is not None:
             yield f"{key}.txt", caption.encode("utf-8")
         yield f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()
@@ -151,7 +140,7 @@ class BaseShardWriter(ABC):
             parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
             self._write_metadata(parquet_tmp)
             metadata = {"name": f"{self.name}.parquet", "bytes": os.path.getsize(parquet_tmp),
-                        "sha256": _sha256(parquet_tmp)}
+                        "sha256": storage.sha256_of(parquet_tmp)[0]}
             _publish_file(parquet_tmp, storage.join(self.output_folder, f"{self.name}.parquet"))
             files = [metadata] if entry["name"] == metadata["name"] else [entry, metadata]
             storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), {**stats, "files": files})
@@ -172,13 +161,13 @@ class ShardWriter(BaseShardWriter):
         self._tar_path = os.path.join(self._tmpdir, f"{self.name}.tar")
         self._tar = TarWriter(self._tar_path)
 
-    def _add_sample(self, key, image, caption, meta) -> None:
-        for name, data in self._sample_files(key, image, caption, meta):
+    def _add_sample(self, key, image, ext, caption, meta) -> None:
+        for name, data in self._sample_files(key, image, ext, caption, meta):
             self._tar.add(name, data)
 
     def _publish_samples(self) -> dict[str, Any]:
         self._tar.close()
-        entry = {"name": f"{self.name}.tar", "bytes": os.path.getsize(self._tar_path), "sha256": _sha256(self._tar_path)}
+        entry = {"name": f"{self.name}.tar", "bytes": os.path.getsize(self._tar_path), "sha256": storage.sha256_of(self._tar_path)[0]}
         _publish_file(self._tar_path, storage.join(self.output_folder, f"{self.name}.tar"))
         return entry
 
@@ -203,8 +192,8 @@ class FilesShardWriter(BaseShardWriter):
         os.mkdir(self._folder)
         self._bytes = 0
 
-    def _add_sample(self, key, image, caption, meta) -> None:
-        for name, data in self._sample_files(key, image, caption, meta):
+    def _add_sample(self, key, image, ext, caption, meta) -> None:
+        for name, data in self._sample_files(key, image, ext, caption, meta):
             with open(os.path.join(self._folder, name), "wb") as handle:
                 handle.write(data)
             self._bytes += len(data)
@@ -248,7 +237,7 @@ class ParquetShardWriter(BaseShardWriter):
         if len(self._images) >= self.ROWS_PER_GROUP:
             self._flush()
 
-    def _add_sample(self, key, image, caption, meta) -> None:
+    def _add_sample(self, key, image, ext, caption, meta) -> None:
         self._bytes += len(image)
 
     def _flush(self) -> None:
