@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class ReshardPlan:
 
     # -- sizes ---------------------------------------------------------------------
 
-    @property
+    @cached_property  # read per train shard by every task
     def total(self) -> int:
         return sum(self.kept)
 

@@ -85,10 +85,10 @@ def iter_kept(pool: str, decisions: str, shard_id: int) -> Iterator[tuple[dict[s
     name = shard_name(shard_id)
     with storage.open_file(storage.join(decisions, f"{name}.parquet")) as handle:
         decided = pq.read_table(handle, columns=["key", "keep"])
-    keep = set(decided.filter(pc.fill_null(decided["keep"], False))["key"].to_pylist())
+    kept = decided.filter(pc.fill_null(decided["keep"], False))["key"]
     with storage.open_file(storage.join(pool, f"{name}.parquet")) as handle:
         table = pq.read_table(handle)
-    table = table.filter(pc.is_in(table["key"], pa.array(sorted(keep), pa.string())))
+    table = table.filter(pc.is_in(table["key"], value_set=kept.combine_chunks()))
     table = table.take(pc.sort_indices(table["key"]))
     rows = _row_batches(table)
     expected = next(rows, None)
@@ -120,7 +120,9 @@ def _row_batches(table: pa.Table) -> Iterator[dict[str, Any]]:
 def write_train_shards(cfg: ShardsConfig, plan: ReshardPlan, first: int, last: int, done: set[int],
                        extra_columns: list[str]) -> list[int]:
     """Write train shards ``first .. last - 1`` (except those in ``done``); return the ones written."""
+    fingerprint = plan.fingerprint()
     t, in_shard, writer = first, 0, None
+    size = plan.shard_size(t)
     written: list[int] = []
     for segment in plan.segments(first, last):
         streams = [iter_kept(cfg.pool, cfg.decisions, p) for p in segment.pool_shards]
@@ -134,13 +136,14 @@ def write_train_shards(cfg: ShardsConfig, plan: ReshardPlan, first: int, last: i
                     writer = ShardWriter(cfg.output_folder, t, sample.image_ext, extra_columns)
                 writer.add(row, sample.image, sample.image_ext)
             in_shard += 1
-            if in_shard == plan.shard_size(t):
+            if in_shard == size:
                 if writer is not None:
                     writer.commit({"shard": shard_name(t), "count": in_shard, "successes": in_shard,
                                    "failed_to_download": 0, "failed_to_resize": 0,
-                                   "plan": plan.fingerprint()})
+                                   "plan": fingerprint})
                     written.append(t)
                 t, in_shard, writer = t + 1, 0, None
+                size = plan.shard_size(t)
         for stream in streams:
             stream.close()
     if writer is not None:  # the plan and the streams disagree: never commit a short shard

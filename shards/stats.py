@@ -188,6 +188,11 @@ def _numbers(table: pa.Table, name: str) -> np.ndarray | None:
     return pc.fill_null(pc.cast(table[name], pa.float64()), np.nan).to_numpy()
 
 
+def _is(values: pa.ChunkedArray, codes: list[str]) -> np.ndarray:
+    """Row mask: the value is one of ``codes`` (null is none of them)."""
+    return pc.is_in(values, value_set=pa.array(codes, pa.string())).to_numpy(zero_copy_only=False)
+
+
 def _value_counts(values: pa.Array | pa.ChunkedArray, mask: np.ndarray, null_as: str) -> Counter:
     chosen = pc.fill_null(pc.filter(values, pa.array(mask)), null_as)
     return Counter({d["values"]: d["counts"] for d in pc.value_counts(chosen).to_pylist()})
@@ -270,10 +275,10 @@ def summarize_shard(pool: str, decisions: str, shard_id: int) -> Summary:
     summary = Summary(layout=layout)
     n = table.num_rows
     reasons = _reasons(table, layout)
-    reason_np = np.array(pc.fill_null(reasons, "").to_pylist(), dtype=object) if n else np.array([], dtype=object)
+    reasons = pc.cast(reasons, pa.string())
     success = pc.fill_null(pc.equal(_strings(table, "status"), "success"), False).to_numpy(zero_copy_only=False)
-    not_unique = np.isin(reason_np, [r.value for r in NOT_UNIQUE]) & ~success
-    not_attempted = np.isin(reason_np, [r.value for r in NOT_ATTEMPTED]) & ~success & ~not_unique
+    not_unique = _is(reasons, [r.value for r in NOT_UNIQUE]) & ~success
+    not_attempted = _is(reasons, [r.value for r in NOT_ATTEMPTED]) & ~success & ~not_unique
     attempted = ~not_unique & ~not_attempted
     keep = success.copy()
     decided = None
@@ -290,14 +295,14 @@ def summarize_shard(pool: str, decisions: str, shard_id: int) -> Summary:
     failed = attempted & ~success
     summary.dropped["downloaded"] = _value_counts(reasons, failed, UNCLASSIFIED)
     if layout == "img2dataset":
-        unmatched = failed & (reason_np == UNCLASSIFIED)
+        unmatched = failed & _is(reasons, [UNCLASSIFIED])
         summary.unclassified_messages = _value_counts(_strings(table, "error_message"), unmatched, "(none)")
     if decided is not None:
         summary.dropped["kept"] = _value_counts(decided["reason"], success & ~keep, UNCLASSIFIED)
 
     # Domains: rows, attempted, downloaded, kept and opt-outs per host.
     hosts = hosts_of(_strings(table, "url"))
-    opt_out = reason_np == Reason.OPT_OUT.value
+    opt_out = _is(reasons, [Reason.OPT_OUT.value])
     grouped = pa.table({"host": hosts, "rows": np.ones(n, np.int64), "attempted": attempted.astype(np.int64),
                         "downloaded": success.astype(np.int64), "kept": keep.astype(np.int64),
                         "opt_out": opt_out.astype(np.int64)}).group_by("host").aggregate(
