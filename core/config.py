@@ -34,6 +34,26 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+def require(config: Any, *names: str) -> None:
+    """Stop on the first of ``names`` left empty."""
+    for name in names:
+        if not getattr(config, name):
+            raise ConfigError(f"{name}: required")
+
+
+def at_least(config: Any, minimum: int, *names: str) -> None:
+    """Stop on the first of ``names`` below ``minimum`` (0: "zero or more", 1: "a positive integer")."""
+    wanted = {0: "must be zero or more", 1: "must be a positive integer"}.get(minimum, f"must be {minimum} or more")
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{name}={getattr(config, name)}: {wanted}")
+
+
+def one_of(config: Any, name: str, choices: Sequence[str]) -> None:
+    if getattr(config, name) not in choices:
+        raise ConfigError(f"{name}={getattr(config, name)!r}: choose one of {', '.join(choices)}")
+
+
 def _parse_bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):

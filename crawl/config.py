@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from core.config import ConfigError, option
+from core.config import ConfigError, at_least, one_of, option
 from ingest.fetcher import FetchConfig
 from ingest.safety import NetworkPolicy
 
@@ -76,16 +76,11 @@ class CrawlConfig:
             parts = urlsplit(seed)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"seeds: {seed!r} is not an absolute http(s) URL")
-        if self.distributor not in DISTRIBUTORS:
-            raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
+        one_of(self, "distributor", DISTRIBUTORS)
         if self.incremental_mode not in ("incremental", "overwrite"):
             raise ConfigError(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
-        for name in ("max_pages", "concurrency", "max_page_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
-        for name in ("max_depth", "retries", "max_redirects", "processes_count", "max_unit_retry"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more")
+        at_least(self, 1, "max_pages", "concurrency", "max_page_bytes")
+        at_least(self, 0, "max_depth", "retries", "max_redirects", "processes_count", "max_unit_retry")
         for name in ("delay", "max_crawl_delay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more seconds")

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from core import storage
 from core.cluster import init_ray
-from core.config import ConfigError, option, parse_config, to_dict
+from core.config import ConfigError, at_least, option, parse_config, require, to_dict
 from core.layout import committed_shards, shard_id_of, shard_name
 from train import checkpoint as ckpt
 from train import data as data_mod
@@ -113,9 +113,7 @@ class ClipScoreConfig:
     ray_address: str = option("", "Ray cluster to join; empty = RAY_ADDRESS, else a new local instance")
 
     def __post_init__(self) -> None:
-        for name in ("pool", "checkpoint", "output_folder"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name}: required")
+        require(self, "pool", "checkpoint", "output_folder")
         if _same_folder(self.pool, self.output_folder):
             raise ConfigError(f"output_folder={self.output_folder!r}: is the pool; score files would replace "
                               "the pool's parquet files")  # fmt: skip
@@ -131,10 +129,7 @@ class ClipScoreConfig:
             raise ConfigError(f"threads_per_actor={self.threads_per_actor}: 0 (automatic) or a positive count")
         if not self.gpus_per_actor > 0:
             raise ConfigError(f"gpus_per_actor={self.gpus_per_actor}: must be positive")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size}: must be a positive integer")
-        if self.max_image_pixels < 1:
-            raise ConfigError(f"max_image_pixels={self.max_image_pixels}: must be a positive integer")
+        at_least(self, 1, "batch_size", "max_image_pixels")
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.cluster import DISTRIBUTORS
-from core.config import ConfigError, option
+from core.config import ConfigError, at_least, one_of, option
 
 
 @dataclass
@@ -72,12 +72,9 @@ class FilterConfig:
             raise ConfigError("pool: required (the folder ingest wrote)")
         if not self.output_folder:
             raise ConfigError("output_folder: required")
-        if self.distributor not in DISTRIBUTORS:
-            raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
-        for name in ("min_image_size", "min_caption_chars", "min_caption_words", "workers", "near_dup_bands",
-                     "near_dup_band_bits"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more")
+        one_of(self, "distributor", DISTRIBUTORS)
+        at_least(self, 0, "min_image_size", "min_caption_chars", "min_caption_words", "workers", "near_dup_bands",
+                 "near_dup_band_bits")
         if not self.max_aspect_ratio >= 1:
             raise ConfigError(f"max_aspect_ratio={self.max_aspect_ratio}: must be at least 1")
         if not 0 <= self.near_dup_threshold < 64:

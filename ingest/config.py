@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from core.config import ConfigError, option
+from core.config import ConfigError, at_least, option
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
@@ -161,13 +161,9 @@ class IngestConfig:
                 f"save_additional_columns: {clashes} clash with the pool's own columns "
                 f"({', '.join(POOL_SCHEMA.names)}); rename them in the input"
             )
-        for name in ("number_sample_per_shard", "thread_count", "per_host_limit", "max_bytes", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
-        for name in ("processes_count", "retries", "max_redirects", "max_shards_in_flight", "min_image_size",
-                     "max_shard_retry", "min_caption_chars", "min_caption_words"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more")
+        at_least(self, 1, "number_sample_per_shard", "thread_count", "per_host_limit", "max_bytes", "max_pixels")
+        at_least(self, 0, "processes_count", "retries", "max_redirects", "max_shards_in_flight", "min_image_size",
+                 "max_shard_retry", "min_caption_chars", "min_caption_words")
         if not self.timeout > 0:
             raise ConfigError(f"timeout={self.timeout}: must be a positive number of seconds")
         # Build the parts once so their own checks run now, before any work.

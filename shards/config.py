@@ -5,13 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.cluster import DISTRIBUTORS
-from core.config import ConfigError, option
-
-
-def _require(config: object, *names: str) -> None:
-    for name in names:
-        if not getattr(config, name):
-            raise ConfigError(f"{name}: required")
+from core.config import at_least, one_of, option, require
 
 
 @dataclass
@@ -36,16 +30,10 @@ class ShardsConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _require(self, "pool", "decisions", "output_folder")
-        for name in ("samples_per_shard", "mix_window", "max_shards_per_task"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be a positive integer")
-        if self.distributor not in DISTRIBUTORS:
-            raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
-        if self.workers < 0:
-            raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")
-        if self.seed < 0:
-            raise ConfigError(f"seed={self.seed}: must be 0 or more")
+        require(self, "pool", "decisions", "output_folder")
+        at_least(self, 1, "samples_per_shard", "mix_window", "max_shards_per_task")
+        at_least(self, 0, "workers", "seed")
+        one_of(self, "distributor", DISTRIBUTORS)
 
 
 @dataclass
@@ -59,9 +47,8 @@ class VerifyConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _require(self, "folder")
-        if self.workers < 0:
-            raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")
+        require(self, "folder")
+        at_least(self, 0, "workers")
 
 
 @dataclass
@@ -78,8 +65,6 @@ class ReportConfig:
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        _require(self, "pool", "output_folder")
-        if self.top_domains < 1:
-            raise ConfigError(f"top_domains={self.top_domains}: must be a positive integer")
-        if self.workers < 0:
-            raise ConfigError(f"workers={self.workers}: must be 0 (automatic) or more")
+        require(self, "pool", "output_folder")
+        at_least(self, 1, "top_domains")
+        at_least(self, 0, "workers")
