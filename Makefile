@@ -91,7 +91,7 @@ bench-peers: ## the peers' own venvs under .bench/ (img2dataset 1.47, open_clip_
 bench: $(STAMP) bench-peers ## the benchmarks of BENCHMARKS.md (after `make demo`; ~25 min on 2 cores)
 	$(PY) -m bench.ingest_vs_img2dataset --repeat 2
 	$(PY) -m bench.ingest_memory
-	$(PY) bench/reader_memory.py
+	$(PY) bench/plan_memory.py
 	$(PY) -m bench.train_vs_openclip --repeat 2
 
 clean-demo: ## remove the demo's data and runs

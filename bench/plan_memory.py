@@ -1,8 +1,9 @@
-"""Peak memory and per-row cost of planning a big URL list before download.
+"""Peak memory of reading a big URL list, and the per-row cost of planning it before download.
 
-``bench/reader_memory.py`` measures reading and splitting alone; this adds what
-``python -m ingest`` now does in the driver as each shard is read: ``ingest.plan``
-(URL normalisation, the job-wide (URL, caption) fingerprint set, caption rules).
+Two measurements of the same 10M-row list: ``read``, ingest's reader splitting it into
+shards (goal: under 1 GiB), and ``plan``, the same plus what ``python -m ingest`` does
+in the driver as each shard is read: ``ingest.plan`` (URL normalisation, the job-wide
+(URL, caption) fingerprint set, caption rules).
 The list is web-like: https URLs on a thousand hosts without ports, captions of a
 sentence, 2% of rows repeating an earlier row's pair and 2% junk captions.
 
