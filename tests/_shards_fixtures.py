@@ -92,3 +92,22 @@ def make_pool(root: str, shards: int = 6, rows_per_shard: int = 40, seed: int = 
                        os.path.join(spec.decisions, f"{shard:05d}.parquet"))
         spec.decided.extend(decided)
     return spec
+
+
+def make_train_shards(spec: PoolSpec, folder: str, samples_per_shard: int, **options) -> dict:
+    """Reshard ``spec``'s pool into ``folder`` in this process; return the manifest."""
+    from shards.config import ShardsConfig
+    from shards.reshard import reshard
+
+    return reshard(ShardsConfig(pool=spec.pool, decisions=spec.decisions, output_folder=folder,
+                                samples_per_shard=samples_per_shard, distributor="inline", report=False,
+                                progress=False, **options))
+
+
+def make_report(spec: PoolSpec, train: str, workers: int = 1) -> dict:
+    """The report of ``spec``'s pool, decisions and the train shards in ``train``."""
+    from shards.config import ReportConfig
+    from shards.report import build_report
+
+    return build_report(ReportConfig(pool=spec.pool, decisions=spec.decisions, train=train,
+                                     output_folder="/unused", workers=workers, progress=False))

@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards.config import ReportConfig, ShardsConfig
-from shards.report import build_report, write_report
-from shards.reshard import reshard
+from shards.report import write_report
 from tests._browser import Browser
-from tests._shards_fixtures import make_pool
+from tests._shards_fixtures import make_pool, make_report, make_train_shards
 
 if os.environ.get("WEBCLIP_SKIP_BROWSER") == "1":
     pytest.skip("WEBCLIP_SKIP_BROWSER=1", allow_module_level=True)
@@ -28,10 +26,8 @@ if os.environ.get("WEBCLIP_SKIP_BROWSER") == "1":
 def page(tmp_path_factory):
     root = tmp_path_factory.mktemp("browser")
     spec = make_pool(str(root), shards=12, rows_per_shard=40, seed=3)
-    reshard(ShardsConfig(pool=spec.pool, decisions=spec.decisions, output_folder=str(root / "train"),
-                         samples_per_shard=30, distributor="inline", report=False, progress=False))
-    report = build_report(ReportConfig(pool=spec.pool, decisions=spec.decisions, train=str(root / "train"),
-                                       output_folder=str(root / "out"), workers=1, progress=False))
+    make_train_shards(spec, str(root / "train"), samples_per_shard=30)
+    report = make_report(spec, str(root / "train"))
     paths = write_report(str(root / "out"), report)
     browser = Browser()
     browser.open("file://" + paths["html"])

@@ -12,11 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from core.reasons import Reason, reason_from_message
-from shards.config import ReportConfig, ShardsConfig
+from shards.config import ReportConfig
 from shards.report import build_report, write_report
 from shards.report import main as report_main
-from shards.reshard import reshard
-from tests._shards_fixtures import make_pool
+from tests._shards_fixtures import make_pool, make_report, make_train_shards
 
 BEFORE = {"dup_url", "caption_short"}
 
@@ -25,10 +24,8 @@ BEFORE = {"dup_url", "caption_short"}
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     spec = make_pool(str(root), shards=5, rows_per_shard=80, seed=11)
-    reshard(ShardsConfig(pool=spec.pool, decisions=spec.decisions, output_folder=str(root / "train"),
-                         samples_per_shard=25, distributor="inline", report=False, progress=False))
-    report = build_report(ReportConfig(pool=spec.pool, decisions=spec.decisions, train=str(root / "train"),
-                                       output_folder=str(root / "out"), workers=2, progress=False))
+    make_train_shards(spec, str(root / "train"), samples_per_shard=25)
+    report = make_report(spec, str(root / "train"), workers=2)
     return spec, root, report
 
 

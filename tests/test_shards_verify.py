@@ -12,19 +12,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards.config import ShardsConfig, VerifyConfig
-from shards.reshard import reshard
+from shards.config import VerifyConfig
 from shards.verify import main as verify_main
 from shards.verify import verify
-from tests._shards_fixtures import make_pool
+from tests._shards_fixtures import make_pool, make_train_shards
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     spec = make_pool(str(root), shards=4, rows_per_shard=50, seed=7)
-    reshard(ShardsConfig(pool=spec.pool, decisions=spec.decisions, output_folder=str(root / "train"),
-                         samples_per_shard=20, mix_window=2, distributor="inline", report=False, progress=False))
+    make_train_shards(spec, str(root / "train"), samples_per_shard=20, mix_window=2)
     return spec, root / "train"
 
 
