@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import os
 import random
 
 import pytest
@@ -16,6 +17,19 @@ from crawl.politeness import HostScheduler
 from crawl.robots import ALLOW_ALL, parse_robots, policy_for_status
 
 PAGE = "http://example.org/articles/cats.html"
+COMPILED = extract_mod._compiled_image_rules()
+
+
+@pytest.fixture(autouse=True, params=["python", "compiled"])
+def image_rules(request, monkeypatch):
+    """Every test here runs over both per-image loops: crawl/extract.py's and crawl/_fastrules.pyx's."""
+    if request.param == "compiled":
+        if COMPILED is None:
+            pytest.skip("crawl/_fastrules.pyx is not built here (pip install -e . with a C compiler builds it)")
+        monkeypatch.setattr(extract_mod, "_image_rules", COMPILED)
+    else:
+        monkeypatch.setattr(extract_mod, "_image_rules", extract_mod._python_image_rules)
+    return request.param
 
 
 def pairs(html: str | bytes, url: str = PAGE) -> list[tuple[str, str, str]]:
@@ -619,6 +633,40 @@ def test_image_url_shortcuts_agree_with_the_plain_rule():
                       for _ in range(rng.randint(0, 3))}
         sources = tuple("".join(rng.choice(pieces) for _ in range(3)) for _ in range(rng.choice([0, 0, 0, 1, 2])))
         assert pick_image_url(attributes, sources) == reference_image_url(attributes, sources), (attributes, sources)
+
+
+def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
+    if image_rules != "compiled":
+        pytest.skip("the compiled loop's own rule 1")
+    from crawl import _fastrules
+
+    rng = random.Random(13)
+    pieces = ["a.jpg", "b", ",", " ", "\t", "1x", "2x", "320w", "1.5x", "w", ",,", "http://h/p,q.jpg", "100h",
+              "640w", " 640w,", "data:x", "DATA:y", "\xa0", "0w", "9w ", "12w,", "٣w", "²w", " 5w, ", "(1, 2)",
+              "0320w", "12345678901w", "dAtA:z"]
+    names = ["src", "srcset", "data-src", "data-srcset", "data-lazy-srcset", "data-original", "data-lazy", "alt"]
+    for _ in range(30000):
+        attributes = {rng.choice(names): rng.choice([None, "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))])
+                      for _ in range(rng.randint(0, 3))}
+        sources = tuple("".join(rng.choice(pieces) for _ in range(3)) for _ in range(rng.choice([0, 0, 0, 1])))
+        assert _fastrules.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
+
+
+def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
+    built, source = tmp_path / "m.so", tmp_path / "m.pyx"
+    built.write_bytes(b"")
+    assert not extract_mod._older(built, source)  # no source next to it (an installed wheel)
+    source.write_text("")
+    os.utime(built, (1000, 1000))
+    os.utime(source, (2000, 2000))
+    assert extract_mod._older(built, source)
+    os.utime(built, (3000, 3000))
+    assert not extract_mod._older(built, source)
+    monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "1")
+    assert extract_mod._compiled_image_rules() is None
+    if image_rules == "compiled":
+        monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "0")
+        assert extract_mod._compiled_image_rules() is not None
 
 
 def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():

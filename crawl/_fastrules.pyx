@@ -1,0 +1,264 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""``crawl.extract._image_rules``, compiled: the per-image rules for the common shapes.
+
+This is a speed-up, not a second set of rules. It runs for every ``<img>`` of every
+page, where Python's per-operation cost was most of the crawl's own time (BENCHMARKS.md,
+"Crawl"). It decides in C only what it can decide exactly as ``crawl/extract.py``'s
+rules do, and hands everything else to those rules, bound in by ``bind`` at import:
+
+* rule 1 (URL): a ``src`` alone; a ``srcset`` of the usual ``"a 320w, b 640w"`` shape
+  (its first widest candidate); a lazy attribute with no srcset. Anything else —
+  ``<picture>`` sources, ``data-srcset``, densities, data: URIs, odd commas —
+  goes to ``_pick_url``.
+* rule 2 (resolution): a plain rooted path (ASCII, printable, no ``//``, ``/.``,
+  ``#``, ``;``, no ``?`` at the end) is the page's origin + the path, as
+  ``Resolver.join`` makes it; anything else goes to ``Resolver.join``.
+* rule 3 (caption): an alt text is cleaned (``clean_text``) only if it needs it; a
+  long alt of plain letters without a ``.`` says something (the shortcut
+  ``_image_rules`` takes, see ``extract._PLAIN_INITIALS``); anything else goes to
+  ``is_meaningless`` and the figure-caption lookup.
+* rule 4 (dedupe) as written.
+
+Built by ``pip install -e .`` (setup.py; optional: without a C compiler the package
+installs and ``crawl/extract.py`` runs its own Python loop). Tests run every page
+rule over both (tests/test_crawl_extract.py).
+"""
+
+from cpython.dict cimport PyDict_GetItem
+from cpython.object cimport PyObject
+from cpython.unicode cimport Py_UNICODE_ISSPACE
+
+# Bound by crawl/extract.py (bind): the rules this module hands the unusual cases to, and constants.
+cdef object _pick_url = None
+cdef object _picture_srcsets = None
+cdef object _is_meaningless = None
+cdef object _enclosing_figcaption = None
+cdef object _Pair = None
+cdef long _PICTURE = -1
+cdef Py_ssize_t _LONGEST_GENERIC = 0
+cdef str _ALT_MEANINGLESS = ""
+cdef str _DUP_IN_PAGE = ""
+cdef frozenset _URL_ATTRIBUTES = frozenset()
+cdef tuple _LAZY_THEN_SRC = ()
+cdef tuple _CAMERA_OR_URL = ()
+cdef str _END_PUNCTUATION = ""
+cdef str _SUSPECT_INITIALS = ""
+
+
+def bind(*, pick_url, picture_srcsets, is_meaningless, enclosing_figcaption, pair, picture_tag, longest_generic,
+         alt_meaningless, dup_in_page, url_attributes, lazy_then_src, camera_or_url, end_punctuation,
+         suspect_initials):
+    """Called once by crawl/extract.py with its own rules and constants."""
+    global _pick_url, _picture_srcsets, _is_meaningless, _enclosing_figcaption, _Pair, _PICTURE
+    global _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE, _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL
+    global _END_PUNCTUATION, _SUSPECT_INITIALS
+    _pick_url, _picture_srcsets, _is_meaningless = pick_url, picture_srcsets, is_meaningless
+    _enclosing_figcaption, _Pair, _PICTURE = enclosing_figcaption, pair, picture_tag
+    _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE = longest_generic, alt_meaningless, dup_in_page
+    _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL = frozenset(url_attributes), tuple(lazy_then_src), tuple(camera_or_url)
+    _END_PUNCTUATION, _SUSPECT_INITIALS = end_punctuation, "".join(sorted(suspect_initials))
+
+
+cdef inline void _count(object reasons, str reason) except *:
+    """``reasons[reason] += 1`` on the page's Counter, without Counter's Python-level __missing__."""
+    cdef PyObject* old = PyDict_GetItem(<dict>reasons, reason)
+    reasons[reason] = (<object>old + 1) if old is not NULL else 1
+
+
+cdef inline object _get(dict attributes, str name):
+    cdef PyObject* found = PyDict_GetItem(attributes, name)
+    return <object>found if found is not NULL else None
+
+
+cdef bint _has_url_attribute(dict attributes):
+    """Whether any attribute but ``src`` may hold the image's URL (``_URL_ATTRIBUTES``)."""
+    for key in attributes:
+        if key in _URL_ATTRIBUTES:
+            return True
+    return False
+
+
+cdef inline bint _careful_first(Py_UCS4 c):
+    """A src beginning so may be a data: URI or carry whitespace strip() removes (see _CAREFUL_FIRST)."""
+    return c == u'd' or c == u'D' or Py_UNICODE_ISSPACE(c)
+
+
+cdef object _widest_usual(str srcset):
+    """``extract._widest_usual_candidate``: the first widest of ``"a 320w, b 640w"``; else None."""
+    cdef list tokens = srcset.split()
+    cdef Py_ssize_t count = len(tokens), i, j, n
+    cdef str url, descriptor
+    cdef long width, best_width = -1
+    cdef object best = None
+    cdef Py_UCS4 c
+    if count == 0 or count % 2:
+        return None
+    for i in range(0, count, 2):
+        url, descriptor = tokens[i], tokens[i + 1]
+        n = len(descriptor)
+        if i + 2 == count:  # the last: "640w"
+            if descriptor[n - 1] != u'w':
+                return None
+            n -= 1
+        elif n >= 2 and descriptor[n - 2] == u'w' and descriptor[n - 1] == u',':  # "640w,"
+            n -= 2
+        else:
+            return None
+        if n == 0 or n > 9:  # no digits, or more than a C long is sure to hold: the general path
+            return None
+        width = 0
+        for j in range(n):
+            c = descriptor[j]
+            if not (u'0' <= c <= u'9'):  # ASCII digits only; str.isdecimal's others take the general path
+                return None
+            width = width * 10 + (<long>c - 48)  # c is '0'..'9'
+        c = url[0]
+        if c == u',' or url[len(url) - 1] == u',' or ((c == u'd' or c == u'D') and url[:5].lower() == "data:"):
+            return None
+        if width > best_width:
+            best, best_width = url, width
+    return best
+
+
+cdef object _first_lazy_or_src(dict attributes):
+    """``extract._lazy_then_src`` when it finds a URL; None when it finds none (its reason: the Python rule)."""
+    cdef object value
+    for name in _LAZY_THEN_SRC:
+        value = _get(attributes, name)
+        if not value:
+            continue
+        value = value.strip()
+        if not value or value[:5].lower() == "data:":
+            continue
+        return value
+    return None
+
+
+cdef tuple _pick(dict attributes, object sources):
+    """``extract._pick_url`` for an image that is not a plain src: its two usual shapes here, else the rule."""
+    cdef object srcset, found
+    if not sources and not _get(attributes, "data-srcset") and not _get(attributes, "data-lazy-srcset"):
+        srcset = _get(attributes, "srcset")
+        found = _widest_usual(srcset) if srcset else _first_lazy_or_src(attributes)
+        if found is not None:
+            return found, None
+    return _pick_url(attributes, sources)
+
+
+cdef bint _plain_rooted(str raw):
+    """``extract._CLEAN_ROOTED.fullmatch(raw)`` for ASCII: False sends the URL to ``Resolver.join``."""
+    cdef Py_UCS4 c, previous = 0
+    if not raw or raw[0] != u'/':
+        return False
+    for c in raw:
+        if c <= 0x20 or c >= 0x7f or c == u'#' or c == u';':
+            return False
+        if previous == u'/' and (c == u'/' or c == u'.'):  # an empty or dot segment
+            return False
+        previous = c
+    return previous != u'?'
+
+
+cdef bint _is_clean(str text):
+    """``clean_text(text) == text``: no whitespace but single spaces between words."""
+    cdef Py_UCS4 c
+    cdef bint after_space = True  # a space at the start is not clean
+    for c in text:
+        if c == u' ':
+            if after_space:
+                return False
+            after_space = True
+        elif Py_UNICODE_ISSPACE(c):
+            return False
+        else:
+            after_space = False
+    return not after_space or not text
+
+
+cdef bint _says_something(str caption):
+    """True only where ``is_meaningless`` is surely False (``_image_rules``' inline case); else ask it."""
+    cdef Py_ssize_t n = len(caption), i
+    cdef Py_UCS4 first
+    if n <= _LONGEST_GENERIC or u"." in caption:
+        return False
+    first = caption[0]
+    if not ((u'a' <= first <= u'z') or (u'A' <= first <= u'Z')):
+        return False
+    if first not in _SUSPECT_INITIALS:
+        return True
+    if caption[n - 1] in _END_PUNCTUATION:
+        return False
+    for i in range(11):  # the longest camera prefix; the regex's IGNORECASE folds no ASCII into these
+        if caption[i] >= 128:
+            return False
+    return not caption[:11].lower().startswith(_CAMERA_OR_URL)
+
+
+def image_rules(images, resolver, result, srcsets=None):
+    """``crawl.extract._image_rules(images, resolver, result, srcsets)``, the same pairs and reasons."""
+    cdef object reasons = result.reasons
+    cdef list pairs = result.pairs, raws = [], alts = [], kept = [], urls = []
+    cdef dict attributes
+    cdef object node, parent, sources, raw, problem, url, text
+    cdef str caption, source, origin = resolver._origin
+    cdef Py_ssize_t i, count
+    cdef set seen = set()
+    cdef bint fast = resolver._fast, given = srcsets is not None
+    # 1. URL
+    for i in range(len(images)):
+        node = images[i]
+        attributes = node.attributes
+        if given:
+            sources = srcsets[i]
+        else:
+            sources = ()
+            parent = node.parent
+            if parent is not None and parent.tag_id == _PICTURE:
+                sources = _picture_srcsets(parent, node)
+        raw = _get(attributes, "src")
+        if sources or not raw or _careful_first((<str>raw)[0]) or _has_url_attribute(attributes):
+            raw, problem = _pick(attributes, sources)
+            if raw is None:
+                _count(reasons, problem)
+                continue
+        raws.append(raw)
+        alts.append(_get(attributes, "alt") or "")
+        kept.append(node)
+    count = len(raws)
+    # 2. resolution
+    join = resolver.join
+    for i in range(count):
+        raw = raws[i]
+        if fast and _plain_rooted(raw):
+            urls.append(origin + raw)
+            continue
+        url, problem = join(raw)
+        if url is None:
+            _count(reasons, problem.value)
+        urls.append(url)
+    # 3. caption, 4. dedupe
+    for i in range(count):
+        url = urls[i]
+        if url is None:
+            continue
+        caption = alts[i]
+        if not _is_clean(caption):
+            caption = " ".join(caption.split())
+        if _says_something(caption) or (caption and not _is_meaningless(caption)):
+            source = "alt"
+        else:
+            text = _enclosing_figcaption(kept[i])
+            caption, source = (" ".join(text.split()) if text else ""), "figcaption"
+            if not caption or _is_meaningless(caption):
+                _count(reasons, _ALT_MEANINGLESS)
+                continue
+        if url in seen:
+            _count(reasons, _DUP_IN_PAGE)
+            continue
+        seen.add(url)
+        pairs.append(tuple.__new__(_Pair, (url, caption, source)))
+
+
+def pick(dict attributes, sources=()):
+    """Rule 1 as ``image_rules`` applies it: ``(raw URL, None)`` or ``(None, reason code)`` (for tests)."""
+    return _pick(attributes, tuple(sources))
