@@ -35,6 +35,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+
+# One thread for numpy's BLAS (imported with the parquet writer), as Ray sets it for a one-CPU task:
+# its idle threads would otherwise spin now and then, and process time counts every thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import random
 import statistics
 import time

@@ -30,20 +30,18 @@ stops link extraction, and links with ``rel="nofollow"`` are not followed.
 
 from __future__ import annotations
 
-import os
 import re
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from selectolax.lexbor import LexborHTMLParser
 
 from core.reasons import Reason
+from crawl import speedups
 
 LAZY_SRC_ATTRIBUTES = (
     "data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-echo", "data-hi-res-src",
@@ -626,42 +624,24 @@ def _first_figcaption(figure):
     return None
 
 
-# -- the compiled loop (crawl/_fastrules.pyx) ---------------------------------------------
+# -- the compiled loop (crawl/_speedups.pyx) ---------------------------------------------
 
 _python_image_rules = _image_rules
 
 
 def _compiled_image_rules():
-    """``_fastrules.image_rules`` bound to these rules; None where it is not built, stale, or switched off.
-
-    ``pip install -e .`` builds it (a C compiler is needed; without one the install
-    goes on and this module's own loop runs). ``WEBCLIP_PURE_PYTHON=1`` switches it off.
-    A build older than its source is not used (rebuild: ``pip install -e .``).
-    """
-    if os.environ.get("WEBCLIP_PURE_PYTHON", "") not in ("", "0"):
+    """``_speedups.image_rules`` bound to the rules above; None where the speed-ups are not loaded."""
+    compiled = speedups.load()
+    if compiled is None:
         return None
-    try:
-        from crawl import _fastrules
-    except ImportError:
-        return None
-    built, source = Path(_fastrules.__file__), Path(__file__).with_name("_fastrules.pyx")
-    if _older(built, source):
-        warnings.warn(f"{built} is older than {source.name}: using the Python loop until it is rebuilt "
-                      "(pip install -e .)", RuntimeWarning, stacklevel=2)
-        return None
-    _fastrules.bind(
+    compiled.bind(
         pick_url=_pick_url, picture_srcsets=_picture_srcsets, is_meaningless=is_meaningless,
         enclosing_figcaption=_enclosing_figcaption, pair=Pair, picture_tag=_PICTURE,
         longest_generic=_LONGEST_GENERIC, alt_meaningless=_ALT_MEANINGLESS, dup_in_page=_DUP_IN_PAGE,
         url_attributes=_URL_ATTRIBUTES, lazy_then_src=_LAZY_THEN_SRC, camera_or_url=_CAMERA_OR_URL,
         end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
     )
-    return _fastrules.image_rules
-
-
-def _older(built: Path, source: Path) -> bool:
-    """Whether ``built`` predates an edit of ``source`` (a source that is not there is not newer)."""
-    return source.exists() and source.stat().st_mtime > built.stat().st_mtime
+    return compiled.image_rules
 
 
 _image_rules = _compiled_image_rules() or _python_image_rules  # noqa: F811 - the same rules, compiled

@@ -25,6 +25,7 @@ import re
 from collections.abc import Iterable
 
 from core.reasons import Reason, SampleError
+from crawl import speedups
 from crawl.extract import PageExtraction, extract_html
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -36,6 +37,7 @@ _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([a-z0-9_:.\-]+
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 # Browsers read these labels as windows-1252 (a superset); so do we.
 _AS_WINDOWS_1252 = frozenset({"latin_1", "iso8859-1", "ascii", "cp1252"})
+_is_ascii = speedups.load().is_ascii if speedups.load() is not None else bytes.isascii
 
 
 def looks_binary(body: bytes) -> bool:
@@ -43,7 +45,10 @@ def looks_binary(body: bytes) -> bool:
     head = body[:SNIFF_BYTES]
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return False
-    return len(head.translate(None, _BINARY_BYTES)) != len(head)  # one C pass; a regex search is ~10x slower
+    return 0 in head.translate(_BINARY_TO_ZERO)  # two C passes; a regex search is ~10x slower
+
+
+_BINARY_TO_ZERO = bytes(0 if b in _BINARY_BYTES else 1 for b in range(256))  # a translate() table
 
 
 def codec_for(label: str | bytes | None) -> str | None:
@@ -68,7 +73,7 @@ def _codec_for(label: str) -> str | None:
 
 
 def _utf8(body: bytes) -> bytes | None:
-    if body.isascii():  # a fast scan; ASCII is valid UTF-8
+    if _is_ascii(body):  # a fast scan; ASCII is valid UTF-8
         return body
     try:
         body.decode("utf-8")

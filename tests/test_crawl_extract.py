@@ -11,6 +11,7 @@ import pytest
 from core.reasons import Reason, SampleError, Stage
 from crawl import extract as extract_mod
 from crawl import page as page_mod
+from crawl import speedups
 from crawl.extract import Pair, extract_html, extract_wat, is_meaningless, pick_image_url, srcset_candidates
 from crawl.page import decode_html, looks_binary, read_page
 from crawl.politeness import HostScheduler
@@ -22,10 +23,10 @@ COMPILED = extract_mod._compiled_image_rules()
 
 @pytest.fixture(autouse=True, params=["python", "compiled"])
 def image_rules(request, monkeypatch):
-    """Every test here runs over both per-image loops: crawl/extract.py's and crawl/_fastrules.pyx's."""
+    """Every test here runs over both per-image loops: crawl/extract.py's and crawl/_speedups.pyx's."""
     if request.param == "compiled":
         if COMPILED is None:
-            pytest.skip("crawl/_fastrules.pyx is not built here (pip install -e . with a C compiler builds it)")
+            pytest.skip("crawl/_speedups.pyx is not built here (pip install -e . with a C compiler builds it)")
         monkeypatch.setattr(extract_mod, "_image_rules", COMPILED)
     else:
         monkeypatch.setattr(extract_mod, "_image_rules", extract_mod._python_image_rules)
@@ -638,7 +639,7 @@ def test_image_url_shortcuts_agree_with_the_plain_rule():
 def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
     if image_rules != "compiled":
         pytest.skip("the compiled loop's own rule 1")
-    from crawl import _fastrules
+    from crawl import _speedups
 
     rng = random.Random(13)
     pieces = ["a.jpg", "b", ",", " ", "\t", "1x", "2x", "320w", "1.5x", "w", ",,", "http://h/p,q.jpg", "100h",
@@ -649,24 +650,39 @@ def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
         attributes = {rng.choice(names): rng.choice([None, "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))])
                       for _ in range(rng.randint(0, 3))}
         sources = tuple("".join(rng.choice(pieces) for _ in range(3)) for _ in range(rng.choice([0, 0, 0, 1])))
-        assert _fastrules.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
+        assert _speedups.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
+
+
+def test_compiled_ascii_check_agrees_with_bytes_isascii(image_rules):
+    if image_rules != "compiled":
+        pytest.skip("the compiled loop's own check")
+    from crawl import _speedups
+
+    rng = random.Random(17)
+    for size in (0, 1, 7, 8, 9, 4095, 4096, 4097, 8192, 50_000):
+        data = bytes(rng.randrange(128) for _ in range(size))
+        assert _speedups.is_ascii(data) is True
+        for where in {0, size // 2, size - 1} if size else ():
+            for byte in (0x80, 0xC3, 0xFF):
+                changed = data[:where] + bytes([byte]) + data[where + 1 :]
+                assert _speedups.is_ascii(changed) is changed.isascii() is False
 
 
 def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
     built, source = tmp_path / "m.so", tmp_path / "m.pyx"
     built.write_bytes(b"")
-    assert not extract_mod._older(built, source)  # no source next to it (an installed wheel)
+    assert not speedups.older(built, source)  # no source next to it (an installed wheel)
     source.write_text("")
     os.utime(built, (1000, 1000))
     os.utime(source, (2000, 2000))
-    assert extract_mod._older(built, source)
+    assert speedups.older(built, source)
     os.utime(built, (3000, 3000))
-    assert not extract_mod._older(built, source)
+    assert not speedups.older(built, source)
     monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "1")
-    assert extract_mod._compiled_image_rules() is None
+    assert speedups.load.__wrapped__() is None
     if image_rules == "compiled":
         monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "0")
-        assert extract_mod._compiled_image_rules() is not None
+        assert speedups.load.__wrapped__() is not None
 
 
 def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
