@@ -644,7 +644,7 @@ def _compiled_image_rules():
     return compiled.image_rules
 
 
-_image_rules = _compiled_image_rules() or _python_image_rules  # noqa: F811 - the same rules, compiled
+_image_rules = _compiled_image_rules() or _python_image_rules  # the same rules, compiled where built
 IMAGE_RULES = "compiled" if _image_rules is not _python_image_rules else "python"  # which one runs
 
 

@@ -12,7 +12,14 @@ from core.reasons import Reason, SampleError, Stage
 from crawl import extract as extract_mod
 from crawl import page as page_mod
 from crawl import speedups
-from crawl.extract import Pair, extract_html, extract_wat, is_meaningless, pick_image_url, srcset_candidates
+from crawl.extract import (
+    Pair,
+    extract_html,
+    extract_wat,
+    is_meaningless,
+    pick_image_url,
+    srcset_candidates,
+)
 from crawl.page import decode_html, looks_binary, read_page
 from crawl.politeness import HostScheduler
 from crawl.robots import ALLOW_ALL, parse_robots, policy_for_status
