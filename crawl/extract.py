@@ -23,6 +23,10 @@ reason, decided in this order:
    ``dup_in_page`` (a lazy image and its ``<noscript>`` fallback, say). An image
    without a caption does not claim its URL, so a later copy with one still counts.
 
+The per-image loop (``_image_rules``) runs compiled where ``crawl/_speedups.pyx`` is
+built (``crawl/speedups.py``): the common shapes of rules 1-4 in C, everything else
+handed back to the functions here; the tests run every page through both loops.
+
 ``<meta name="robots">`` is honoured as X-Robots-Tag is: a disallowed directive
 (``noai``, ``noimageai``, ...) opts the page's images out, ``nofollow``/``none``
 stops link extraction, and links with ``rel="nofollow"`` are not followed.
