@@ -29,6 +29,16 @@ from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
 from cpython.unicode cimport Py_UNICODE_ISSPACE
 
+cdef extern from *:
+    """
+    #ifndef WEBCLIP_SPEEDUPS_SOURCE
+    #define WEBCLIP_SPEEDUPS_SOURCE ""
+    #endif
+    """
+    const char* WEBCLIP_SPEEDUPS_SOURCE
+
+SOURCE_SHA256 = (<bytes>WEBCLIP_SPEEDUPS_SOURCE).decode()  # of this file, as setup.py built it (crawl/speedups.py)
+
 # Bound by crawl/extract.py (bind): the rules this module hands the unusual cases to, and constants.
 cdef object _pick_url = None
 cdef object _picture_srcsets = None

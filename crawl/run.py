@@ -29,6 +29,7 @@ from core.config import ConfigError, to_dict
 from core.reasons import Reason
 from crawl.archive import crawl_warc_file
 from crawl.config import CrawlConfig
+from crawl import extract
 from crawl.extract import resolve
 from crawl.output import STATS_FILE, CrawlStats, PairWriter, write_unit_stats
 from crawl.warc import warc_files
@@ -232,7 +233,8 @@ def crawl_warc_unit(index: int, source: str, cfg: CrawlConfig) -> dict[str, Any]
         writer.abort()
         raise
     writer.close()
-    write_unit_stats(marker, stats, source=source, unit=index, settings=output_settings(cfg))
+    write_unit_stats(marker, stats, source=source, unit=index, settings=output_settings(cfg),
+                     image_rules=extract.IMAGE_RULES)  # "compiled" or "python" (crawl/speedups.py): on this node
     return stats.to_dict()
 
 

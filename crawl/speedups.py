@@ -6,18 +6,34 @@ rules in C and hands every other case to the Python rules (see its docstring). I
 is a speed-up only: every caller has the Python path, and the tests run both.
 
 ``pip install -e .`` builds it (setup.py; a C compiler is needed — without one the
-install goes on without it). ``WEBCLIP_PURE_PYTHON=1`` switches it off. A build older
-than its source is not used, with a warning: rebuild with ``pip install -e .``
-(``make venv`` does when the .pyx changes).
+install goes on without it). ``WEBCLIP_PURE_PYTHON=1`` switches it off. Where found:
+
+1. next to this file (``pip install -e .`` builds it in place);
+2. else in the webclip that pip installed on this machine — a Ray job runs a copy of
+   the checkout that Ray uploaded (``infra/ray/runtime_env.yaml``), without builds,
+   while the cluster's nodes installed webclip themselves (``infra/ray/cluster.yaml``).
+
+A build is used only if it was compiled from the very ``_speedups.pyx`` beside this
+file (its sha256, recorded at build time by setup.py): after an edit, or on a node
+installed from another version, the Python loops run, with a warning, until
+``pip install -e .`` rebuilds it.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import json
 import os
 import warnings
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import unquote, urlsplit
+
+SOURCE = Path(__file__).with_name("_speedups.pyx")
 
 
 @functools.cache  # once per process: the warning too
@@ -25,18 +41,46 @@ def load() -> ModuleType | None:
     if os.environ.get("WEBCLIP_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
-        from crawl import _speedups
+        from crawl import _speedups as module
     except ImportError:
+        module = _installed_build()
+    if module is None:
         return None
-    built, source = Path(_speedups.__file__), Path(__file__).with_name("_speedups.pyx")
-    if older(built, source):
-        warnings.warn(f"{built} is older than {source.name}: using the Python loops until it is rebuilt "
-                      "(pip install -e .)", RuntimeWarning, stacklevel=2)
+    if not matches(module, SOURCE):
+        warnings.warn(f"{module.__file__} was built from another {SOURCE.name} than {SOURCE}: the crawl runs its "
+                      "Python loops until it is rebuilt (pip install -e .)", RuntimeWarning, stacklevel=2)
         return None
-    return _speedups
+    return module
 
 
-def older(built: Path, source: Path) -> bool:
-    """Whether ``built`` predates an edit of ``source`` (a source that is not there is not newer)."""
-    return source.exists() and source.stat().st_mtime > built.stat().st_mtime
+def matches(module: ModuleType, source: Path) -> bool:
+    """Whether ``module`` was compiled from ``source`` (a source that is not there: nothing to compare)."""
+    if not source.exists():
+        return True
+    return getattr(module, "SOURCE_SHA256", None) == hashlib.sha256(source.read_bytes()).hexdigest()
 
+
+def _installed_build() -> ModuleType | None:
+    """``crawl._speedups`` as pip built it on this machine, when this ``crawl/`` is another copy of it."""
+    try:
+        dist = importlib.metadata.distribution("webclip")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    names = {f"_speedups{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES}
+    candidates = [Path(dist.locate_file(f)) for f in dist.files or () if f.parent.name == "crawl" and f.name in names]
+    direct_url = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct_url.get("dir_info", {}).get("editable") and direct_url.get("url", "").startswith("file://"):
+        tree = Path(unquote(urlsplit(direct_url["url"]).path))  # an editable install: built in its tree
+        candidates += [tree / "crawl" / name for name in sorted(names)]
+    for path in candidates:
+        if path.is_file() and path.resolve() != SOURCE.with_name(path.name).resolve():
+            spec = importlib.util.spec_from_file_location("crawl._speedups", path)
+            if spec is None or spec.loader is None:
+                continue
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except ImportError:  # built for another Python
+                continue
+            return module
+    return None

@@ -676,20 +676,51 @@ def test_compiled_ascii_check_agrees_with_bytes_isascii(image_rules):
 
 
 def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
-    built, source = tmp_path / "m.so", tmp_path / "m.pyx"
-    built.write_bytes(b"")
-    assert not speedups.older(built, source)  # no source next to it (an installed wheel)
-    source.write_text("")
-    os.utime(built, (1000, 1000))
-    os.utime(source, (2000, 2000))
-    assert speedups.older(built, source)
-    os.utime(built, (3000, 3000))
-    assert not speedups.older(built, source)
+    import hashlib
+    from types import SimpleNamespace
+
+    source = tmp_path / "_speedups.pyx"
+    built = SimpleNamespace(SOURCE_SHA256=hashlib.sha256(b"one").hexdigest())
+    assert speedups.matches(built, source)  # no source next to it (an installed wheel): nothing to compare
+    source.write_bytes(b"one")
+    assert speedups.matches(built, source)
+    source.write_bytes(b"one, edited")
+    assert not speedups.matches(built, source)
+    assert not speedups.matches(SimpleNamespace(), source)  # built without the digest
     monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "1")
     assert speedups.load.__wrapped__() is None
     if image_rules == "compiled":
         monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "0")
         assert speedups.load.__wrapped__() is not None
+
+
+def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(image_rules, tmp_path):
+    """A Ray job runs an uploaded copy of crawl/ without builds: it finds the node's own, if the source matches."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if image_rules != "compiled":
+        pytest.skip("needs the build")
+    repo = Path(extract_mod.__file__).resolve().parents[1]
+    for package in ("crawl", "core"):
+        shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+    probe = ("import warnings; warnings.simplefilter('error'); from crawl import speedups, extract; "
+             "m = speedups.load(); print(m.__file__ if m else None, extract.IMAGE_RULES)")
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
+
+    found = run()
+    assert found.returncode == 0, found.stderr
+    path, rules = found.stdout.split()
+    assert Path(path).parent == repo / "crawl" and rules == "compiled"
+    with open(tmp_path / "crawl" / "_speedups.pyx", "a") as handle:
+        handle.write("\n# edited in the copy\n")
+    stale = run()  # the node's build is of another source: refused, loudly (the warning is an error here)
+    assert stale.returncode != 0 and "was built from another _speedups.pyx" in stale.stderr
 
 
 def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
