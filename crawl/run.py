@@ -27,9 +27,9 @@ from core import storage
 from core.cluster import init_ray
 from core.config import ConfigError, to_dict
 from core.reasons import Reason
+from crawl import extract
 from crawl.archive import crawl_warc_file
 from crawl.config import CrawlConfig
-from crawl import extract
 from crawl.extract import resolve
 from crawl.output import STATS_FILE, CrawlStats, PairWriter, write_unit_stats
 from crawl.warc import warc_files

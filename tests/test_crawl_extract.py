@@ -710,7 +710,7 @@ def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(imag
              "m = speedups.load(); print(m.__file__ if m else None, extract.IMAGE_RULES)")
 
     def run() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=False,
                               env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
 
     found = run()
