@@ -13,10 +13,13 @@ that parser could reach. Three loops over the same file, in this one process:
   (``crawl.archive.crawl_warc_file``): read, the page checks (status, X-Robots-Tag,
   byte cap, content type, binary sniff, charset), the parse, the rules of
   ``crawl/extract.py`` (``<base>``, meta robots, srcset and lazy attributes, figure
-  captions, caption rules, URL resolution, dedupe) and the parquet part, written.
+  captions, caption rules, URL resolution, dedupe) and the parquet part, written —
+  with the per-image loop compiled (``crawl/_speedups.pyx``) where it is built;
+* **ours_python** (where it is built; ``--python_loop false`` drops it): the same with
+  crawl/extract.py's Python per-image loop, what runs where there is no C compiler.
 
 The ratio is plain's CPU time over ours (``time.process_time``: the machine may be
-shared, and other jobs' time is not ours), per round; a round runs the three loops
+shared, and other jobs' time is not ours), per round; a round runs the loops
 once each, in an order that alternates (read, plain, ours; then ours, plain, read) so
 that drift in the machine's load falls on both sides alike. The summary gives the
 median of the per-round ratios (the figure quoted), their range, the ratio of each
@@ -161,6 +164,17 @@ def our_loop(path: str, out: str) -> int:
     return stats.pages_parsed
 
 
+def our_python_loop(path: str, out: str) -> int:
+    """``our_loop`` with crawl/extract.py's own per-image loop: where crawl/_speedups.pyx is not built."""
+    from crawl import extract
+
+    compiled, extract._image_rules = extract._image_rules, extract._python_image_rules
+    try:
+        return our_loop(path, out)
+    finally:
+        extract._image_rules = compiled
+
+
 def timed(fn, *args) -> tuple[int, float, float]:
     cpu, wall = time.process_time(), time.perf_counter()
     pages = fn(*args)
@@ -176,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=2000)
     parser.add_argument("--page_kb", type=int, default=50, help="HTML per page, in KiB")
-    parser.add_argument("--repeat", type=int, default=11, help="rounds (each runs the three loops once)")
+    parser.add_argument("--repeat", type=int, default=11, help="rounds (each runs every loop once)")
+    parser.add_argument("--python_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                        help="also time ours with crawl/extract.py's Python per-image loop (default true; "
+                             "where crawl/_speedups.pyx is built)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(REPO / "data" / "bench" / "crawl"))
     args = parser.parse_args(argv)
@@ -187,8 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     if not warc.exists():
         print(f"writing {args.pages} pages of ~{args.page_kb} KiB to {warc} ...", flush=True)
         write_pages(warc, args.pages, args.page_kb, args.seed)
+    from crawl import extract
+
     loops = {"read": (read_loop, str(warc)), "plain": (plain_loop, str(warc)),
              "ours": (our_loop, str(warc), str(work))}
+    if extract.IMAGE_RULES == "compiled" and args.python_loop:
+        loops["ours_python"] = (our_python_loop, str(warc), str(work))
+    print(f"per-image loop: {extract.IMAGE_RULES}", flush=True)
     for fn, *fn_args in loops.values():  # warm-up: imports, caches, the file in the page cache
         fn(*fn_args)
     load_before = os.getloadavg()
@@ -202,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(cpu_s)
             wall[name].append(wall_s)
         ratio = cpu["plain"][-1] / cpu["ours"][-1]
+        python = (f" (Python loop {pages / cpu['ours_python'][-1]:.0f}: {cpu['plain'][-1] / cpu['ours_python'][-1]:.2f})"
+                  if "ours_python" in cpu else "")
         print(f"round {round_ + 1}: read {pages / cpu['read'][-1]:.0f}, plain {pages / cpu['plain'][-1]:.0f}, "
-              f"ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: ratio {ratio:.2f}", flush=True)
+              f"ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: ratio {ratio:.2f}{python}", flush=True)
     ratios = [p / o for p, o in zip(cpu["plain"], cpu["ours"])]
     us = {name: _median([c / pages * 1e6 for c in values]) for name, values in cpu.items()}
     summary = {
@@ -212,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "pages_per_cpu_s_median": {name: round(pages / _median(values)) for name, values in cpu.items()},
         "pages_per_cpu_s_range": {name: [round(pages / max(values)), round(pages / min(values))]
                                   for name, values in cpu.items()},
+        "per_image_loop": extract.IMAGE_RULES,
         "ratio_cpu_median": round(_median(ratios), 3),
         "ratio_cpu_range": [round(min(ratios), 3), round(max(ratios), 3)],
         # On a shared machine the best round of each loop is the least disturbed one.
@@ -219,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_wall_median": round(_median([p / o for p, o in zip(wall["plain"], wall["ours"])]), 3),
         "us_per_page_median": {"reading": round(us["read"], 1), "parse_and_img_attributes":
                                round(us["plain"] - us["read"], 1), "our_extra": round(us["ours"] - us["plain"], 1)},
+        **({"python_loop_ratio_cpu_median": round(_median([p / o for p, o in zip(cpu["plain"], cpu["ours_python"])]), 3)}
+           if "ours_python" in cpu else {}),
         "cpu_s": {name: [round(c, 4) for c in values] for name, values in cpu.items()},
     }
     save_result(f"crawl_parse_{args.page_kb}k", summary)

@@ -399,9 +399,11 @@ def robots_directives(content: str | None) -> set[str]:
 
 # Lexbor's element kinds, as its tree reports them (by name, whatever the namespace).
 _TAG_IDS = {node.tag: node.tag_id for node in LexborHTMLParser(
-    "<picture><source srcset><img></picture><figure><figcaption></figcaption></figure><a></a><area>").css("*")}
+    "<picture><source srcset><img></picture><figure><figcaption></figcaption></figure><a></a><area><base><meta>"
+).css("*")}
 _IMG, _SOURCE, _PICTURE = _TAG_IDS["img"], _TAG_IDS["source"], _TAG_IDS["picture"]
 _FIGURE, _FIGCAPTION = _TAG_IDS["figure"], _TAG_IDS["figcaption"]
+_BASE, _META = _TAG_IDS["base"], _TAG_IDS["meta"]
 # A src beginning with one of these takes _pick_url: a data: URI, or whitespace that strip() removes
 # (so that " data:..." is a data URI too). Every str.isspace() character is below U+3001 (a test checks).
 _CAREFUL_FIRST = frozenset("dD" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()))
@@ -672,12 +674,19 @@ def extract_html(
     directives: set[str] = set()
     base_url = page_url
     head = tree.head
-    for node in head.css("base[href], meta[name]") if head is not None else ():
-        if node.tag == "base":
-            if base_url is page_url:  # the first one counts, as in browsers
-                base_url = resolve(page_url, node.attributes.get("href") or "")[0] or page_url
-        elif (node.attributes.get("name") or "").lower() in ("robots", "webclip"):
-            directives |= robots_directives(node.attributes.get("content"))
+    # what css("base[href], meta[name]") finds in <head>, in document order: a walk of a head costs a
+    # third of that query's setup (a head holds tens of elements, few of them <base> or <meta>)
+    for node in head.traverse() if head is not None else ():
+        tag = node.tag_id
+        if tag == _META:
+            attributes = node.attributes
+            name = attributes.get("name")
+            if name and name.lower() in ("robots", "webclip"):
+                directives |= robots_directives(attributes.get("content"))
+        elif tag == _BASE and base_url is page_url:  # the first <base href> counts, as in browsers
+            attributes = node.attributes
+            if "href" in attributes:
+                base_url = resolve(page_url, attributes["href"] or "")[0] or page_url
     if "none" in directives:  # shorthand for both
         directives |= {"noindex", "nofollow"}
     result = PageExtraction()

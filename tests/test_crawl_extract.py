@@ -590,12 +590,22 @@ def random_page(rng: random.Random) -> str:
             return f'<a href="{rng.choice(srcs)}"{" rel=nofollow" if rng.random() < 0.2 else ""}>{inner}</a>'
         return f"<div><p>{inner}</p></div>"
 
-    head = ""
+    head_parts = ['<meta charset="utf-8">', "<title>t</title>", '<link rel="stylesheet" href="/s.css">',
+                  "<script>var a = '<base href=/no/>';</script>", '<meta property="og:title" content="x">']
     if rng.random() < 0.3:
-        head += f'<base href="{rng.choice(["/static/", "https://Media.Example.com/x/", "sub/", "../up/"])}">'
+        head_parts.append(f'<base href="{rng.choice(["/static/", "https://Media.Example.com/x/", "sub/", "../up/"])}">')
     if rng.random() < 0.1:
-        head += f'<meta name="robots" content="{rng.choice(["noai", "nofollow", "none", "index"])}">'
-    return f"<html><head>{head}</head><body>{''.join(block() for _ in range(rng.randint(0, 12)))}</body></html>"
+        head_parts.append(f'<meta name="robots" content="{rng.choice(["noai", "nofollow", "none", "index"])}">')
+    if rng.random() < 0.1:  # the odd ones: a <base> without href, an empty or upper-case name, a nested one
+        head_parts.append(rng.choice([
+            "<base target=_blank>", '<BASE HREF="/upper/">', '<base href="">', '<meta name content="noai">',
+            '<meta name="ROBOTS" content="NoAI">', '<meta name="webclip" content="noimageai">',
+            '<noscript><meta name="robots" content="noai"></noscript>', '<template><base href="/t/"></template>',
+            '<meta name="robots">']))
+    rng.shuffle(head_parts)
+    head = "".join(head_parts[: rng.randint(0, len(head_parts))])
+    late = rng.choice(["", "", '<base href="/late/">', '<meta name="robots" content="noai">'])  # in <body>: ignored
+    return f"<html><head>{head}</head><body>{late}{''.join(block() for _ in range(rng.randint(0, 12)))}</body></html>"
 
 
 def test_the_page_loop_agrees_with_the_rules_one_by_one():
