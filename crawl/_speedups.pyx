@@ -43,7 +43,9 @@ SOURCE_SHA256 = (<bytes>WEBCLIP_SPEEDUPS_SOURCE).decode()  # of this file, as se
 cdef object _pick_url = None
 cdef object _picture_srcsets = None
 cdef object _is_meaningless = None
-cdef object _enclosing_figcaption = None
+cdef object _first_figcaption = None
+cdef long _FIGURE = -1
+cdef int _FIGURE_SEARCH_DEPTH = 0
 cdef object _Pair = None
 cdef long _PICTURE = -1
 cdef Py_ssize_t _LONGEST_GENERIC = 0
@@ -56,14 +58,16 @@ cdef bint _END_PUNCTUATION[128]  # per ASCII character: is it in extract._END_PU
 cdef bint _SUSPECT_INITIALS[128]  # per ASCII character: is it in extract._SUSPECT_INITIALS (all ASCII)
 
 
-def bind(*, pick_url, picture_srcsets, is_meaningless, enclosing_figcaption, pair, picture_tag, longest_generic,
-         alt_meaningless, dup_in_page, url_attributes, lazy_then_src, camera_or_url, end_punctuation,
-         suspect_initials):
+def bind(*, pick_url, picture_srcsets, is_meaningless, first_figcaption, figure_tag, figure_search_depth, pair,
+         picture_tag, longest_generic, alt_meaningless, dup_in_page, url_attributes, lazy_then_src, camera_or_url,
+         end_punctuation, suspect_initials):
     """Called once by crawl/extract.py with its own rules and constants."""
-    global _pick_url, _picture_srcsets, _is_meaningless, _enclosing_figcaption, _Pair, _PICTURE
+    global _pick_url, _picture_srcsets, _is_meaningless, _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH
+    global _Pair, _PICTURE
     global _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE, _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL
     _pick_url, _picture_srcsets, _is_meaningless = pick_url, picture_srcsets, is_meaningless
-    _enclosing_figcaption, _Pair, _PICTURE = enclosing_figcaption, pair, picture_tag
+    _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH = first_figcaption, figure_tag, figure_search_depth
+    _Pair, _PICTURE = pair, picture_tag
     _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE = longest_generic, alt_meaningless, dup_in_page
     _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL = frozenset(url_attributes), tuple(lazy_then_src), tuple(camera_or_url)
     _ascii_table(_END_PUNCTUATION, end_punctuation)
@@ -236,6 +240,31 @@ cdef bint _begins_with_any(str text, tuple prefixes):
     return False
 
 
+cdef str _figcaption_text(object img, dict by_parent):
+    """``extract._enclosing_figcaption(img)``; images with one parent share ancestors, so the answer too."""
+    cdef object node = img.parent, caption
+    cdef object key
+    cdef str text = ""
+    cdef int depth
+    if node is None:
+        return ""
+    key = node.mem_id
+    found = by_parent.get(key)
+    if found is not None:
+        return found
+    for depth in range(_FIGURE_SEARCH_DEPTH):
+        if depth:
+            node = node.parent
+            if node is None:
+                break
+        if node.tag_id == _FIGURE:
+            caption = _first_figcaption(node)
+            text = caption.text(deep=True, separator=" ") if caption is not None else ""
+            break
+    by_parent[key] = text
+    return text
+
+
 def image_rules(images, resolver, result, srcsets=None):
     """``crawl.extract._image_rules(images, resolver, result, srcsets)``, the same pairs and reasons."""
     cdef object reasons = result.reasons
@@ -245,6 +274,7 @@ def image_rules(images, resolver, result, srcsets=None):
     cdef str caption, source, origin = resolver._origin
     cdef Py_ssize_t i, count
     cdef set seen = set()
+    cdef dict figcaptions = {}  # parent's mem_id -> its figcaption text (_figcaption_text)
     cdef bint fast = resolver._fast, given = srcsets is not None
     # 1. URL
     for i in range(len(images)):
@@ -289,7 +319,7 @@ def image_rules(images, resolver, result, srcsets=None):
         if _says_something(caption) or (caption and not _is_meaningless(caption)):
             source = "alt"
         else:
-            text = _enclosing_figcaption(kept[i])
+            text = _figcaption_text(kept[i], figcaptions)
             caption, source = (" ".join(text.split()) if text else ""), "figcaption"
             if not caption or (not _says_something(caption) and _is_meaningless(caption)):
                 _count(reasons, _ALT_MEANINGLESS)

@@ -642,7 +642,8 @@ def _compiled_image_rules():
         return None
     compiled.bind(
         pick_url=_pick_url, picture_srcsets=_picture_srcsets, is_meaningless=is_meaningless,
-        enclosing_figcaption=_enclosing_figcaption, pair=Pair, picture_tag=_PICTURE,
+        first_figcaption=_first_figcaption, figure_tag=_FIGURE, figure_search_depth=FIGURE_SEARCH_DEPTH,
+        pair=Pair, picture_tag=_PICTURE,
         longest_generic=_LONGEST_GENERIC, alt_meaningless=_ALT_MEANINGLESS, dup_in_page=_DUP_IN_PAGE,
         url_attributes=_URL_ATTRIBUTES, lazy_then_src=_LAZY_THEN_SRC, camera_or_url=_CAMERA_OR_URL,
         end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
