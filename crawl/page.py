@@ -37,7 +37,6 @@ _META_CHARSET = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([a-z0-9_:.\-]+
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 # Browsers read these labels as windows-1252 (a superset); so do we.
 _AS_WINDOWS_1252 = frozenset({"latin_1", "iso8859-1", "ascii", "cp1252"})
-_is_ascii = speedups.load().is_ascii if speedups.load() is not None else bytes.isascii
 
 
 def looks_binary(body: bytes) -> bool:
@@ -72,14 +71,22 @@ def _codec_for(label: str) -> str | None:
     return "cp1252" if name in _AS_WINDOWS_1252 else name
 
 
-def _utf8(body: bytes) -> bytes | None:
-    if _is_ascii(body):  # a fast scan; ASCII is valid UTF-8
-        return body
+def _is_utf8_python(body: bytes) -> bool:
+    if body.isascii():  # a fast scan; ASCII is valid UTF-8
+        return True
     try:
-        body.decode("utf-8")
+        body.decode("utf-8")  # a str of the whole page, thrown away: tens of microseconds
     except UnicodeDecodeError:
-        return None
-    return body
+        return False
+    return True
+
+
+# crawl/_speedups.pyx checks without decoding; the same answer (tests/test_crawl_extract.py)
+_is_utf8 = speedups.load().is_utf8 if speedups.load() is not None else _is_utf8_python
+
+
+def _utf8(body: bytes) -> bytes | None:
+    return body if _is_utf8(body) else None
 
 
 def decode_html(body: bytes, declared: str | None = None) -> str | bytes:

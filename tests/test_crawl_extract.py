@@ -670,19 +670,38 @@ def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
         assert _speedups.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
 
 
-def test_compiled_ascii_check_agrees_with_bytes_isascii(image_rules):
+def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
     if image_rules != "compiled":
         pytest.skip("the compiled loop's own check")
     from crawl import _speedups
 
-    rng = random.Random(17)
-    for size in (0, 1, 7, 8, 9, 4095, 4096, 4097, 8192, 50_000):
-        data = bytes(rng.randrange(128) for _ in range(size))
-        assert _speedups.is_ascii(data) is True
-        for where in {0, size // 2, size - 1} if size else ():
-            for byte in (0x80, 0xC3, 0xFF):
-                changed = data[:where] + bytes([byte]) + data[where + 1 :]
-                assert _speedups.is_ascii(changed) is changed.isascii() is False
+    def valid(data: bytes) -> bool:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    edges = [b"", b"a", b"\x80", b"\xc0\x80", b"\xc1\xbf", b"\xc2\x80", b"\xdf\xbf", b"\xe0\x80\x80",
+             b"\xe0\x9f\xbf", b"\xe0\xa0\x80", b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xed\xbf\xbf",
+             b"\xee\x80\x80", b"\xef\xbf\xbf", b"\xf0\x80\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xf0\x90\x80\x80",
+             b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xff", b"\xe2\x80", b"\xf0\x9f\x98",
+             b"\xc3", "café – ’ 😀".encode()]
+    rng = random.Random(19)
+    alphabet = [b"a", b" ", b"<p>", "é".encode(), "’".encode(), "😀".encode(), "中".encode(), b"\x80", b"\xc3", b"\xed",
+                b"\xf4", b"\xe2\x80"]
+    cases = list(edges)
+    for size in (1, 63, 64, 65, 127, 128, 129, 4096, 50_000):  # around the 64-byte ASCII skip
+        ascii_text = bytes(rng.randrange(32, 127) for _ in range(size))
+        cases.append(ascii_text)
+        for edge in edges:
+            where = rng.randrange(size + 1)
+            cases.append(ascii_text[:where] + edge + ascii_text[where:])
+            cases.append(ascii_text + edge)
+    for _ in range(20000):
+        cases.append(b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) * rng.choice([1, 1, 5]))
+    for data in cases:
+        assert _speedups.is_utf8(data) is valid(data), data[:80]
 
 
 def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
