@@ -29,7 +29,7 @@ from libc.stdint cimport uint64_t
 from libc.string cimport memcpy
 from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject
-from cpython.unicode cimport Py_UNICODE_ISALPHA, Py_UNICODE_ISSPACE
+from cpython.unicode cimport Py_UNICODE_ISALPHA, Py_UNICODE_ISDECIMAL, Py_UNICODE_ISSPACE
 
 cdef extern from *:
     """
@@ -56,22 +56,25 @@ cdef str _DUP_IN_PAGE = ""
 cdef frozenset _URL_ATTRIBUTES = frozenset()
 cdef tuple _LAZY_THEN_SRC = ()
 cdef tuple _CAMERA_OR_URL = ()
+cdef tuple _URL_PREFIXES = ()
 cdef bint _END_PUNCTUATION[128]  # per ASCII character: is it in extract._END_PUNCTUATION (all ASCII)
 cdef bint _SUSPECT_INITIALS[128]  # per ASCII character: is it in extract._SUSPECT_INITIALS (all ASCII)
 
 
 def bind(*, pick_url, picture_srcsets, is_meaningless, first_figcaption, figure_tag, figure_search_depth, pair,
          picture_tag, longest_generic, alt_meaningless, dup_in_page, url_attributes, lazy_then_src, camera_or_url,
-         end_punctuation, suspect_initials):
+         url_prefixes, end_punctuation, suspect_initials):
     """Called once by crawl/extract.py with its own rules and constants."""
     global _pick_url, _picture_srcsets, _is_meaningless, _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH
     global _Pair, _PICTURE
     global _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE, _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL
+    global _URL_PREFIXES
     _pick_url, _picture_srcsets, _is_meaningless = pick_url, picture_srcsets, is_meaningless
     _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH = first_figcaption, figure_tag, figure_search_depth
     _Pair, _PICTURE = pair, picture_tag
     _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE = longest_generic, alt_meaningless, dup_in_page
     _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL = frozenset(url_attributes), tuple(lazy_then_src), tuple(camera_or_url)
+    _URL_PREFIXES = tuple(url_prefixes)
     _ascii_table(_END_PUNCTUATION, end_punctuation)
     _ascii_table(_SUSPECT_INITIALS, suspect_initials)
 
@@ -234,8 +237,18 @@ cdef bint _says_something(str caption):
         return False
     for i in range(11):  # the longest camera prefix; the regex's IGNORECASE folds no ASCII into these
         if caption[i] >= 128:
+            break
+    else:
+        return not _begins_with_any(caption, _CAMERA_OR_URL)
+    # Not ASCII that far: the camera-name regex (IGNORECASE folds 'ſ' into 's', ...) needs a digit to match,
+    # and a URL prefix, ASCII, must be ASCII in the caption too.
+    for c in caption:
+        if Py_UNICODE_ISDECIMAL(c):
             return False
-    return not _begins_with_any(caption, _CAMERA_OR_URL)
+    for i in range(8):
+        if caption[i] >= 128:
+            return False
+    return not _begins_with_any(caption, _URL_PREFIXES)
 
 
 cdef bint _begins_with_any(str text, tuple prefixes):
@@ -355,6 +368,21 @@ for _byte in range(256):
                            else 4 if _byte < 0xF5 else 0)
 
 
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* Which byte of a word loaded with memcpy holds its first (lowest-addressed) set bit. */
+    static inline int webclip_first_marked_byte(uint64_t word) {
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+        return __builtin_clzll(word) >> 3;
+    #else
+        return __builtin_ctzll(word) >> 3;
+    #endif
+    }
+    """
+    int _first_marked_byte "webclip_first_marked_byte"(uint64_t word) nogil
+
+
 cdef inline bint _ascii64(const unsigned char* p):
     """Whether the 64 bytes at ``p`` are ASCII: eight word loads OR-ed, no branch per byte."""
     cdef uint64_t word, seen = 0
@@ -380,18 +408,18 @@ def is_utf8(bytes data):
     while i < n:
         while i + 64 <= n and _ascii64(p + i):
             i += 64
-        while i + 8 <= n:  # the rest of an ASCII run, a word at a time
+        while i + 8 <= n:  # the rest of an ASCII run, a word at a time, to its first non-ASCII byte
             memcpy(&word, p + i, 8)
-            if word & 0x8080808080808080ULL:
+            word &= 0x8080808080808080ULL
+            if word:
+                i += _first_marked_byte(word)
                 break
             i += 8
-        while i < n:  # byte by byte, back to the word loops at the next word boundary in ASCII
-            c = p[i]
-            if c < 0x80:
+        else:
+            while i < n and p[i] < 0x80:  # the last few bytes
                 i += 1
-                if (i & 7) == 0:
-                    break
-                continue
+        if i < n:  # one multi-byte sequence
+            c = p[i]
             length = _UTF8_LENGTH[c]
             if length == 2:
                 if i + 1 >= n or (p[i + 1] & 0xC0) != 0x80:
@@ -421,3 +449,8 @@ def is_utf8(bytes data):
 def pick(dict attributes, sources=()):
     """Rule 1 as ``image_rules`` applies it: ``(raw URL, None)`` or ``(None, reason code)`` (for tests)."""
     return _pick(attributes, tuple(sources))
+
+
+def says_something(str caption):
+    """``_says_something`` (for tests): True only where ``extract.is_meaningless(caption)`` is False."""
+    return _says_something(caption)

@@ -71,6 +71,7 @@ _CAMERA_NAME = re.compile(
     re.IGNORECASE,
 )
 _CAMERA_PREFIXES = ("img", "image", "dsc", "dcim", "pic", "pxl", "mvimg", "photo", "screen", "capture", "scan")
+_URL_PREFIXES = ("http://", "https://", "www.")  # an alt text that is a URL
 _END_PUNCTUATION = " \t.,:;-_|*#!?\"'()[]{}<>/\\"
 _LETTER = re.compile(r"[^\W\d_]")
 _SUSPECT_INITIALS = frozenset("idpmschwIDPMSCHW")  # how camera names and URLs begin (see _CAMERA_NAME)
@@ -114,7 +115,7 @@ def is_meaningless(caption: str) -> bool:
     if core in GENERIC_ALTS:
         return True
     if core[:1] in _SUSPECT_INITIALS:
-        if core.startswith(("http://", "https://", "www.")):
+        if core.startswith(_URL_PREFIXES):
             return True
         # the regex only when the text begins like a camera name (or with letters it folds, like 'ſ')
         if (core.startswith(_CAMERA_PREFIXES) or not core[:11].isascii()) and _CAMERA_NAME.fullmatch(core):
@@ -416,7 +417,7 @@ _ALT_MEANINGLESS, _DUP_IN_PAGE = Reason.ALT_MEANINGLESS.value, Reason.DUP_IN_PAG
 # fold, and begin like no camera name or URL (_CAMERA_OR_URL).
 _PLAIN_INITIALS = frozenset(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                             if c not in _SUSPECT_INITIALS)
-_CAMERA_OR_URL = (*_CAMERA_PREFIXES, "http://", "https://", "www.")
+_CAMERA_OR_URL = (*_CAMERA_PREFIXES, *_URL_PREFIXES)
 
 
 def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction, hrefs: list[str] | None) -> None:
@@ -646,6 +647,7 @@ def _compiled_image_rules():
         pair=Pair, picture_tag=_PICTURE,
         longest_generic=_LONGEST_GENERIC, alt_meaningless=_ALT_MEANINGLESS, dup_in_page=_DUP_IN_PAGE,
         url_attributes=_URL_ATTRIBUTES, lazy_then_src=_LAZY_THEN_SRC, camera_or_url=_CAMERA_OR_URL,
+        url_prefixes=_URL_PREFIXES,
         end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
     )
     return compiled.image_rules

@@ -670,6 +670,25 @@ def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
         assert _speedups.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
 
 
+def test_compiled_caption_shortcut_is_sound(image_rules):
+    """Where the compiled loop skips is_meaningless, is_meaningless says the caption says something."""
+    if image_rules != "compiled":
+        pytest.skip("the compiled loop's own shortcut")
+    from crawl import _speedups
+
+    rng = random.Random(23)
+    pieces = ["img", "IMG", "image", "dsc", "scan", "ſcan", "screen shot", "photo", "www.", "http://", "https://",
+              "h", "w", "s", "river", "stone", "light", "garden", " ", "-", "_", "0", "42", "٣", "²", ".", ".jpg", "!",
+              "café", "’", "“", "—", "K", "İ", "ı", "中文", "logo", "x"]
+    shortcut = 0
+    for _ in range(60000):
+        caption = extract_mod.clean_text("".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))))
+        if caption and _speedups.says_something(caption):
+            shortcut += 1
+            assert not is_meaningless(caption), caption
+    assert shortcut > 5000  # the shortcut is taken, not just never wrong
+
+
 def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
     if image_rules != "compiled":
         pytest.skip("the compiled loop's own check")
