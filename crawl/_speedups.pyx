@@ -397,24 +397,29 @@ def is_utf8(bytes data):
     """Whether ``data.decode("utf-8")`` would succeed, without decoding (no str of the page is made).
 
     Strict as Python's codec: no overlong forms, no surrogates (U+D800-DFFF), nothing past
-    U+10FFFF, no stray continuation bytes, no sequence cut short at the end. ASCII is
-    skipped 64 bytes at a time where it can, else a word at a time; the rest byte by byte,
-    with a table for each lead byte's sequence length.
+    U+10FFFF, no stray continuation bytes, no sequence cut short at the end. ASCII runs are
+    skipped a word at a time (64 bytes at a time once long), straight to their first
+    non-ASCII byte; a table gives each lead byte's sequence length.
     """
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data), i = 0
     cdef unsigned char c, c1, length
     cdef uint64_t word
+    cdef int words
     while i < n:
-        while i + 64 <= n and _ascii64(p + i):
-            i += 64
-        while i + 8 <= n:  # the rest of an ASCII run, a word at a time, to its first non-ASCII byte
+        words = 0
+        while i + 8 <= n:  # an ASCII run, a word at a time, to its first non-ASCII byte
             memcpy(&word, p + i, 8)
             word &= 0x8080808080808080ULL
             if word:
                 i += _first_marked_byte(word)
                 break
             i += 8
+            words += 1
+            if words == 8:  # a long run: 64 bytes at a time
+                while i + 64 <= n and _ascii64(p + i):
+                    i += 64
+                words = 0
         else:
             while i < n and p[i] < 0x80:  # the last few bytes
                 i += 1
