@@ -57,24 +57,25 @@ cdef frozenset _URL_ATTRIBUTES = frozenset()
 cdef tuple _LAZY_THEN_SRC = ()
 cdef tuple _CAMERA_OR_URL = ()
 cdef tuple _URL_PREFIXES = ()
+cdef frozenset _GENERIC_ALTS = frozenset()
 cdef bint _END_PUNCTUATION[128]  # per ASCII character: is it in extract._END_PUNCTUATION (all ASCII)
 cdef bint _SUSPECT_INITIALS[128]  # per ASCII character: is it in extract._SUSPECT_INITIALS (all ASCII)
 
 
 def bind(*, pick_url, picture_srcsets, is_meaningless, first_figcaption, figure_tag, figure_search_depth, pair,
          picture_tag, longest_generic, alt_meaningless, dup_in_page, url_attributes, lazy_then_src, camera_or_url,
-         url_prefixes, end_punctuation, suspect_initials):
+         url_prefixes, generic_alts, end_punctuation, suspect_initials):
     """Called once by crawl/extract.py with its own rules and constants."""
     global _pick_url, _picture_srcsets, _is_meaningless, _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH
     global _Pair, _PICTURE
     global _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE, _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL
-    global _URL_PREFIXES
+    global _URL_PREFIXES, _GENERIC_ALTS
     _pick_url, _picture_srcsets, _is_meaningless = pick_url, picture_srcsets, is_meaningless
     _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH = first_figcaption, figure_tag, figure_search_depth
     _Pair, _PICTURE = pair, picture_tag
     _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE = longest_generic, alt_meaningless, dup_in_page
     _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL = frozenset(url_attributes), tuple(lazy_then_src), tuple(camera_or_url)
-    _URL_PREFIXES = tuple(url_prefixes)
+    _URL_PREFIXES, _GENERIC_ALTS = tuple(url_prefixes), frozenset(generic_alts)
     _ascii_table(_END_PUNCTUATION, end_punctuation)
     _ascii_table(_SUSPECT_INITIALS, suspect_initials)
 
@@ -217,7 +218,7 @@ cdef bint _says_something(str caption):
     cdef Py_ssize_t n = len(caption), i
     cdef Py_UCS4 first, last, c
     if n <= _LONGEST_GENERIC:
-        return False
+        return _short_says_something(caption)
     first = caption[0]
     if not Py_UNICODE_ISALPHA(first):  # is_meaningless asks _LETTER (a regex) for a letter: isalpha ones are
         for c in caption:
@@ -240,15 +241,37 @@ cdef bint _says_something(str caption):
             break
     else:
         return not _begins_with_any(caption, _CAMERA_OR_URL)
-    # Not ASCII that far: the camera-name regex (IGNORECASE folds 'ſ' into 's', ...) needs a digit to match,
-    # and a URL prefix, ASCII, must be ASCII in the caption too.
+    # Not ASCII that far: the camera-name regex (IGNORECASE folds 'ſ' into 's', ...) needs a digit to match;
+    # a URL prefix is matched as written (no character outside ASCII lower-cases into one: a test checks).
     for c in caption:
         if Py_UNICODE_ISDECIMAL(c):
             return False
-    for i in range(8):
-        if caption[i] >= 128:
-            return False
     return not _begins_with_any(caption, _URL_PREFIXES)
+
+
+cdef bint _short_says_something(str caption):
+    """``_says_something`` for a caption no longer than a generic phrase: ASCII, plain, and not one of them.
+
+    ``is_meaningless`` is False for it when it begins with a letter, ends in no punctuation
+    (nothing to strip), has no ``.`` (no file name), is no generic phrase, and, beginning
+    like a camera name or URL, has no digit (the camera-name regex needs one) and no URL prefix.
+    """
+    cdef Py_ssize_t n = len(caption)
+    cdef Py_UCS4 first, c
+    if n == 0 or not caption.isascii():
+        return False
+    first = caption[0]
+    if not ((u'a' <= first <= u'z') or (u'A' <= first <= u'Z')) or _END_PUNCTUATION[caption[n - 1]]:
+        return False
+    if u"." in caption:
+        return False
+    if _SUSPECT_INITIALS[first]:
+        for c in caption:
+            if u'0' <= c <= u'9':
+                return False
+        if _begins_with_any(caption, _URL_PREFIXES):
+            return False
+    return caption.lower() not in _GENERIC_ALTS
 
 
 cdef bint _begins_with_any(str text, tuple prefixes):

@@ -647,7 +647,7 @@ def _compiled_image_rules():
         pair=Pair, picture_tag=_PICTURE,
         longest_generic=_LONGEST_GENERIC, alt_meaningless=_ALT_MEANINGLESS, dup_in_page=_DUP_IN_PAGE,
         url_attributes=_URL_ATTRIBUTES, lazy_then_src=_LAZY_THEN_SRC, camera_or_url=_CAMERA_OR_URL,
-        url_prefixes=_URL_PREFIXES,
+        url_prefixes=_URL_PREFIXES, generic_alts=GENERIC_ALTS,
         end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
     )
     return compiled.image_rules

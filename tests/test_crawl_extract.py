@@ -679,7 +679,7 @@ def test_compiled_caption_shortcut_is_sound(image_rules):
     rng = random.Random(23)
     pieces = ["img", "IMG", "image", "dsc", "scan", "ſcan", "screen shot", "photo", "www.", "http://", "https://",
               "h", "w", "s", "river", "stone", "light", "garden", " ", "-", "_", "0", "42", "٣", "²", ".", ".jpg", "!",
-              "café", "’", "“", "—", "K", "İ", "ı", "中文", "logo", "x"]
+              "café", "’", "“", "—", "K", "İ", "ı", "中文", "logo", "x", "LOGO", "Photo Of", "click here", "ad", "Banner", "wWw."]
     shortcut = 0
     for _ in range(60000):
         caption = extract_mod.clean_text("".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))))
@@ -775,6 +775,16 @@ def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
     import sys
 
     assert max(c for c in range(sys.maxunicode + 1) if chr(c).isspace()) < 0x3001
+
+
+def test_no_character_outside_ascii_lower_cases_into_a_url_prefix():
+    """The compiled caption shortcut matches URL prefixes as written, without lower-casing the caption first."""
+    import sys
+
+    letters = set("".join(extract_mod._URL_PREFIXES))
+    assert not [c for c in range(128, sys.maxunicode + 1) if letters & set(chr(c).lower())]
+    assert all(p.isascii() and p == p.lower() for p in extract_mod._URL_PREFIXES + extract_mod._CAMERA_PREFIXES)
+    assert all(g.isascii() and g == g.lower() for g in extract_mod.GENERIC_ALTS)
 
 
 def test_whitespace_but_the_space_is_unprintable():
