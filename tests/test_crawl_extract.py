@@ -689,6 +689,19 @@ def test_compiled_caption_shortcut_is_sound(image_rules):
     assert shortcut > 5000  # the shortcut is taken, not just never wrong
 
 
+def test_compiled_byte_sniff_agrees_with_the_python_one(image_rules):
+    if image_rules != "compiled":
+        pytest.skip("the compiled loop's own check")
+    from crawl import _speedups
+
+    rng = random.Random(29)
+    members = page_mod._BINARY_BYTES
+    for _ in range(3000):
+        data = bytes(rng.choice([rng.randrange(32, 127), rng.randrange(256)]) for _ in range(rng.randint(0, 80)))
+        limit = rng.randint(0, 100)
+        assert _speedups.has_any_byte(data, limit, members) is page_mod._has_any_byte_python(data, limit, members)
+
+
 def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
     if image_rules != "compiled":
         pytest.skip("the compiled loop's own check")
