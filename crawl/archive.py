@@ -88,24 +88,30 @@ def crawl_warc_file(path: str, cfg: CrawlConfig, writer: PairWriter, stats: Craw
     directives = cfg.directives()
     try:
         for record in iter_warc(path, cfg.max_page_bytes + HTTP_HEADER_ALLOWANCE):
-            stats.records += 1
-            try:
-                page_url, extraction = record_extraction(record, cfg, directives)
-            except SampleError as error:
-                stats.pages += 1
-                stats.count(error.reason.value)
-                continue
-            if extraction is None:
-                continue
-            stats.pages += 1
-            if extraction.opt_out:
-                stats.count(Reason.OPT_OUT.value)
-                continue
-            stats.pages_parsed += 1
-            stats.pairs += len(extraction.pairs)
-            reasons, counted = stats.reasons, stats.reasons.get  # Counter.update, without its isinstance checks
-            for reason, n in extraction.reasons.items():
-                reasons[reason] = counted(reason, 0) + n
-            writer.add(page_url, extraction.pairs)
+            take_record(record, cfg, directives, writer, stats)
     except SampleError as error:  # the file itself is damaged: what came before it stands
         stats.count(error.reason.value)
+
+
+def take_record(record: WarcRecord, cfg: CrawlConfig, directives: tuple[str, ...], writer: PairWriter,
+                stats: CrawlStats) -> None:
+    """One record: its pairs into ``writer``, or its one reason into ``stats``."""
+    stats.records += 1
+    try:
+        page_url, extraction = record_extraction(record, cfg, directives)
+    except SampleError as error:
+        stats.pages += 1
+        stats.count(error.reason.value)
+        return
+    if extraction is None:
+        return
+    stats.pages += 1
+    if extraction.opt_out:
+        stats.count(Reason.OPT_OUT.value)
+        return
+    stats.pages_parsed += 1
+    stats.pairs += len(extraction.pairs)
+    reasons, counted = stats.reasons, stats.reasons.get  # Counter.update, without its isinstance checks
+    for reason, n in extraction.reasons.items():
+        reasons[reason] = counted(reason, 0) + n
+    writer.add(page_url, extraction.pairs)
