@@ -189,13 +189,14 @@ def page_by_page(path: str, out: str, passes: int, python_loop: bool) -> dict:
     once per record and counted for every loop. The part files are written and closed as
     in ``our_loop`` (their close counted too).
     """
+    from selectolax.lexbor import LexborHTMLParser
+
     from core.config import from_dict
     from crawl import extract
     from crawl.archive import HTTP_HEADER_ALLOWANCE, take_record
     from crawl.config import CrawlConfig
     from crawl.output import CrawlStats, PairWriter
     from crawl.warc import http_payload, iter_warc
-    from selectolax.lexbor import LexborHTMLParser
 
     cfg = from_dict(CrawlConfig, {"warc": [path], "output_folder": out, "distributor": "inline"})
     directives = cfg.directives()
