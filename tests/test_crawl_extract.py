@@ -33,6 +33,10 @@ def image_rules(request, monkeypatch):
     """Every test here runs over both per-image loops: crawl/extract.py's and crawl/_speedups.pyx's."""
     if request.param == "compiled":
         if COMPILED is None:
+            if (os.environ.get("WEBCLIP_REQUIRE_SPEEDUPS") == "1"  # make test, where a C compiler is
+                    and os.environ.get("WEBCLIP_PURE_PYTHON", "") in ("", "0")):
+                pytest.fail("crawl/_speedups.pyx is not built (or stale) though a C compiler is here: "
+                            "see what `pip install -e .` printed")
             pytest.skip("crawl/_speedups.pyx is not built here (pip install -e . with a C compiler builds it)")
         monkeypatch.setattr(extract_mod, "_image_rules", COMPILED)
     else:
