@@ -1,10 +1,11 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""``crawl.extract._image_rules``, compiled: the per-image rules for the common shapes.
+"""The crawl's hot loops, compiled: the per-image rules for the common shapes, and two page checks.
 
-This is a speed-up, not a second set of rules. It runs for every ``<img>`` of every
-page, where Python's per-operation cost was most of the crawl's own time (BENCHMARKS.md,
-"Crawl"). It decides in C only what it can decide exactly as ``crawl/extract.py``'s
-rules do, and hands everything else to those rules, bound in by ``bind`` at import:
+This is a speed-up, not a second set of rules. ``image_rules`` runs for every ``<img>``
+of every page, where Python's per-operation cost was most of the crawl's own time
+(BENCHMARKS.md, "Crawl"). It decides in C only what it can decide exactly as
+``crawl/extract.py``'s rules do, and hands everything else to those rules, bound in by
+``bind`` at import:
 
 * rule 1 (URL): a ``src`` alone; a ``srcset`` of the usual ``"a 320w, b 640w"`` shape
   (its first widest candidate); a lazy attribute with no srcset. Anything else —
@@ -13,15 +14,18 @@ rules do, and hands everything else to those rules, bound in by ``bind`` at impo
 * rule 2 (resolution): a plain rooted path (ASCII, printable, no ``//``, ``/.``,
   ``#``, ``;``, no ``?`` at the end) is the page's origin + the path, as
   ``Resolver.join`` makes it; anything else goes to ``Resolver.join``.
-* rule 3 (caption): an alt text is cleaned (``clean_text``) only if it needs it; a
-  long alt of plain letters without a ``.`` says something (the shortcut
-  ``_image_rules`` takes, see ``extract._PLAIN_INITIALS``); anything else goes to
-  ``is_meaningless`` and the figure-caption lookup.
+* rule 3 (caption): an alt text is cleaned (``clean_text``) only if it needs it; the
+  captions ``is_meaningless`` surely passes (``_says_something``) pass here; anything
+  else goes to ``is_meaningless``, then to the figure caption (``_figcaption_text``).
 * rule 4 (dedupe) as written.
 
+The page checks of ``crawl/page.py``: ``is_utf8`` (strict UTF-8, without decoding the
+page) and ``has_any_byte`` (the binary sniff).
+
 Built by ``pip install -e .`` (setup.py; optional: without a C compiler the package
-installs and ``crawl/extract.py`` runs its own Python loop). Tests run every page
-rule over both (tests/test_crawl_extract.py).
+installs and crawl/ runs its Python code). ``crawl/speedups.py`` loads it; the tests
+run every page rule over both loops and compare each check with its Python twin
+(tests/test_crawl_extract.py).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
