@@ -252,3 +252,22 @@ def test_archives_and_output_on_s3(s3_env, demo_warc, small_corpus):
         table = pq.read_table(handle)
     assert table.num_rows == stats["pairs"] == len(expected_from_truth(corpus_dir)[0])
     assert table.column_names == ["url", "caption", "page_url", "caption_source"]
+
+
+@pytest.mark.parametrize("rows_per_group", [3, 10, 50_000])
+def test_pair_parts_hold_every_pair_in_order_a_row_group_at_a_time(tmp_path, rows_per_group):
+    from crawl.extract import Pair
+
+    writer = PairWriter(str(tmp_path / "part.parquet"), rows_per_group=rows_per_group)
+    expected = []
+    for page in range(40):
+        pairs = [Pair(f"https://x.example/{page}/{k}.jpg", f"a caption {page} {k} é", "alt") for k in range(page % 4)]
+        writer.add(f"https://x.example/{page}.html", pairs)
+        expected += [(p.url, p.caption, f"https://x.example/{page}.html", p.caption_source) for p in pairs]
+    writer.close()
+    part = pq.ParquetFile(tmp_path / "part.parquet")
+    table = part.read()
+    assert list(zip(*(table.column(c).to_pylist() for c in ("url", "caption", "page_url", "caption_source")))) == expected
+    sizes = [part.metadata.row_group(i).num_rows for i in range(part.metadata.num_row_groups)]
+    assert sum(sizes) == len(expected) == writer.rows
+    assert all(size >= min(rows_per_group, len(expected)) for size in sizes[:-1]) and len(sizes) <= -(-len(expected) // rows_per_group)
