@@ -323,8 +323,8 @@ cdef str _figcaption_text(object img, dict by_parent):
     return text
 
 
-def image_rules(images, resolver, result, srcsets=None):
-    """``crawl.extract._image_rules(images, resolver, result, srcsets)``, the same pairs and reasons."""
+def image_rules(images, resolver, result):
+    """``crawl.extract._image_rules(images, resolver, result)``, the same pairs and reasons."""
     cdef object reasons = result.reasons
     cdef list pairs = result.pairs, raws = [], alts = [], kept = [], urls = []
     cdef dict attributes
@@ -333,18 +333,14 @@ def image_rules(images, resolver, result, srcsets=None):
     cdef Py_ssize_t i, count
     cdef set seen = set()
     cdef dict figcaptions = {}  # parent's mem_id -> its figcaption text (_figcaption_text)
-    cdef bint fast = resolver._fast, given = srcsets is not None
+    cdef bint fast = resolver._fast
     # 1. URL
-    for i in range(len(images)):
-        node = images[i]
+    for node in images:
         attributes = node.attributes
-        if given:
-            sources = srcsets[i]
-        else:
-            sources = ()
-            parent = node.parent
-            if parent is not None and parent.tag_id == _PICTURE:
-                sources = _picture_srcsets(parent, node)
+        sources = ()
+        parent = node.parent
+        if parent is not None and parent.tag_id == _PICTURE:
+            sources = _picture_srcsets(parent, node)
         raw = _get(attributes, "src")
         if sources or not raw or _careful_first((<str>raw)[0]) or _has_url_attribute(attributes):
             raw, problem = _pick(attributes, sources)

@@ -38,7 +38,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -420,47 +419,23 @@ _PLAIN_INITIALS = frozenset(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMN
 _CAMERA_OR_URL = (*_CAMERA_PREFIXES, *_URL_PREFIXES)
 
 
-def _image_pairs(nodes: Iterable[Any], resolve: Resolver, result: PageExtraction, hrefs: list[str] | None) -> None:
-    """Rules 1-4 for the ``<img>`` elements among ``nodes``, into ``result``; links into ``hrefs``.
-
-    ``nodes`` are what ``css("img, source[srcset], a[href], area[href]")`` returns, in
-    document order: a ``<picture>``'s sources come before its ``<img>``, whose URL
-    candidates they are (the sources of that picture seen so far). ``a``/``area``
-    elements' ``href`` go to ``hrefs`` unless ``rel`` says ``nofollow``.
-    """
-    images: list[Any] = []
-    srcsets: list[tuple[str, ...]] = []
-    picture, sources = None, []  # the <picture> whose <source srcset>s came last, and those srcsets
+def _link_hrefs(nodes: Iterable[Any]) -> list[str]:
+    """The ``href`` of each ``a``/``area`` among ``nodes`` (document order), unless ``rel`` says ``nofollow``."""
+    hrefs = []
     for node in nodes:
-        tag = node.tag_id
-        if tag == _IMG:
-            images.append(node)
-            if sources:
-                parent = node.parent
-                srcsets.append(tuple(sources) if parent is not None and parent.mem_id == picture else ())
-            else:
-                srcsets.append(())
-        elif tag == _SOURCE:
-            parent = node.parent
-            if parent is not None and parent.tag_id == _PICTURE:
-                if parent.mem_id != picture:
-                    picture, sources = parent.mem_id, []
-                sources.append(node.attributes.get("srcset") or "")
-        elif hrefs is not None:  # a[href], area[href]
-            attributes = node.attributes
-            if "nofollow" not in (attributes.get("rel") or "").lower():
-                hrefs.append(attributes.get("href") or "")
-    if images:
-        _image_rules(images, resolve, result, srcsets)
+        attributes = node.attributes
+        if "nofollow" not in (attributes.get("rel") or "").lower():
+            hrefs.append(attributes.get("href") or "")
+    return hrefs
 
 
 def _picture_srcsets(picture: Any, img: Any) -> tuple[str, ...]:
     """The ``<source srcset>`` values that count for ``img``, a child of ``picture``.
 
-    What ``_image_pairs`` finds walking ``css("img, source[srcset]")`` in document order
-    (the sources of the picture whose sources came last before the image, if it is the
-    image's), found by walking the picture alone: every source before the image in
-    document order that could change that state is inside the picture.
+    Walking ``css("img, source[srcset]")`` in document order, an image's candidates are
+    the sources of the picture whose sources came last before it, if that picture is
+    the image's. The same is found by walking the picture alone: every source before
+    the image in document order that could change that state is inside the picture.
     """
     target, last, sources = img.mem_id, None, []
     for node in picture.traverse():
@@ -479,13 +454,11 @@ def _picture_srcsets(picture: Any, img: Any) -> tuple[str, ...]:
     return tuple(sources) if sources and last == picture.mem_id else ()
 
 
-def _image_rules(images: Sequence[Any], resolver: Resolver, result: PageExtraction,
-                 srcsets: Sequence[tuple[str, ...]] | None = None) -> None:
+def _image_rules(images: Sequence[Any], resolver: Resolver, result: PageExtraction) -> None:
     """Rules 1-4 for each of ``images`` (``<img>`` nodes in document order), into ``result``.
 
-    ``srcsets``: per image, the ``<source srcset>`` values of its ``<picture>`` that count
-    (see ``_image_pairs``; a WAT's images, no tree, have none); None: found from the tree
-    (``_picture_srcsets``) for an image whose parent is a ``<picture>``.
+    An image whose parent is a ``<picture>`` takes that picture's ``<source srcset>``s as
+    candidates too (``_picture_srcsets``); a WAT's images have no parent.
 
     This runs for every image of every page, so it works a page at a time: first each
     image's URL is chosen (rule 1; ``src`` alone, the common case, inline), then the
@@ -503,12 +476,12 @@ def _image_rules(images: Sequence[Any], resolver: Resolver, result: PageExtracti
     alts: list[str] = []
     kept: list[Any] = []
     # 1. URL
-    for node, sources in zip(images, srcsets) if srcsets is not None else zip(images, repeat(())):
+    for node in images:
         attributes = node.attributes
-        if srcsets is None:
-            parent = node.parent
-            if parent is not None and parent.tag_id == picture_tag:
-                sources = _picture_srcsets(parent, node)
+        sources = ()
+        parent = node.parent
+        if parent is not None and parent.tag_id == picture_tag:
+            sources = _picture_srcsets(parent, node)
         raw = attributes.get("src")
         if sources or not raw or raw[0] in careful_first or not url_attributes.isdisjoint(attributes):
             raw, problem = _pick_url(attributes, sources)
@@ -669,9 +642,9 @@ def extract_html(
     The parser is an HTML5 one (Lexbor): malformed markup is repaired the way a
     browser repairs it, never refused. ``page_url`` must be absolute. ``<base>`` and
     ``<meta name=robots>`` are read from ``<head>`` (where the parser puts them unless
-    a page writes them after its content); then Lexbor's tag walk lists the images
-    (with links: one CSS query lists images, sources and links in document order).
-    Each walk over the whole tree costs a few percent of the parse, a CSS query more.
+    a page writes them after its content); then Lexbor's tag walk lists the images,
+    and (``want_links``) a CSS query the links. Each walk over the whole tree costs a
+    few percent of the parse, a CSS query more.
     """
     tree = LexborHTMLParser(html)
     directives: set[str] = set()
@@ -694,23 +667,18 @@ def extract_html(
         directives |= {"noindex", "nofollow"}
     result = PageExtraction()
     resolver = Resolver(base_url)
-    hrefs: list[str] | None = [] if want_links and "nofollow" not in directives else None
     opted_out = sorted(directives.intersection(disallowed_directives)) if directives else None
     if opted_out:
         result.opt_out = opted_out[0]
-        if hrefs is not None:  # links only
-            _image_pairs(tree.css("a[href], area[href]"), resolver, PageExtraction(), hrefs)
-    elif hrefs is not None:
-        _image_pairs(tree.css("img, source[srcset], a[href], area[href]"), resolver, result, hrefs)
     else:
         # Lexbor's tag index walk is a third of a CSS query's cost; an image in a <picture> finds the
         # picture's <source srcset>s itself (_picture_srcsets).
         images = tree.tags("img")
         if images:
             _image_rules(images, resolver, result)
-    if hrefs:
+    if want_links and "nofollow" not in directives:
         links = _Links(resolver, result.links)
-        for href in hrefs:
+        for href in _link_hrefs(tree.css("a[href], area[href]")):
             links.add(href)
     return result
 
@@ -721,7 +689,7 @@ _WAT_IMAGE_ATTRIBUTES = frozenset(("src", "srcset", *LAZY_SRC_ATTRIBUTES, *LAZY_
 
 
 class _WatImage(NamedTuple):
-    """A WAT image entry, shaped like the parser's ``<img>`` node as ``_image_pairs`` reads it."""
+    """A WAT image entry, shaped like the parser's ``<img>`` node as ``_image_rules`` reads it."""
 
     attributes: dict[str, Any]
     tag_id: int = _IMG
@@ -763,5 +731,5 @@ def extract_wat(
         if tag.upper() == "IMG" and attribute in _WAT_IMAGE_ATTRIBUTES:  # as if the img had only that attribute
             images.append(_WatImage({attribute: str(link.get("url") or ""), "alt": link.get("alt")}))
     result = PageExtraction()
-    _image_rules(images, Resolver(base_url), result, [()] * len(images))
+    _image_rules(images, Resolver(base_url), result)
     return page_url, result
