@@ -49,14 +49,15 @@ import statistics
 import time
 from pathlib import Path
 
+from selectolax.lexbor import LexborHTMLParser
+
 from bench.measure import save_result
+from crawl.warc import http_payload, iter_warc
 
 REPO = Path(__file__).resolve().parents[1]
 # English, with the non-ASCII that English pages carry too (an accent, typographic apostrophes and
 # dashes; ~2% of the bytes): the UTF-8 check does not stop at the first non-ASCII byte, as on most pages.
-WORDS = ("river stone light garden market winter harbour small old city red blue green bright quiet morning "
-         "street house bridge tower field forest window market evening coffee table paper summer yellow "
-         "café it’s —").split()
+WORDS = ["river", "stone", "light", "garden", "market", "winter", "harbour", "small", "old", "city", "red", "blue", "green", "bright", "quiet", "morning", "street", "house", "bridge", "tower", "field", "forest", "window", "market", "evening", "coffee", "table", "paper", "summer", "yellow", "café", "it’s", "—"]
 PAGES_VERSION = 2  # in the WARC's file name: bump when the pages change (1: ASCII only)
 
 
@@ -126,8 +127,6 @@ def write_pages(path: Path, pages: int, page_kb: int, seed: int) -> int:
 
 def read_loop(path: str) -> int:
     """The reading both loops share: crawl/'s WARC reader and HTTP split."""
-    from crawl.warc import http_payload, iter_warc
-
     pages = 0
     for record in iter_warc(path, 10_000_000):
         if record.type != "response":
@@ -139,20 +138,20 @@ def read_loop(path: str) -> int:
 
 def plain_loop(path: str) -> int:
     """The limit: the same records, the same parser, the img attributes read, nothing else."""
-    from selectolax.lexbor import LexborHTMLParser
-
-    from crawl.warc import http_payload, iter_warc
-
     pages = 0
     for record in iter_warc(path, 10_000_000):
         if record.type != "response":
             continue
-        body = http_payload(record.block, 10_000_000).body
-        for img in LexborHTMLParser(body).tags("img"):  # Lexbor's tag index walk: faster than css("img")
-            attributes = img.attributes
-            attributes.get("src"), attributes.get("alt")
+        plain_page(record)
         pages += 1
     return pages
+
+
+def plain_page(record) -> None:
+    """One record of the limit: its HTTP body parsed, each ``<img>``'s ``src`` and ``alt`` read."""
+    for img in LexborHTMLParser(http_payload(record.block, 10_000_000).body).tags("img"):  # faster than css()
+        attributes = img.attributes
+        attributes.get("src"), attributes.get("alt")
 
 
 def our_loop(path: str, out: str) -> int:
@@ -189,14 +188,11 @@ def page_by_page(path: str, out: str, passes: int, python_loop: bool) -> dict:
     once per record and counted for every loop. The part files are written and closed as
     in ``our_loop`` (their close counted too).
     """
-    from selectolax.lexbor import LexborHTMLParser
-
     from core.config import from_dict
     from crawl import extract
     from crawl.archive import HTTP_HEADER_ALLOWANCE, take_record
     from crawl.config import CrawlConfig
     from crawl.output import CrawlStats, PairWriter
-    from crawl.warc import http_payload, iter_warc
 
     cfg = from_dict(CrawlConfig, {"warc": [path], "output_folder": out, "distributor": "inline"})
     directives = cfg.directives()
@@ -225,9 +221,7 @@ def page_by_page(path: str, out: str, passes: int, python_loop: bool) -> dict:
                 for name in orders[pages % len(orders)]:
                     start = clock()
                     if name == "plain":
-                        for img in LexborHTMLParser(http_payload(record.block, 10_000_000).body).tags("img"):
-                            attributes = img.attributes
-                            attributes.get("src"), attributes.get("alt")
+                        plain_page(record)
                     else:
                         extract._image_rules = rules[name]
                         take_record(record, cfg, directives, writers[name], stats[name])

@@ -83,8 +83,9 @@ def _is_utf8_python(body: bytes) -> bool:
 
 
 # crawl/_speedups.pyx: the same answers in C, without decoding (tests/test_crawl_extract.py runs both)
-_is_utf8 = speedups.load().is_utf8 if speedups.load() is not None else _is_utf8_python
-_has_any_byte = speedups.load().has_any_byte if speedups.load() is not None else _has_any_byte_python
+_compiled = speedups.load()
+_is_utf8 = _compiled.is_utf8 if _compiled is not None else _is_utf8_python
+_has_any_byte = _compiled.has_any_byte if _compiled is not None else _has_any_byte_python
 
 
 def _utf8(body: bytes) -> bytes | None:
