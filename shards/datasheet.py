@@ -80,7 +80,7 @@ def render_datasheet(report: dict[str, Any]) -> str:
               "- **Are there recommended data splits?** None are made here; evaluation data should be held out "
               "by the user (the filter can drop look-alikes of an evaluation set: `decontaminate`).",
               "- **Are there errors, sources of noise, or redundancies?** Captions are noisy web text"
-              + (f"; CLIP scores recorded (median of kept {(clip.get('quantiles') or {}).get('kept', {}).get('median')})"
+              + (f"; CLIP scores recorded (median of kept {((clip.get('quantiles') or {}).get('kept') or {}).get('median')})"
                  if clip.get("recorded") else "; no CLIP score was recorded, so image–caption agreement is unmeasured")
               + ". Exact and near duplicates were removed by the filter where enabled.",
               f"- **Is the dataset self-contained?** The samples are stored in the shards, but they are copies of "

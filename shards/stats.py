@@ -159,11 +159,21 @@ class Summary:
 # -- one pool shard ---------------------------------------------------------------------------
 
 
-def _read(path: str, wanted: tuple[str, ...]) -> pa.Table:
+# The decisions' columns as they are meant to be: one written with nulls only comes back as type null.
+DECISION_TYPES = {"key": pa.string(), "keep": pa.bool_(), "reason": pa.string(), "dup_of": pa.string(),
+                  "clip_score": pa.float64(), "language": pa.string()}
+
+
+def _read(path: str, wanted: tuple[str, ...], types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """The ``wanted`` columns the file has; those in ``types`` cast to their type (an all-null one, say)."""
     with storage.open_file(path) as handle:
         parquet = pq.ParquetFile(handle)
         names = [c for c in wanted if c in parquet.schema_arrow.names]
-        return parquet.read(columns=names)
+        table = parquet.read(columns=names)
+    for name, kind in (types or {}).items():
+        if name in table.column_names and table.schema.field(name).type != kind:
+            table = table.set_column(table.schema.get_field_index(name), name, pc.cast(table[name], kind))
+    return table
 
 
 def _strings(table: pa.Table, name: str) -> pa.ChunkedArray:
@@ -228,23 +238,12 @@ def _align(decided: pa.Table, keys: pa.ChunkedArray, summary: Summary) -> pa.Tab
     order = pc.index_in(keys, decided["key"])
     missing = pc.is_null(order)
     summary.undecided += int(pc.sum(missing).as_py() or 0)
-    if decided.num_rows:
-        aligned = decided.take(pc.fill_null(order, 0))
-    else:
-        aligned = pa.table({c: pa.nulls(len(keys), decided.schema.field(c).type) for c in decided.column_names})
-    columns = {}
-    for c in aligned.column_names:
-        column = aligned[c]
-        if c == "keep":
-            column = pc.if_else(missing, False, pc.cast(column, pa.bool_()))
-        elif c == "reason":
-            column = pc.if_else(missing, UNDECIDED, _strings(aligned, c))
-        elif c in ("dup_of", "language"):
-            column = pc.if_else(missing, pa.scalar(None, pa.string()), _strings(aligned, c))
-        elif c == "clip_score":
-            column = pc.if_else(missing, pa.scalar(None, pa.float64()), pc.cast(column, pa.float64()))
-        columns[c] = column
-    return pa.table(columns)
+    aligned = decided.take(order)  # a row without a decision: nulls
+    for name, value in (("keep", False), ("reason", UNDECIDED)):
+        if name in aligned.column_names:
+            index = aligned.schema.get_field_index(name)
+            aligned = aligned.set_column(index, name, pc.if_else(missing, value, aligned[name]))
+    return aligned
 
 
 def _histograms(summary: Summary, columns: dict[str, np.ndarray | None], masks: dict[str, np.ndarray]) -> None:
@@ -284,8 +283,8 @@ def summarize_shard(pool: str, decisions: str, shard_id: int) -> Summary:
     decided = None
     if decisions:
         summary.has_decisions = True
-        decided = _align(_read(storage.join(decisions, f"{name}.parquet"),
-                               ("key", "keep", "reason", "dup_of", "clip_score", "language")), table["key"], summary)
+        decided = _align(_read(storage.join(decisions, f"{name}.parquet"), tuple(DECISION_TYPES), DECISION_TYPES),
+                         table["key"], summary)
         keep = success & pc.fill_null(decided["keep"], False).to_numpy(zero_copy_only=False)
 
     summary.funnel.update({"input_rows": n, "unique": int((~not_unique).sum()), "attempted": int(attempted.sum()),

@@ -84,6 +84,14 @@ def test_odd_columns_and_null_dup_of_do_not_crash_the_report(tmp_path):
     assert report["near_duplicates"]["clusters"] == 0
 
 
+def test_decision_columns_written_all_null_are_read_as_their_type(tmp_path):
+    spec = make_pool(str(tmp_path), shards=1, rows_per_shard=30)
+    _rewrite(Path(spec.decisions) / "00000.parquet", lambda t: t.set_column(
+        t.schema.get_field_index("keep"), "keep", pa.nulls(t.num_rows)))  # type null: no row kept
+    funnel = {s["step"]: s for s in _report(spec)["funnel"]}
+    assert funnel["kept"]["count"] == 0 and funnel["downloaded"]["count"] > 0
+
+
 def test_non_numeric_keys_name_their_largest_clusters(tmp_path):
     spec = make_pool(str(tmp_path), shards=1, rows_per_shard=30)
 
