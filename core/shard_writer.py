@@ -139,8 +139,7 @@ class BaseShardWriter(ABC):
             entry = self._publish_samples()
             parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
             self._write_metadata(parquet_tmp)
-            metadata = {"name": f"{self.name}.parquet", "bytes": os.path.getsize(parquet_tmp),
-                        "sha256": storage.sha256_of(parquet_tmp)[0]}
+            metadata = _file_entry(f"{self.name}.parquet", parquet_tmp)
             _publish_file(parquet_tmp, storage.join(self.output_folder, f"{self.name}.parquet"))
             files = [metadata] if entry["name"] == metadata["name"] else [entry, metadata]
             storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), {**stats, "files": files})
@@ -151,6 +150,12 @@ class BaseShardWriter(ABC):
     def close(self) -> None:
         """Drop temporary files (after commit, or to abandon the shard)."""
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _file_entry(name: str, path: str) -> dict[str, Any]:
+    """A ``files`` entry of a shard's ``_stats.json``: name, bytes and sha256, one read of the file."""
+    sha, size = storage.sha256_of(path)
+    return {"name": name, "bytes": size, "sha256": sha}
 
 
 class ShardWriter(BaseShardWriter):
@@ -167,7 +172,7 @@ class ShardWriter(BaseShardWriter):
 
     def _publish_samples(self) -> dict[str, Any]:
         self._tar.close()
-        entry = {"name": f"{self.name}.tar", "bytes": os.path.getsize(self._tar_path), "sha256": storage.sha256_of(self._tar_path)[0]}
+        entry = _file_entry(f"{self.name}.tar", self._tar_path)
         _publish_file(self._tar_path, storage.join(self.output_folder, f"{self.name}.tar"))
         return entry
 

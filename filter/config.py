@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.cluster import DISTRIBUTORS
-from core.config import ConfigError, at_least, one_of, option
+from core.config import ConfigError, at_least, one_of, option, require
 
 
 @dataclass
@@ -70,8 +70,7 @@ class FilterConfig:
     def __post_init__(self) -> None:
         if not self.pool:
             raise ConfigError("pool: required (the folder ingest wrote)")
-        if not self.output_folder:
-            raise ConfigError("output_folder: required")
+        require(self, "output_folder")
         one_of(self, "distributor", DISTRIBUTORS)
         at_least(self, 0, "min_image_size", "min_caption_chars", "min_caption_words", "workers", "near_dup_bands",
                  "near_dup_band_bits")

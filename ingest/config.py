@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from core.config import ConfigError, at_least, option
+from core.config import ConfigError, at_least, one_of, option, require
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
@@ -138,23 +138,16 @@ class IngestConfig:
     def __post_init__(self) -> None:
         if not self.url_list:
             raise ConfigError("url_list: required (a file or folder of URL lists)")
-        if not self.output_folder:
-            raise ConfigError("output_folder: required")
-        if self.input_format not in INPUT_FORMATS + _GZ_FORMATS:
-            raise ConfigError(
-                f"input_format={self.input_format!r}: choose one of {', '.join(INPUT_FORMATS + _GZ_FORMATS)}"
-            )
-        if self.output_format not in OUTPUT_FORMATS:
-            raise ConfigError(f"output_format={self.output_format!r}: choose one of {', '.join(OUTPUT_FORMATS)}")
+        require(self, "output_folder")
+        one_of(self, "input_format", INPUT_FORMATS + _GZ_FORMATS)
+        one_of(self, "output_format", OUTPUT_FORMATS)
         if self.distributor == "pyspark":
             raise ConfigError("distributor='pyspark': not supported; use ray (a cluster via --ray_address)")
-        if self.distributor not in DISTRIBUTORS:
-            raise ConfigError(f"distributor={self.distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
+        one_of(self, "distributor", DISTRIBUTORS)
         if self.incremental_mode not in ("incremental", "overwrite"):
             raise ConfigError(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
         self.compute_hash = (self.compute_hash or "none").lower()
-        if self.compute_hash not in HASHES:
-            raise ConfigError(f"compute_hash={self.compute_hash!r}: choose one of {', '.join(HASHES)}")
+        one_of(self, "compute_hash", HASHES)
         clashes = sorted(set(self.save_additional_columns) & set(POOL_SCHEMA.names + self.hash_columns()))
         if clashes:
             raise ConfigError(
