@@ -19,12 +19,14 @@ Shards are checked in parallel processes; each streams its tar once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -38,6 +40,7 @@ from shards.manifest import MANIFEST
 
 KINDS = ("missing", "extra", "corrupted", "mismatched")
 _EXAMPLES = 3  # keys quoted per finding
+PARQUET_IN_MEMORY = 64 << 20  # a parquet up to this size is read once, hashed and parsed from memory
 
 
 @dataclass
@@ -137,12 +140,22 @@ def _read_tar(check: ShardCheck, folder: str, name: str, expected: Expected) -> 
 def _read_parquet_keys(check: ShardCheck, folder: str, name: str, expected: Expected) -> tuple[set[str], int] | None:
     """(keys of successful rows, row count); None when unreadable."""
     path = storage.join(folder, name)
-    sha, size = storage.sha256_of(path)  # streamed: a parquet-layout shard holds its images
+    digest = hashlib.sha256()
+    with storage.open_file(path) as handle:  # one read, hashed and parsed from memory: metadata parquets are small
+        data: bytes | None = handle.read(PARQUET_IN_MEMORY + 1)
+        digest.update(data)
+        size = len(data)
+        if size > PARQUET_IN_MEMORY:  # a parquet-layout shard holds its images: the rest hashed as a stream,
+            data = None  # then the file parsed where it is
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+                size += len(block)
+    sha = digest.hexdigest()
     check.bytes += size
     if not _compare_file(check, name, expected.parquet, size, sha, expected.source):
         return None
     try:
-        with storage.open_file(path) as handle:
+        with contextlib.nullcontext(pa.BufferReader(data)) if data is not None else storage.open_file(path) as handle:
             parquet = pq.ParquetFile(handle)
             if "key" not in parquet.schema_arrow.names:
                 check.findings.append(Finding("mismatched", name, "no key column"))
