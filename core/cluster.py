@@ -110,7 +110,8 @@ def map_processes(fn: Callable, tasks: list[tuple], workers: int, desc: str, pro
 
     For work that reads storage and wants no cluster (verify, report): ``workers`` 0
     means one per CPU; one worker (or one task) runs here, without a pool. Processes
-    are spawned, not forked, so no S3 session or thread is copied into a child.
+    are spawned, not forked, so no S3 session or thread is copied into a child. Every
+    task is submitted at once: results that finish early wait their turn in memory.
     """
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
     bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress)
@@ -121,13 +122,9 @@ def map_processes(fn: Callable, tasks: list[tuple], workers: int, desc: str, pro
                 bar.update(1)
             return
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for result in pool.map(_call, [(fn, task) for task in tasks]):
+            for result in pool.map(fn, *zip(*tasks)):
                 yield result
                 bar.update(1)
     finally:
         bar.close()
 
-
-def _call(job: tuple[Callable, tuple]) -> Any:
-    fn, task = job
-    return fn(*task)

@@ -62,7 +62,7 @@ def summarize(cfg: ReportConfig, shard_ids: list[int]) -> Summary:
     total = Summary()
     tasks = [(cfg.pool, cfg.decisions, i) for i in shard_ids]
     for part in map_processes(summarize_shard, tasks, cfg.workers, "report", cfg.progress):
-        total.merge(part)  # one shard's summary held at a time
+        total.merge(part)  # merged as they come (summaries are small: counts and histograms)
     return total
 
 
