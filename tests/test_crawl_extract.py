@@ -674,8 +674,8 @@ def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
         assert _speedups.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
 
 
-def test_compiled_caption_shortcut_is_sound(image_rules):
-    """Where the compiled loop skips is_meaningless, is_meaningless says the caption says something."""
+def test_compiled_caption_judgement_is_sound(image_rules):
+    """Where the compiled loop judges a caption without is_meaningless, is_meaningless agrees."""
     if image_rules != "compiled":
         pytest.skip("the compiled loop's own shortcut")
     from crawl import _speedups
@@ -684,13 +684,15 @@ def test_compiled_caption_shortcut_is_sound(image_rules):
     pieces = ["img", "IMG", "image", "dsc", "scan", "ſcan", "screen shot", "photo", "www.", "http://", "https://",
               "h", "w", "s", "river", "stone", "light", "garden", " ", "-", "_", "0", "42", "٣", "²", ".", ".jpg", "!",
               "café", "’", "“", "—", "K", "İ", "ı", "中文", "logo", "x", "LOGO", "Photo Of", "click here", "ad", "Banner", "wWw."]
-    shortcut = 0
+    judged = {True: 0, False: 0}
     for _ in range(60000):
         caption = extract_mod.clean_text("".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))))
-        if caption and _speedups.says_something(caption):
-            shortcut += 1
-            assert not is_meaningless(caption), caption
-    assert shortcut > 5000  # the shortcut is taken, not just never wrong
+        says = _speedups.judge(caption)
+        if says is not None:
+            judged[says] += 1
+            assert says is not is_meaningless(caption), caption
+    assert _speedups.judge("") is False and _speedups.judge("Logo") is False
+    assert judged[True] > 5000 and judged[False] > 500, judged  # both shortcuts are taken, not just never wrong
 
 
 def test_compiled_byte_sniff_agrees_with_the_python_one(image_rules):
@@ -736,8 +738,14 @@ def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
             cases.append(ascii_text + edge)
     for _ in range(20000):
         cases.append(b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) * rng.choice([1, 1, 5]))
+    for edge in edges:  # every position around the AVX2 path's 32-byte blocks, and as the last bytes
+        for where in range(0, 100):
+            cases.append(b"a" * where + edge + b"b" * (100 - where))
+            cases.append(b"a" * where + edge)
+            cases.append("é".encode() * (where // 2) + edge + "’".encode() * 3)
     for data in cases:
         assert _speedups.is_utf8(data) is valid(data), data[:80]
+        assert _speedups.is_utf8_by_sequence(data) is valid(data), data[:80]
 
 
 def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
