@@ -29,6 +29,11 @@ def sample(words: str, size: int) -> bytes:
     return data.decode("utf-8", "ignore").encode()  # cut at a character boundary
 
 
+def best_us(check, data: bytes, number: int, repeat: int) -> float:
+    """µs per call of ``check(data)``: the best of ``repeat`` timings of ``number`` calls."""
+    return round(min(timeit.repeat(lambda: check(data), number=number, repeat=repeat)) / number * 1e6, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.crawl_utf8", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for script, words in TEXTS.items():
         data = sample(words, args.kib * 1024)
-        results[script] = {name: round(min(timeit.repeat(lambda check=check: check(data), number=args.number,
-                                                          repeat=args.repeat)) / args.number * 1e6, 2)
-                           for name, check in checks.items()}
+        results[script] = {name: best_us(check, data, args.number, args.repeat) for name, check in checks.items()}
         print(f"{script:11s} {len(data)} bytes, µs per call: {results[script]}", flush=True)
     save_result("crawl_utf8", {"avx2": _speedups.has_avx2(), "bytes": args.kib * 1024, "us_per_call": results})
     return 0

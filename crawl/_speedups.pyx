@@ -21,7 +21,7 @@ of every page, where Python's per-operation cost was most of the crawl's own tim
 * rule 4 (dedupe) as written.
 
 The page checks of ``crawl/page.py``: ``is_utf8`` (strict UTF-8, without decoding the
-page) and ``has_any_byte`` (the binary sniff).
+page; 32 bytes a step with AVX2) and ``has_any_byte`` (the binary sniff).
 
 Built by ``pip install -e .`` (setup.py; optional: without a C compiler the package
 installs and crawl/ runs its Python code). ``crawl/speedups.py`` loads it; the tests
@@ -468,11 +468,8 @@ cdef extern from *:
 
 cdef extern from *:
     """
-    #include <stddef.h>
-    #include <string.h>
     #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     #include <immintrin.h>
-    #define WEBCLIP_UTF8_AVX2 1
     /* UTF-8 validation 32 bytes a step with AVX2 (the lookup method of Keiser and Lemire, "Validating
        UTF-8 in less than one instruction per byte", 2021): three 16-entry tables, indexed by the high
        and low nibbles of each byte's predecessor and by the byte's own high nibble, give the errors a
@@ -507,40 +504,24 @@ cdef extern from *:
     __attribute__((target("avx2")))
     static inline __m256i webclip_block_errors(__m256i input, __m256i previous) {
         const __m256i low_nibble = _mm256_set1_epi8(0x0F);
-        const __m256i by_prev_high = _mm256_setr_epi8(
+        /* each table's 16 entries, the same in both 128-bit lanes (the shuffle looks up within a lane) */
+        const char cont = (char)W_TWO_CONTS, f_lead = W_TOO_SHORT | W_TOO_LARGE | W_TOO_LARGE_1000 | W_OVERLONG_4;
+        const __m256i by_prev_high = _mm256_broadcastsi128_si256(_mm_setr_epi8(
             W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG,
-            (char)W_TWO_CONTS, (char)W_TWO_CONTS, (char)W_TWO_CONTS, (char)W_TWO_CONTS,
-            W_TOO_SHORT | W_OVERLONG_2, W_TOO_SHORT, W_TOO_SHORT | W_OVERLONG_3 | W_SURROGATE,
-            W_TOO_SHORT | W_TOO_LARGE | W_TOO_LARGE_1000 | W_OVERLONG_4,
-            W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG, W_TOO_LONG,
-            (char)W_TWO_CONTS, (char)W_TWO_CONTS, (char)W_TWO_CONTS, (char)W_TWO_CONTS,
-            W_TOO_SHORT | W_OVERLONG_2, W_TOO_SHORT, W_TOO_SHORT | W_OVERLONG_3 | W_SURROGATE,
-            W_TOO_SHORT | W_TOO_LARGE | W_TOO_LARGE_1000 | W_OVERLONG_4);
-        const __m256i by_prev_low = _mm256_setr_epi8(
+            cont, cont, cont, cont,
+            W_TOO_SHORT | W_OVERLONG_2, W_TOO_SHORT, W_TOO_SHORT | W_OVERLONG_3 | W_SURROGATE, f_lead));
+        const char carry = (char)W_CARRY, large = (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000);
+        const __m256i by_prev_low = _mm256_broadcastsi128_si256(_mm_setr_epi8(
             (char)(W_CARRY | W_OVERLONG_3 | W_OVERLONG_2 | W_OVERLONG_4), (char)(W_CARRY | W_OVERLONG_2),
-            (char)W_CARRY, (char)W_CARRY, (char)(W_CARRY | W_TOO_LARGE),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000 | W_SURROGATE),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_OVERLONG_3 | W_OVERLONG_2 | W_OVERLONG_4), (char)(W_CARRY | W_OVERLONG_2),
-            (char)W_CARRY, (char)W_CARRY, (char)(W_CARRY | W_TOO_LARGE),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000 | W_SURROGATE),
-            (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000), (char)(W_CARRY | W_TOO_LARGE | W_TOO_LARGE_1000));
+            carry, carry, (char)(W_CARRY | W_TOO_LARGE),
+            large, large, large, large, large, large, large, large,
+            (char)(large | W_SURROGATE), large, large));
         const char cont_8 = (char)(W_TOO_LONG | W_OVERLONG_2 | W_TWO_CONTS | W_OVERLONG_3 | W_TOO_LARGE_1000 | W_OVERLONG_4);
         const char cont_9 = (char)(W_TOO_LONG | W_OVERLONG_2 | W_TWO_CONTS | W_OVERLONG_3 | W_TOO_LARGE);
         const char cont_ab = (char)(W_TOO_LONG | W_OVERLONG_2 | W_TWO_CONTS | W_SURROGATE | W_TOO_LARGE);
-        const __m256i by_high = _mm256_setr_epi8(
+        const __m256i by_high = _mm256_broadcastsi128_si256(_mm_setr_epi8(
             W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT,
-            cont_8, cont_9, cont_ab, cont_ab, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT,
-            W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT,
-            cont_8, cont_9, cont_ab, cont_ab, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT);
+            cont_8, cont_9, cont_ab, cont_ab, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT, W_TOO_SHORT));
         __m256i prev1 = webclip_prev(input, previous, 1);
         __m256i shown = _mm256_and_si256(
             _mm256_and_si256(
@@ -599,9 +580,8 @@ cdef extern from *:
         }
         return known;
     }
-    #else
-    #define WEBCLIP_UTF8_AVX2 0
-    static int webclip_is_utf8_avx2(const unsigned char* p, size_t n) { (void)p; (void)n; return -1; }
+    #else  /* no AVX2 path: is_utf8 goes sequence by sequence */
+    static int webclip_is_utf8_avx2(const unsigned char* p, size_t n) { (void)p; (void)n; return 0; }
     static int webclip_has_avx2(void) { return 0; }
     #endif
     """

@@ -88,10 +88,6 @@ _is_utf8 = _compiled.is_utf8 if _compiled is not None else _is_utf8_python
 _has_any_byte = _compiled.has_any_byte if _compiled is not None else _has_any_byte_python
 
 
-def _utf8(body: bytes) -> bytes | None:
-    return body if _is_utf8(body) else None
-
-
 def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
     """The page for the parser: valid UTF-8 as bytes, other encodings decoded; or ``bad_encoding``."""
     for bom, codec in _BOMS:
@@ -103,13 +99,13 @@ def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
                 raise SampleError(Reason.BAD_ENCODING, f"invalid {codec} after its byte-order mark: {exc}") from None
             return rest if codec == "utf-8" else text
     header_codec = codec_for(declared)
-    if header_codec == "utf-8" and _utf8(body) is not None:  # the common case, without the <meta> scan
+    if header_codec == "utf-8" and _is_utf8(body):  # the common case, without the <meta> scan
         return body
     meta = _META_CHARSET.search(body[:SNIFF_BYTES])
     declared_codecs = [c for c in (header_codec, codec_for(meta.group(1) if meta else None)) if c]
     for codec in declared_codecs:
         if codec == "utf-8":
-            if _utf8(body) is not None:
+            if _is_utf8(body):
                 return body
             continue
         try:
@@ -118,7 +114,7 @@ def decode_html(body: bytes, declared: str | None = None) -> str | bytes:
             continue
     if declared_codecs:
         raise SampleError(Reason.BAD_ENCODING, f"bytes invalid in the declared {' and '.join(declared_codecs)}")
-    if _utf8(body) is not None:
+    if _is_utf8(body):
         return body
     from charset_normalizer import from_bytes  # imported late: only undeclared, non-UTF-8 pages pay for it
 
