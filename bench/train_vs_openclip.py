@@ -20,6 +20,11 @@ In one run, alternating who goes first:
 Both tools get ``OMP_WAIT_POLICY=PASSIVE`` (our trainer's default) so that neither
 loses to spinning OpenMP threads on this small machine. Writes
 bench/results/train_vs_openclip.json.
+
+On a GPU (``--device cuda``; bench/train_gpu.py drives it there): ``--precision bf16``
+is our ``bf16`` and open_clip's ``amp_bf16``, ``--compile`` is our ``compile=true``
+and open_clip's ``--torchcompile``, and our MFU (the trainer's own, logged per
+interval) is reported beside the rate.
 """
 
 from __future__ import annotations
@@ -55,7 +60,17 @@ def _args() -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--loader_batches", type=int, default=40)
     p.add_argument("--work", default="runs/bench/train")
+    add_gpu_arguments(p)
     return p.parse_args()
+
+
+def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
+    """Options for running the comparison elsewhere (bench/train_gpu.py): device, compile, interpreters."""
+    p.add_argument("--device", default="auto", help="ours: auto, cpu or cuda (open_clip_train picks cuda if present)")
+    p.add_argument("--compile", action="store_true", help="torch.compile in both (ours: compile=true; theirs: --torchcompile)")
+    p.add_argument("--ours_python", default=str(OURS), help="the interpreter that runs `-m train`")
+    p.add_argument("--theirs_python", default=str(THEIRS), help="the interpreter that runs open_clip_train")
+    p.add_argument("--pythonpath", default="", help="put first on PYTHONPATH for both (wheels unpacked elsewhere); the bench's own PYTHONPATH comes after this checkout")
 
 
 def _brace_list(shards: str) -> str:
@@ -73,35 +88,42 @@ def _ours_cmd(args, run_dir: Path) -> list[str]:
         "precision": args.precision, "optim.lr": 1e-3, "optim.warmup_steps": 50, "optim.weight_decay": 0.1,
         "optim.beta1": 0.9, "optim.beta2": 0.98, "optim.eps": 1e-6, "seed": 0, "log_every": LOG_EVERY,
         "run_dir": str(run_dir), "checkpoint.every_steps": 0, "tensorboard": "false",
+        "device": args.device, "compile": str(args.compile).lower(),
     }  # fmt: skip
-    cmd = [str(OURS), "-m", "train"]
+    cmd = [args.ours_python, "-m", "train"]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     return cmd
 
 
+# our precision setting -> open_clip_train's --precision
+THEIR_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}
+
+
 def _theirs_cmd(args, logs: Path) -> list[str]:
     return [
-        str(THEIRS), "-m", "bench.openclip_main", "--train-data", _brace_list(args.shards),
+        args.theirs_python, "-m", "bench.openclip_main", "--train-data", _brace_list(args.shards),
         "--dataset-type", "webdataset", "--train-num-samples", str(args.steps * args.batch_size),
         "--epochs", "1", "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-        "--model", args.model, "--precision", args.precision, "--lr", "1e-3", "--warmup", "50",
+        "--model", args.model, "--precision", THEIR_PRECISION[args.precision], "--lr", "1e-3", "--warmup", "50",
         "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--seed", "0",
         "--log-every-n-steps", str(LOG_EVERY), "--save-frequency", "0", "--zeroshot-frequency", "0",
         "--logs", str(logs), "--name", "run", "--report-to", "",
-    ]  # fmt: skip
+    ] + (["--torchcompile"] if args.compile else [])  # fmt: skip
 
 
-def _our_rate(run_dir: Path) -> float:
-    """Samples/s over all logged intervals but the first, from our log.jsonl."""
+def _our_rate(run_dir: Path) -> tuple[float, float | None]:
+    """Samples/s and MFU over all logged intervals but the first, from our log.jsonl."""
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in records if "samples_per_s" in r and "step" in r and "loss" in r]
     samples = seconds = 0.0
+    mfu_seconds: float | None = 0.0
     for prev, cur in zip(steps[1:], steps[2:]):  # skip the warm-up interval
         n = cur["samples_seen"] - prev["samples_seen"]
         samples += n
         seconds += n / cur["samples_per_s"]
-    return samples / seconds
+        mfu_seconds = None if mfu_seconds is None or cur.get("mfu") is None else mfu_seconds + cur["mfu"] * n / cur["samples_per_s"]
+    return samples / seconds, None if mfu_seconds is None else mfu_seconds / seconds
 
 
 _THEIR_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?Batch \(t\): ([0-9.]+),")
@@ -119,8 +141,13 @@ def _their_rate(logs: Path, batch_size: int) -> float:
     return samples / seconds
 
 
+def _pythonpath(args) -> str:
+    """``--pythonpath``, this checkout, then whatever PYTHONPATH the bench itself was given."""
+    return os.pathsep.join(filter(None, [args.pythonpath, str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 def _train_once(args, tool: str, repeat: int, work: Path) -> dict:
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": _pythonpath(args)}
     target = work / f"{tool}-{repeat}"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
@@ -129,52 +156,65 @@ def _train_once(args, tool: str, repeat: int, work: Path) -> dict:
     measured = run_measured(cmd, env=env, log_path=log)
     if measured.returncode != 0:
         raise SystemExit(f"{tool} training failed (exit {measured.returncode}):\n{tail(log)}")
-    rate = _our_rate(target) if tool == "webclip" else _their_rate(target, args.batch_size)
-    return {"tool": tool, "repeat": repeat, "samples_per_s": round(rate, 1),
-            "wall_s": round(measured.seconds, 1), "peak_rss_mib": round(measured.peak_rss_bytes / 2**20)}  # fmt: skip
+    rate, mfu = _our_rate(target) if tool == "webclip" else (_their_rate(target, args.batch_size), None)
+    row = {"tool": tool, "repeat": repeat, "samples_per_s": round(rate, 1),
+           "wall_s": round(measured.seconds, 1), "peak_rss_mib": round(measured.peak_rss_bytes / 2**20)}  # fmt: skip
+    if mfu is not None:
+        row["mfu"] = round(mfu, 4)
+    return row
 
 
 def _loader_once(args, tool: str) -> dict:
-    python = OURS if tool == "webclip" else THEIRS
+    python = args.ours_python if tool == "webclip" else args.theirs_python
     cmd = [str(python), "-m", "bench.loader_rate", "--tool", tool, "--shards", args.shards,
            "--batch_size", str(args.batch_size), "--batches", str(args.loader_batches), "--workers", "2"]  # fmt: skip
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": _pythonpath(args)}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{tool} loader failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
-    args = _args()
-    if not THEIRS.exists():
-        print(f"{THEIRS} not found: run `bash bench/peers.sh` first", file=sys.stderr)
-        return 2
+def compare(args: argparse.Namespace) -> dict:
+    """The comparison itself (loading alone unless ``--loader_batches 0``, then training), as a summary."""
     _brace_list(args.shards)
     work = ROOT / args.work
     work.mkdir(parents=True, exist_ok=True)
     loader, training = [], []
     for repeat in range(args.repeat):
         order = ["webclip", "open_clip"] if repeat % 2 == 0 else ["open_clip", "webclip"]
-        for tool in order:
+        for tool in order if args.loader_batches else ():
             loader.append(_loader_once(args, tool))
             print(json.dumps({"loader": loader[-1]}), file=sys.stderr, flush=True)
         for tool in order:
             training.append(_train_once(args, tool, repeat, work))
             print(json.dumps({"training": training[-1]}), file=sys.stderr, flush=True)
 
-    def median(rows: list[dict], tool: str) -> float:
-        return statistics.median(r["samples_per_s"] for r in rows if r["tool"] == tool)
+    def median(rows: list[dict], tool: str, key: str = "samples_per_s") -> float | None:
+        values = [r[key] for r in rows if r["tool"] == tool and r.get(key) is not None]
+        return statistics.median(values) if values else None
 
-    summary = {
+    def ratio(rows: list[dict]) -> float | None:
+        ours, theirs = median(rows, "webclip"), median(rows, "open_clip")
+        return round(ours / theirs, 2) if ours and theirs else None
+
+    return {
         "bench": "train_vs_openclip", "model": args.model, "steps": args.steps, "batch_size": args.batch_size,
-        "precision": args.precision, "workers": args.workers, "shards": args.shards,
-        "training": training, "loader": loader,
-        "training_ratio_median": round(median(training, "webclip") / median(training, "open_clip"), 2),
-        "loader_ratio_median": round(median(loader, "webclip") / median(loader, "open_clip"), 2),
+        "precision": args.precision, "workers": args.workers, "shards": args.shards, "device": args.device,
+        "compile": args.compile, "training": training, "loader": loader,
+        "training_ratio_median": ratio(training), "loader_ratio_median": ratio(loader),
+        "our_mfu_median": median(training, "webclip", "mfu"),
         "interop": "open_clip_train trained from our shards without conversion",
-        "cpus": os.cpu_count(), "python": platform.python_version(), "command": " ".join(sys.argv),
+        "cpus": os.cpu_count(), "python": platform.python_version(),
     }  # fmt: skip
-    save_result("train_vs_openclip", summary)
+
+
+def main() -> int:
+    args = _args()
+    if not Path(args.theirs_python).exists():
+        print(f"{args.theirs_python} not found: run `bash bench/peers.sh` first", file=sys.stderr)
+        return 2
+    save_result("train_vs_openclip", {**compare(args), "command": " ".join(sys.argv)})
     return 0
 
 

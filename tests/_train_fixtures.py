@@ -29,19 +29,19 @@ from concurrent.futures import ProcessPoolExecutor
 from infra.local import scenes
 from ingest.resizer import ResizeConfig, resize_image
 
-RESIZE = ResizeConfig(image_size=128, resize_mode="border")
+IMAGE_SIZE = 128  # the demo's shard size; the GPU benchmark writes 256 px (img2dataset's default)
 
 
-def render_jpeg(scene: scenes.Scene) -> bytes:
+def render_jpeg(scene: scenes.Scene, image_size: int = IMAGE_SIZE) -> bytes:
     """Render, encode as a web JPEG, then resize as the pipeline does."""
     buffer = io.BytesIO()
     scenes.render(scene).save(buffer, format="JPEG", quality=90)
-    return resize_image(buffer.getvalue(), RESIZE).data
+    return resize_image(buffer.getvalue(), ResizeConfig(image_size=image_size, resize_mode="border")).data
 
 
-def _small_dimensions(rng: random.Random) -> tuple[int, int]:
+def _small_dimensions(rng: random.Random, image_size: int = IMAGE_SIZE) -> tuple[int, int]:
     width, height = scenes.web_dimensions(rng)
-    divisor = rng.choice((2, 3, 4))
+    divisor = rng.choice((2, 3, 4) if image_size <= IMAGE_SIZE else (1, 2))
     return max(32, width // divisor), max(32, height // divisor)
 
 
@@ -52,26 +52,26 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def train_sample(seed: int, index: int, noise: float) -> tuple[bytes, str, dict]:
+def train_sample(seed: int, index: int, noise: float, image_size: int = IMAGE_SIZE) -> tuple[bytes, str, dict]:
     """One seen-pair sample; with probability ``noise`` its caption names another seen pair."""
     rng = random.Random(f"train-{seed}-{index}")
-    scene = scenes.sample_scene(rng, dimensions=_small_dimensions(rng))
+    scene = scenes.sample_scene(rng, dimensions=_small_dimensions(rng, image_size))
     described = scene
     if rng.random() < noise:  # web noise: the caption describes a different image
         others = [p for p in scenes.SEEN_CLASSES if p != scene.pair]
         described = scenes.sample_scene(rng, others[rng.randrange(len(others))])
     text = scenes.caption(described, rng)
     meta = {"colour": scene.colour, "shape": scene.shape, "noisy": described is not scene}
-    return render_jpeg(scene), text, meta
+    return render_jpeg(scene, image_size), text, meta
 
 
-def _write_train_shard(args: tuple[str, int, int, int, int, float]) -> dict:
-    folder, shard, start, count, seed, noise = args
+def _write_train_shard(args: tuple[str, int, int, int, int, float, int]) -> dict:
+    folder, shard, start, count, seed, noise, image_size = args
     name = f"{shard:05d}.tar"
     path = os.path.join(folder, name)
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for index in range(start, start + count):
-            jpeg, text, meta = train_sample(seed, index, noise)
+            jpeg, text, meta = train_sample(seed, index, noise, image_size)
             key = f"{shard:05d}{index - start:04d}"
             meta["key"] = key
             _add(tar, f"{key}.jpg", jpeg)
@@ -90,13 +90,14 @@ def write_train_shards(
     noise: float = 0.2,
     manifest: bool = True,
     processes: int = 1,
+    image_size: int = IMAGE_SIZE,
 ) -> list[dict]:
     """Write ``samples`` seen-pair samples as ``{n:05d}.tar`` shards (+ ``manifest.json``)."""
     if not 0 <= noise < 1:
         raise ValueError(f"noise={noise}: must be within [0, 1)")
     os.makedirs(folder, exist_ok=True)
     jobs = [
-        (folder, shard, start, min(per_shard, samples - start), seed, noise)
+        (folder, shard, start, min(per_shard, samples - start), seed, noise, image_size)
         for shard, start in enumerate(range(0, samples, per_shard))
     ]
     if processes > 1:
@@ -144,9 +145,11 @@ def main() -> None:
     parser.add_argument("--eval-per-class", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="train images' side, px (border mode)")
     args = parser.parse_args()
     write_train_shards(
-        os.path.join(args.out, "train"), args.samples, args.per_shard, args.seed, args.noise, processes=args.processes
+        os.path.join(args.out, "train"), args.samples, args.per_shard, args.seed, args.noise,
+        processes=args.processes, image_size=args.image_size,
     )
     write_eval_tar(os.path.join(args.out, "eval", "eval.tar"), args.eval_per_class, seed=args.seed + 1)
 
