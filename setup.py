@@ -10,10 +10,12 @@ It is built one of two ways, from the same sources:
   crawl/_lexbor_tree.pxi): the page loop reads the parsed tree in C, through
   selectolax's ``.pxd`` and the C headers of the Lexbor inside the installed selectolax.
   Its wheel ships no headers, so they are taken from that very version's sdist: the
-  file ``WEBCLIP_SELECTOLAX_SDIST`` names, else the sdist PyPI lists for it (its JSON
-  API; the download's sha256 checked against it), ~3.6 MB, once: only the headers are
-  kept, under build/, for the next build. Nothing is linked: the walk reads Lexbor's
-  structs and uses its header-inline helpers and constants only.
+  file ``WEBCLIP_SELECTOLAX_SDIST`` names, else the one the package index lists for it
+  (``PIP_INDEX_URL``, else PyPI; its simple API, the one pip reads; the download's
+  sha256 checked against the index's), ~3.6 MB, once: only the headers are kept, under
+  build/, for the next build. Nothing is linked: the walk reads Lexbor's structs and uses
+  its header-inline helpers and constants only. Only ``build_ext`` asks for them (not
+  the metadata steps).
 * **without it** (crawl/_speedups.pyx alone) where the headers cannot be had (offline,
   no such sdist, ``WEBCLIP_SELECTOLAX_SDIST=none``) or that build fails: the compiled
   rules over selectolax's Python nodes. pip shows why with ``-v``.
@@ -26,14 +28,17 @@ it and that very selectolax installed (pyproject.toml pins it, build and run ali
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib.metadata
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
 
@@ -46,7 +51,7 @@ SDIST_VARIABLE = "WEBCLIP_SELECTOLAX_SDIST"  # a selectolax sdist to take the he
 # What the walk includes (and selectolax's .pxd): their presence says the headers are all there.
 NEEDED_HEADERS = ("lexbor/html/html.h", "lexbor/dom/interfaces/element.h", "lexbor/dom/interfaces/attr_res.h",
                   "lexbor/tag/const.h", "lexbor/ns/const.h", "lexbor/core/hash.h", "lexbor/selectors/selectors.h")
-PYPI_JSON = "https://pypi.org/pypi/selectolax/{version}/json"
+INDEX = "https://pypi.org/simple"  # PIP_INDEX_URL overrides it, as for pip
 
 
 def sources_digest(root: Path = ROOT, names: tuple[str, ...] = SOURCES) -> str:
@@ -89,19 +94,40 @@ def lexbor_headers(version: str, cache_root: Path = ROOT / "build") -> tuple[Pat
 
 
 def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
-    """``(url, bytes)`` of selectolax ``version``'s sdist from PyPI, its sha256 checked against PyPI's."""
-    with urllib.request.urlopen(PYPI_JSON.format(version=version), timeout=timeout) as response:
-        listing = json.load(response)
-    sdists = [entry for entry in listing.get("urls", ()) if entry.get("packagetype") == "sdist"]
-    if not sdists:
-        raise LookupError(f"PyPI lists no sdist of selectolax {version}")
-    url, expected = sdists[0]["url"], sdists[0]["digests"]["sha256"]
+    """``(url, bytes)`` of selectolax ``version``'s sdist from the package index, its sha256 checked.
+
+    The index's simple API (PEP 691 JSON, else PEP 503 HTML with ``#sha256=`` fragments),
+    where pip finds it too.
+    """
+    index = (os.environ.get("PIP_INDEX_URL") or INDEX).rstrip("/")
+    listing_url = f"{index}/selectolax/"
+    request = urllib.request.Request(
+        listing_url, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+        kind = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
+    name = f"selectolax-{version}.tar.gz"
+    found = None
+    if "json" in kind or body[:1] == b"{":
+        for entry in json.loads(body).get("files", ()):
+            if entry.get("filename") == name:
+                found = urllib.parse.urljoin(listing_url, entry["url"]), entry.get("hashes", {}).get("sha256")
+    else:
+        for href in re.findall(r'href="([^"]+)"', body.decode("utf-8", "replace")):
+            url, _, fragment = html.unescape(href).partition("#")
+            if url.rsplit("/", 1)[-1] == name:
+                found = urllib.parse.urljoin(listing_url, url), fragment.partition("sha256=")[2] or None
+    if found is None:
+        raise LookupError(f"{listing_url} lists no {name}")
+    url, expected = found
+    if not expected:
+        raise ValueError(f"{listing_url} gives no sha256 for {name}")
     if not url.startswith("https://"):
         raise ValueError(f"not an https URL: {url}")
     with urllib.request.urlopen(url, timeout=timeout) as response:
         data = response.read()
     if hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()}, PyPI says {expected}")
+        raise ValueError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()}, the index says {expected}")
     return url, data
 
 
@@ -180,20 +206,25 @@ if __name__ == "__main__":  # setuptools runs this file so; tests import the hel
             say(f"built without the Lexbor tree walk: Cython failed on {WITH_TREE} ({error})")
             return None
         say(f"building with the Lexbor tree walk: selectolax {version}, headers from {origin}")
-        extension.webclip_fallback = rules_only  # type: ignore[attr-defined]
         return extension
 
     class BuildExt(build_ext):
-        """A build with the tree walk that fails to compile is built again without it."""
+        """crawl._speedups with the tree walk where the headers can be had, else without; a build with it
+        that fails to compile is built again without it."""
+
+        def run(self):
+            self.extensions = [(with_tree() or rules_only()) if ext.name == "crawl._speedups" else ext
+                               for ext in self.extensions]
+            super().run()
 
         def build_extension(self, ext):
-            fallback = getattr(ext, "webclip_fallback", None)
-            if fallback is None:
+            if WITH_TREE not in {Path(source).with_suffix(".pyx").as_posix() for source in ext.sources}:
                 return super().build_extension(ext)
             try:
                 return super().build_extension(ext)
             except Exception as error:  # noqa: BLE001 - a compiler or linker error
                 say(f"the Lexbor tree walk did not compile ({error}): building without it")
-                return super().build_extension(fallback())
+                return super().build_extension(rules_only())
 
-    setup(ext_modules=[with_tree() or rules_only()], cmdclass={"build_ext": BuildExt})
+    # Decided in build_ext (BuildExt.run): the metadata steps neither fetch headers nor run Cython.
+    setup(ext_modules=[Extension("crawl._speedups", [RULES], optional=True)], cmdclass={"build_ext": BuildExt})

@@ -99,38 +99,58 @@ def test_without_headers_the_build_goes_on_without_the_walk(setup_py, tmp_path, 
     assert not (tmp_path / "evil.h").exists()
 
 
-class FakePyPI:
-    """urllib.request.urlopen for PyPI's JSON API and its file host."""
+class FakeIndex:
+    """urllib.request.urlopen for a package index's simple API (PEP 691 JSON or PEP 503 HTML) and its files."""
 
-    def __init__(self, data: bytes, sha256: str, url: str = "https://files.example/selectolax-1.0.2.tar.gz",
-                 packagetype: str = "sdist"):
-        self.data, self.requests = data, []
-        self.listing = {"urls": [{"packagetype": "bdist_wheel", "url": "https://files.example/x.whl",
-                                  "digests": {"sha256": "0" * 64}},
-                                 {"packagetype": packagetype, "url": url, "digests": {"sha256": sha256}}]}
+    def __init__(self, data: bytes, sha256: str | None, *, url: str = "https://files.example/p/selectolax-1.0.2.tar.gz",
+                 flavour: str = "json", filename: str = "selectolax-1.0.2.tar.gz"):
+        self.data, self.flavour, self.requests = data, flavour, []
+        self.files = [("selectolax-1.0.2-cp311-cp311-manylinux_x86_64.whl", "https://files.example/p/x.whl", "0" * 64),
+                      (filename, url, sha256)]
 
-    def __call__(self, url, timeout=None):
+    def __call__(self, request, timeout=None):
+        url = request if isinstance(request, str) else request.full_url
         self.requests.append(url)
-        body = json.dumps(self.listing).encode() if url.startswith("https://pypi.org/") else self.data
-        return io.BytesIO(body)
+        if url.endswith("/simple/selectolax/"):
+            if self.flavour == "json":
+                body = json.dumps({"files": [{"filename": name, "url": href, "hashes": {"sha256": sha} if sha else {}}
+                                             for name, href, sha in self.files]}).encode()
+                return Response(body, "application/vnd.pypi.simple.v1+json")
+            anchors = "".join(f'<a href="{href}{"#sha256=" + sha if sha else ""}">{name}</a>'
+                              for name, href, sha in self.files)
+            return Response(f"<html><body>{anchors}</body></html>".encode(), "text/html")
+        return Response(self.data, "application/octet-stream")
 
 
-def test_a_download_is_checked_against_the_sha256_pypi_lists(setup_py, tmp_path, monkeypatch):
+class Response(io.BytesIO):
+    def __init__(self, body: bytes, content_type: str):
+        super().__init__(body)
+        self.headers = {"Content-Type": content_type}
+
+
+@pytest.mark.parametrize("flavour", ["json", "html"])
+def test_a_download_is_checked_against_the_sha256_the_index_lists(setup_py, tmp_path, monkeypatch, flavour):
     monkeypatch.delenv(setup_py.SDIST_VARIABLE, raising=False)
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
     good = sdist(setup_py)
+    digest = hashlib.sha256(good).hexdigest()
     for fake, expected in [
-        (FakePyPI(good, hashlib.sha256(b"another file").hexdigest()), "sha256"),
-        (FakePyPI(good, hashlib.sha256(good).hexdigest(), url="http://files.example/s.tar.gz"), "not an https URL"),
-        (FakePyPI(good, hashlib.sha256(good).hexdigest(), packagetype="bdist_egg"), "lists no sdist"),
+        (FakeIndex(good, hashlib.sha256(b"another file").hexdigest(), flavour=flavour), "sha256"),
+        (FakeIndex(good, None, flavour=flavour), "gives no sha256"),
+        (FakeIndex(good, digest, url="http://files.example/p/selectolax-1.0.2.tar.gz", flavour=flavour),
+         "not an https URL"),
+        (FakeIndex(good, digest, url="https://files.example/p/selectolax-1.0.2.zip", filename="selectolax-1.0.2.zip",
+                   flavour=flavour), "lists no selectolax-1.0.2.tar.gz"),
     ]:
         monkeypatch.setattr(urllib.request, "urlopen", fake)
         include, why = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
         assert include is None and expected in why, why
-    fake = FakePyPI(good, hashlib.sha256(good).hexdigest())
+    fake = FakeIndex(good, digest, url="../../p/selectolax-1.0.2.tar.gz", flavour=flavour)  # relative to the page
     monkeypatch.setattr(urllib.request, "urlopen", fake)
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple/")
     include, origin = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
-    assert include is not None and origin == "https://files.example/selectolax-1.0.2.tar.gz"
-    assert fake.requests == [f"https://pypi.org/pypi/selectolax/{VERSION}/json", origin]
+    assert include is not None and origin == "https://mirror.example/p/selectolax-1.0.2.tar.gz"
+    assert fake.requests == ["https://mirror.example/simple/selectolax/", origin]
 
 
 def test_offline_the_build_goes_on_without_the_walk(setup_py, tmp_path, monkeypatch):
