@@ -213,8 +213,9 @@ if __name__ == "__main__":  # setuptools runs this file so; tests import the hel
         that fails to compile is built again without it."""
 
         def run(self):
-            self.extensions = [(with_tree() or rules_only()) if ext.name == "crawl._speedups" else ext
-                               for ext in self.extensions]
+            for ext in self.extensions:
+                if ext.name == "crawl._speedups":
+                    take(ext, with_tree() or rules_only())
             super().run()
 
         def build_extension(self, ext):
@@ -224,7 +225,12 @@ if __name__ == "__main__":  # setuptools runs this file so; tests import the hel
                 return super().build_extension(ext)
             except Exception as error:  # noqa: BLE001 - a compiler or linker error
                 say(f"the Lexbor tree walk did not compile ({error}): building without it")
-                return super().build_extension(rules_only())
+                take(ext, rules_only())
+                return super().build_extension(ext)
+
+    def take(ext: Extension, built: Extension) -> None:
+        """``built``'s sources and flags on ``ext``, the extension setuptools set up (its own fields kept)."""
+        ext.sources, ext.include_dirs, ext.define_macros = built.sources, built.include_dirs, built.define_macros
 
     # Decided in build_ext (BuildExt.run): the metadata steps neither fetch headers nor run Cython.
     setup(ext_modules=[Extension("crawl._speedups", [RULES], optional=True)], cmdclass={"build_ext": BuildExt})
