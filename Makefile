@@ -40,7 +40,7 @@ help: ## list the targets
 	@echo "Stage targets take CONFIG=file.yaml (default: configs/demo/<stage>.yaml) and ARGS=\"--flag value\"."
 	@echo "CLUSTER=http://HEAD:8265 runs crawl/ingest/filter/shards as a job on that Ray cluster (infra/README.md)."
 
-$(STAMP): pyproject.toml setup.py crawl/_speedups.pyx
+$(STAMP): pyproject.toml setup.py crawl/_speedups.pyx crawl/_lexbor_tree.pxi crawl/_speedups_lexbor.pyx
 	@echo "Setting up $(VENV) (the first time takes a few minutes: torch, ray, open_clip)..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip

@@ -1,26 +1,236 @@
-"""The one compiled module: crawl/_speedups.pyx (the crawl's per-image rules, see its docstring).
+"""The one compiled module: ``crawl._speedups`` (the crawl's per-image rules and page checks).
 
 Everything else is in pyproject.toml. The extension is optional: where it cannot be
 built (no C compiler), the install goes on and crawl/extract.py runs its Python loop,
 which gives the same pairs (tests/test_crawl_extract.py runs both).
+
+It is built one of two ways, from the same sources:
+
+* **with the Lexbor tree walk** (crawl/_speedups_lexbor.pyx: crawl/_speedups.pyx and
+  crawl/_lexbor_tree.pxi): the page loop reads the parsed tree in C, through
+  selectolax's ``.pxd`` and the C headers of the Lexbor inside the installed selectolax.
+  Its wheel ships no headers, so they are taken from that very version's sdist: the
+  file ``WEBCLIP_SELECTOLAX_SDIST`` names, else the one the package index lists for it
+  (``PIP_INDEX_URL``, else PyPI; its simple API, the one pip reads; the download's
+  sha256 checked against the index's), ~3.6 MB, once: only the headers are kept, under
+  build/, for the next build. Nothing is linked: the walk reads Lexbor's structs and uses
+  its header-inline helpers and constants only. Only ``build_ext`` asks for them (not
+  the metadata steps).
+* **without it** (crawl/_speedups.pyx alone) where the headers cannot be had (offline,
+  no such sdist, ``WEBCLIP_SELECTOLAX_SDIST=none``) or that build fails: the compiled
+  rules over selectolax's Python nodes. pip shows why with ``-v``.
+
+The module records the sha256 of its sources and the selectolax version it was
+compiled against: crawl/speedups.py uses a build only with those very sources beside
+it and that very selectolax installed (pyproject.toml pins it, build and run alike).
 """
 
+from __future__ import annotations
+
 import hashlib
-from pathlib import Path
+import html
+import importlib.metadata
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path, PurePosixPath
 
-from Cython.Build import cythonize
-from setuptools import Extension, setup
+ROOT = Path(__file__).resolve().parent
+RULES = "crawl/_speedups.pyx"  # the build without the tree walk
+WITH_TREE = "crawl/_speedups_lexbor.pyx"  # RULES and TREE: the build with it
+TREE = "crawl/_lexbor_tree.pxi"
+SOURCES = (RULES, TREE, WITH_TREE)  # what either build is made of, for its digest
+SDIST_VARIABLE = "WEBCLIP_SELECTOLAX_SDIST"  # a selectolax sdist to take the headers from; "none": build without
+# What the walk includes (and selectolax's .pxd): their presence says the headers are all there.
+NEEDED_HEADERS = ("lexbor/html/html.h", "lexbor/dom/interfaces/element.h", "lexbor/dom/interfaces/attr_res.h",
+                  "lexbor/tag/const.h", "lexbor/ns/const.h", "lexbor/core/hash.h", "lexbor/selectors/selectors.h")
+INDEX = "https://pypi.org/simple"  # PIP_INDEX_URL overrides it, as for pip
 
-SOURCE = "crawl/_speedups.pyx"
-# The module carries the sha256 of the source it was built from: crawl/speedups.py uses a build only
-# with the very source beside it (after an edit, or on a cluster node installed from another version).
-DIGEST = hashlib.sha256((Path(__file__).parent / SOURCE).read_bytes()).hexdigest()
 
-setup(
-    ext_modules=cythonize(
-        [Extension("crawl._speedups", [SOURCE], optional=True,
-                   define_macros=[("WEBCLIP_SPEEDUPS_SOURCE", f'"{DIGEST}"')])],
-        compiler_directives={"language_level": 3},
-        quiet=True,
-    ),
-)
+def sources_digest(root: Path = ROOT, names: tuple[str, ...] = SOURCES) -> str:
+    """sha256 of the sources, each with its name and length (crawl/speedups.py computes the same)."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        data = path.read_bytes() if path.is_file() else None
+        digest.update(f"{PurePosixPath(name).name}\0{-1 if data is None else len(data)}\0".encode())
+        digest.update(data or b"")
+    return digest.hexdigest()
+
+
+def selectolax_version() -> str | None:
+    """The selectolax this build compiles against (a build requirement), or None."""
+    try:
+        return importlib.metadata.version("selectolax")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def lexbor_headers(version: str, cache_root: Path = ROOT / "build") -> tuple[Path | None, str]:
+    """``(include folder, where from)`` of the Lexbor headers of selectolax ``version``, or ``(None, why not)``."""
+    cache = cache_root / f"selectolax-{version}-lexbor-headers"
+    marker = cache / "FROM"  # written last: the extraction is complete
+    if marker.is_file():
+        return cache, f"{marker.read_text().strip()}, kept in {cache}"
+    choice = os.environ.get(SDIST_VARIABLE, "").strip()
+    if choice.lower() in ("none", "0", "off", "no"):
+        return None, f"{SDIST_VARIABLE}={choice}"
+    try:
+        if choice:
+            origin, data = choice, Path(choice).read_bytes()
+        else:
+            origin, data = download_sdist(version)
+        extract_headers(data, version, cache, origin)
+    except Exception as error:  # noqa: BLE001 - any failure means: build without the walk, and say why
+        return None, f"no Lexbor headers for selectolax {version} ({type(error).__name__}: {error})"
+    return cache, origin
+
+
+def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
+    """``(url, bytes)`` of selectolax ``version``'s sdist from the package index, its sha256 checked.
+
+    The index's simple API (PEP 691 JSON, else PEP 503 HTML with ``#sha256=`` fragments),
+    where pip finds it too.
+    """
+    index = (os.environ.get("PIP_INDEX_URL") or INDEX).rstrip("/")
+    listing_url = f"{index}/selectolax/"
+    request = urllib.request.Request(
+        listing_url, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read()
+        kind = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
+    name = f"selectolax-{version}.tar.gz"
+    found = None
+    if "json" in kind or body[:1] == b"{":
+        for entry in json.loads(body).get("files", ()):
+            if entry.get("filename") == name:
+                found = urllib.parse.urljoin(listing_url, entry["url"]), entry.get("hashes", {}).get("sha256")
+    else:
+        for href in re.findall(r'href="([^"]+)"', body.decode("utf-8", "replace")):
+            url, _, fragment = html.unescape(href).partition("#")
+            if url.rsplit("/", 1)[-1] == name:
+                found = urllib.parse.urljoin(listing_url, url), fragment.partition("sha256=")[2] or None
+    if found is None:
+        raise LookupError(f"{listing_url} lists no {name}")
+    url, expected = found
+    if not expected:
+        raise ValueError(f"{listing_url} gives no sha256 for {name}")
+    if not url.startswith("https://"):
+        raise ValueError(f"not an https URL: {url}")
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()}, the index says {expected}")
+    return url, data
+
+
+def extract_headers(sdist: bytes, version: str, cache: Path, origin: str) -> None:
+    """The ``lexbor/source/**/*.h`` of a selectolax ``version`` sdist into ``cache`` (as ``lexbor/...``)."""
+    with tarfile.open(fileobj=io.BytesIO(sdist), mode="r:*") as archive:
+        headers: dict[PurePosixPath, bytes] = {}
+        found_version = None
+        for member in archive:
+            parts = PurePosixPath(member.name).parts
+            if not member.isfile() or len(parts) < 2:
+                continue
+            if parts[1:] == ("PKG-INFO",):
+                for line in archive.extractfile(member).read().decode("utf-8", "replace").splitlines():
+                    if line.startswith("Version:"):
+                        found_version = line.partition(":")[2].strip()
+                        break
+            elif len(parts) > 4 and parts[1:3] == ("lexbor", "source") and parts[-1].endswith(".h"):
+                if any(part in ("", ".", "..") or "\\" in part for part in parts[3:]):
+                    raise ValueError(f"an odd path in the sdist: {member.name}")
+                headers[PurePosixPath(*parts[3:])] = archive.extractfile(member).read()
+    if found_version != version:
+        raise ValueError(f"{origin} is selectolax {found_version}, not {version}")
+    missing = [name for name in NEEDED_HEADERS if PurePosixPath(name) not in headers]
+    if missing:
+        raise ValueError(f"{origin} holds no {', '.join(missing)}")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    try:
+        for name, data in headers.items():
+            target = staging.joinpath(*name.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (staging / "FROM").write_text(f"{origin}\n")
+        shutil.rmtree(cache, ignore_errors=True)
+        staging.rename(cache)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def say(message: str) -> None:
+    print(f"webclip setup.py: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # setuptools runs this file so; tests import the helpers above
+    from Cython.Build import cythonize
+    from setuptools import Extension, setup
+    from setuptools.command.build_ext import build_ext
+
+    DIRECTIVES = {"language_level": 3}
+    # The module carries the sha256 of the sources it was built from: crawl/speedups.py uses a build only
+    # with the very sources beside it (after an edit, or on a cluster node installed from another version).
+    MACROS = [("WEBCLIP_SPEEDUPS_SOURCE", f'"{sources_digest()}"')]
+
+    def rules_only() -> Extension:
+        [extension] = cythonize([Extension("crawl._speedups", [RULES], optional=True, define_macros=MACROS)],
+                                compiler_directives=DIRECTIVES, quiet=True)
+        return extension
+
+    def with_tree() -> Extension | None:
+        version = selectolax_version()
+        if version is None:
+            say("built without the Lexbor tree walk: selectolax is not installed where this builds")
+            return None
+        include, origin = lexbor_headers(version)
+        if include is None:
+            say(f"built without the Lexbor tree walk: {origin}. crawl/ takes selectolax's nodes instead (slower); "
+                f"{SDIST_VARIABLE}=/path/to/selectolax-{version}.tar.gz builds it offline")
+            return None
+        try:
+            [extension] = cythonize(
+                [Extension("crawl._speedups", [WITH_TREE], optional=True, include_dirs=[str(include)],
+                           define_macros=[*MACROS, ("WEBCLIP_SELECTOLAX_VERSION", f'"{version}"')])],
+                compiler_directives=DIRECTIVES, quiet=True)
+        except Exception as error:  # noqa: BLE001 - e.g. selectolax's .pxd not found or changed
+            say(f"built without the Lexbor tree walk: Cython failed on {WITH_TREE} ({error})")
+            return None
+        say(f"building with the Lexbor tree walk: selectolax {version}, headers from {origin}")
+        return extension
+
+    class BuildExt(build_ext):
+        """crawl._speedups with the tree walk where the headers can be had, else without; a build with it
+        that fails to compile is built again without it."""
+
+        def run(self):
+            for ext in self.extensions:
+                if ext.name == "crawl._speedups":
+                    take(ext, with_tree() or rules_only())
+            super().run()
+
+        def build_extension(self, ext):
+            if WITH_TREE not in {Path(source).with_suffix(".pyx").as_posix() for source in ext.sources}:
+                return super().build_extension(ext)
+            try:
+                return super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 - a compiler or linker error
+                say(f"the Lexbor tree walk did not compile ({error}): building without it")
+                take(ext, rules_only())
+                return super().build_extension(ext)
+
+    def take(ext: Extension, built: Extension) -> None:
+        """``built``'s sources and flags on ``ext``, the extension setuptools set up (its own fields kept)."""
+        ext.sources, ext.include_dirs, ext.define_macros = built.sources, built.include_dirs, built.define_macros
+
+    # Decided in build_ext (BuildExt.run): the metadata steps neither fetch headers nor run Cython.
+    setup(ext_modules=[Extension("crawl._speedups", [RULES], optional=True)], cmdclass={"build_ext": BuildExt})

@@ -6,6 +6,8 @@ parser (Lexbor via selectolax) and nothing else — the speed any extractor buil
 that parser could reach. The loops over the same file, in this one process:
 
 * **read**: crawl/'s WARC reader (gunzip, record headers) and HTTP split, nothing else;
+* **parse**: read, then ``LexborHTMLParser(body).tags("img")`` and nothing else: the
+  parser's own cost, below which no extractor on it can go;
 * **plain** (the limit): read, then ``LexborHTMLParser(body).tags("img")`` (the fastest
   way Lexbor lists elements; ``css("img")`` costs more) and each ``<img>``'s ``src`` and
   ``alt`` read: the same records, the same parser, nothing else;
@@ -14,20 +16,25 @@ that parser could reach. The loops over the same file, in this one process:
   byte cap, content type, binary sniff, charset), the parse, the rules of
   ``crawl/extract.py`` (``<base>``, meta robots, srcset and lazy attributes, figure
   captions, caption rules, URL resolution, dedupe) and the parquet part, written —
-  with the per-image loop compiled (``crawl/_speedups.pyx``) where it is built;
+  with the per-image loop compiled (``crawl/_speedups.pyx``) where it is built, the
+  page's images read from Lexbor's tree in C where the build has that
+  (``crawl/_lexbor_tree.pxi``);
+* **ours_nodes** (where the build reads Lexbor's tree; ``--nodes_loop false`` drops it):
+  the same with the compiled rules over selectolax's node objects, what a build without
+  the Lexbor headers runs;
 * **ours_python** (where it is built; ``--python_loop false`` drops it): the same with
   crawl/extract.py's Python per-image loop, what runs where there is no C compiler.
 
 The ratio is plain's CPU time over ours (``time.process_time``: the machine may be
 shared, and other jobs' time is not ours), per round; a round runs the loops
-once each, in an order that alternates (read, plain, ours; then ours, plain, read) so
-that drift in the machine's load falls on both sides alike. The summary gives the
-median of the per-round ratios (the figure quoted), their range, the ratio of each
-loop's best round, the wall-time ratio, and where the time goes (µs per page:
-reading, parse + ``<img>`` attributes, our extra). After the rounds, ``--page_by_page``
-passes (2) run the loops page by page instead (``page_by_page``: each record handed to
-every loop in a rotating order, reading timed once): a steadier figure where the
-machine's speed drifts between whole loops. The pages are synthetic but shaped like real ones (``--page_kb`` of HTML each, with navigation, scripts, text, 20-ish
+once each, in an order that alternates (read, parse, plain, ours, ...; then the
+reverse) so that drift in the machine's load falls on both sides alike. The summary
+gives the median of the per-round ratios (the figure quoted), their range, the ratio
+of each loop's best round, the wall-time ratio, where the time goes (µs per page:
+reading, parse, ``<img>`` attributes, our extra) and the ratio against parse alone.
+After the rounds, ``--page_by_page`` passes (2) run the loops page by page instead
+(``page_by_page``: each record handed to every loop in a rotating order, reading timed
+once): a steadier figure where the machine's speed drifts between whole loops. The pages are synthetic but shaped like real ones (``--page_kb`` of HTML each, with navigation, scripts, text, 20-ish
 images in the usual mix of plain, srcset, lazy, figure and junk forms, ~150 links),
 written once with warcio into ``--workdir``, one gzip member per record.
 
@@ -38,6 +45,7 @@ written once with warcio into ``--workdir``, one gzip member per record.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 
@@ -147,6 +155,21 @@ def plain_loop(path: str) -> int:
     return pages
 
 
+def parse_loop(path: str) -> int:
+    """The parser alone: the same records parsed, the ``<img>`` elements listed, nothing read from them."""
+    pages = 0
+    for record in iter_warc(path, 10_000_000):
+        if record.type != "response":
+            continue
+        parse_page(record)
+        pages += 1
+    return pages
+
+
+def parse_page(record) -> None:
+    LexborHTMLParser(http_payload(record.block, 10_000_000).body).tags("img")
+
+
 def plain_page(record) -> None:
     """One record of the limit: its HTTP body parsed, each ``<img>``'s ``src`` and ``alt`` read."""
     for img in LexborHTMLParser(http_payload(record.block, 10_000_000).body).tags("img"):  # faster than css()
@@ -169,19 +192,45 @@ def our_loop(path: str, out: str) -> int:
     return stats.pages_parsed
 
 
-def our_python_loop(path: str, out: str) -> int:
-    """``our_loop`` with crawl/extract.py's own per-image loop: where crawl/_speedups.pyx is not built."""
+def _loops() -> dict[str, tuple]:
+    """``(per-image rules, page images)`` of crawl/extract.py for ours and what else is built here."""
     from crawl import extract
 
-    compiled, extract._image_rules = extract._image_rules, extract._python_image_rules
+    loops = {"ours": (extract._image_rules, extract._page_images)}
+    if extract.IMAGE_WALK == "lexbor":
+        loops["ours_nodes"] = (extract._image_rules, extract._selectolax_page_images)
+    if extract.IMAGE_RULES == "compiled":
+        loops["ours_python"] = (extract._python_image_rules, extract._selectolax_page_images)
+    return loops
+
+
+@contextlib.contextmanager
+def _loop(name: str):
+    """crawl/extract.py running the per-image loop of ``name`` (``_loops``)."""
+    from crawl import extract
+
+    saved = extract._image_rules, extract._page_images
+    extract._image_rules, extract._page_images = _loops()[name]
     try:
-        return our_loop(path, out)
+        yield
     finally:
-        extract._image_rules = compiled
+        extract._image_rules, extract._page_images = saved
 
 
-def page_by_page(path: str, out: str, passes: int, python_loop: bool) -> dict:
-    """The loops page by page: each record handed to plain, ours (and ours_python) in a rotating order.
+def our_nodes_loop(path: str, out: str) -> int:
+    """``our_loop`` with the compiled rules over selectolax's nodes: a build without the Lexbor headers."""
+    with _loop("ours_nodes"):
+        return our_loop(path, out)
+
+
+def our_python_loop(path: str, out: str) -> int:
+    """``our_loop`` with crawl/extract.py's own per-image loop: where crawl/_speedups.pyx is not built."""
+    with _loop("ours_python"):
+        return our_loop(path, out)
+
+
+def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
+    """The loops page by page: each record handed to parse, plain, ours (and ``variants``) in a rotating order.
 
     A steadier measure on a shared machine than whole loops: a change in the machine's
     speed falls on every loop within microseconds, not seconds. Reading is shared: timed
@@ -189,53 +238,51 @@ def page_by_page(path: str, out: str, passes: int, python_loop: bool) -> dict:
     in ``our_loop`` (their close counted too).
     """
     from core.config import from_dict
-    from crawl import extract
     from crawl.archive import HTTP_HEADER_ALLOWANCE, take_record
     from crawl.config import CrawlConfig
     from crawl.output import CrawlStats, PairWriter
 
     cfg = from_dict(CrawlConfig, {"warc": [path], "output_folder": out, "distributor": "inline"})
     directives = cfg.directives()
-    rules = {"ours": extract._image_rules}
-    if python_loop and extract.IMAGE_RULES == "compiled":
-        rules["ours_python"] = extract._python_image_rules
-    names = ["plain", *rules]
+    ours = ["ours", *variants]
+    names = ["parse", "plain", *ours]
     orders = [names[k:] + names[:k] for k in range(len(names))]
     orders += [order[::-1] for order in orders]
     cpu = dict.fromkeys(["read", *names], 0.0)
     clock, pages = time.process_time, 0
-    compiled = extract._image_rules
-    try:
-        for _ in range(passes):
-            writers = {name: PairWriter(f"{out}/part-{name}.parquet") for name in rules}
-            stats = {name: CrawlStats() for name in rules}
-            records = iter_warc(path, cfg.max_page_bytes + HTTP_HEADER_ALLOWANCE)
-            while True:
-                start = clock()
-                record = next(records, None)
-                cpu["read"] += clock() - start
-                if record is None:
-                    break
-                if record.type != "response":
-                    continue
-                for name in orders[pages % len(orders)]:
+    for _ in range(passes):
+        writers = {name: PairWriter(f"{out}/part-{name}.parquet") for name in ours}
+        stats = {name: CrawlStats() for name in ours}
+        records = iter_warc(path, cfg.max_page_bytes + HTTP_HEADER_ALLOWANCE)
+        while True:
+            start = clock()
+            record = next(records, None)
+            cpu["read"] += clock() - start
+            if record is None:
+                break
+            if record.type != "response":
+                continue
+            for name in orders[pages % len(orders)]:
+                if name == "parse":
                     start = clock()
-                    if name == "plain":
-                        plain_page(record)
-                    else:
-                        extract._image_rules = rules[name]
+                    parse_page(record)
+                elif name == "plain":
+                    start = clock()
+                    plain_page(record)
+                else:
+                    with _loop(name):
+                        start = clock()
                         take_record(record, cfg, directives, writers[name], stats[name])
-                    cpu[name] += clock() - start
-                pages += 1
-            for name, writer in writers.items():
-                start = clock()
-                writer.close()
                 cpu[name] += clock() - start
-    finally:
-        extract._image_rules = compiled
+            pages += 1
+        for name, writer in writers.items():
+            start = clock()
+            writer.close()
+            cpu[name] += clock() - start
     us = {name: round(c / pages * 1e6, 1) for name, c in cpu.items()}
     return {"passes": passes, "us_per_page": us,
-            **{f"ratio_{name}": round((cpu["read"] + cpu["plain"]) / (cpu["read"] + cpu[name]), 3) for name in rules}}
+            **{f"ratio_{name}": round((cpu["read"] + cpu["plain"]) / (cpu["read"] + cpu[name]), 3) for name in ours},
+            "ratio_ours_to_parse": round((cpu["read"] + cpu["parse"]) / (cpu["read"] + cpu["ours"]), 3)}
 
 
 def timed(fn, *args) -> tuple[int, float, float]:
@@ -257,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--python_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
                         help="also time ours with crawl/extract.py's Python per-image loop (default true; "
                              "where crawl/_speedups.pyx is built)")
+    parser.add_argument("--nodes_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                        help="also time ours with the compiled rules over selectolax's nodes (default true; where "
+                             "the build reads Lexbor's tree itself)")
     parser.add_argument("--page_by_page", type=int, default=2,
                         help="passes of the page-by-page measure after the rounds (see page_by_page; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -271,11 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         write_pages(warc, args.pages, args.page_kb, args.seed)
     from crawl import extract
 
-    loops = {"read": (read_loop, str(warc)), "plain": (plain_loop, str(warc)),
+    loops = {"read": (read_loop, str(warc)), "parse": (parse_loop, str(warc)), "plain": (plain_loop, str(warc)),
              "ours": (our_loop, str(warc), str(work))}
-    if extract.IMAGE_RULES == "compiled" and args.python_loop:
-        loops["ours_python"] = (our_python_loop, str(warc), str(work))
-    print(f"per-image loop: {extract.IMAGE_RULES}", flush=True)
+    variants = [name for name, wanted in (("ours_nodes", args.nodes_loop), ("ours_python", args.python_loop))
+                if wanted and name in _loops()]
+    for name in variants:
+        loops[name] = ({"ours_nodes": our_nodes_loop, "ours_python": our_python_loop}[name], str(warc), str(work))
+    print(f"per-image loop: {extract.IMAGE_RULES}, images listed by {extract.IMAGE_WALK}", flush=True)
     for fn, *fn_args in loops.values():  # warm-up: imports, caches, the file in the page cache
         fn(*fn_args)
     load_before = os.getloadavg()
@@ -289,10 +341,11 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(cpu_s)
             wall[name].append(wall_s)
         ratio = cpu["plain"][-1] / cpu["ours"][-1]
-        python = (f" (Python loop {pages / cpu['ours_python'][-1]:.0f}: {cpu['plain'][-1] / cpu['ours_python'][-1]:.2f})"
-                  if "ours_python" in cpu else "")
-        print(f"round {round_ + 1}: read {pages / cpu['read'][-1]:.0f}, plain {pages / cpu['plain'][-1]:.0f}, "
-              f"ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: ratio {ratio:.2f}{python}", flush=True)
+        others = "".join(f", {name} {pages / cpu[name][-1]:.0f}: {cpu['plain'][-1] / cpu[name][-1]:.2f}"
+                         for name in variants)
+        print(f"round {round_ + 1}: read {pages / cpu['read'][-1]:.0f}, parse {pages / cpu['parse'][-1]:.0f}, "
+              f"plain {pages / cpu['plain'][-1]:.0f}, ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: "
+              f"ratio {ratio:.2f}{others}", flush=True)
     ratios = [p / o for p, o in zip(cpu["plain"], cpu["ours"])]
     us = {name: _median([c / pages * 1e6 for c in values]) for name, values in cpu.items()}
     summary = {
@@ -302,19 +355,22 @@ def main(argv: list[str] | None = None) -> int:
         "pages_per_cpu_s_range": {name: [round(pages / max(values)), round(pages / min(values))]
                                   for name, values in cpu.items()},
         "per_image_loop": extract.IMAGE_RULES,
+        "images_listed_by": extract.IMAGE_WALK,
         "ratio_cpu_median": round(_median(ratios), 3),
         "ratio_cpu_range": [round(min(ratios), 3), round(max(ratios), 3)],
         # On a shared machine the best round of each loop is the least disturbed one.
         "ratio_of_best": round(min(cpu["plain"]) / min(cpu["ours"]), 3),
         "ratio_wall_median": round(_median([p / o for p, o in zip(wall["plain"], wall["ours"])]), 3),
-        "us_per_page_median": {"reading": round(us["read"], 1), "parse_and_img_attributes":
-                               round(us["plain"] - us["read"], 1), "our_extra": round(us["ours"] - us["plain"], 1)},
-        **({"python_loop_ratio_cpu_median": round(_median([p / o for p, o in zip(cpu["plain"], cpu["ours_python"])]), 3)}
-           if "ours_python" in cpu else {}),
+        "us_per_page_median": {"reading": round(us["read"], 1), "parse": round(us["parse"] - us["read"], 1),
+                               "img_attributes": round(us["plain"] - us["parse"], 1),
+                               "our_extra": round(us["ours"] - us["plain"], 1)},
+        "ratio_to_parse_cpu_median": round(_median([p / o for p, o in zip(cpu["parse"], cpu["ours"])]), 3),
+        **{f"{'python' if name == 'ours_python' else 'nodes'}_loop_ratio_cpu_median":
+           round(_median([p / o for p, o in zip(cpu["plain"], cpu[name])]), 3) for name in variants},
         "cpu_s": {name: [round(c, 4) for c in values] for name, values in cpu.items()},
     }
     if args.page_by_page:
-        summary["page_by_page"] = page_by_page(str(warc), str(work), args.page_by_page, args.python_loop)
+        summary["page_by_page"] = page_by_page(str(warc), str(work), args.page_by_page, variants)
         print(f"page by page: {summary['page_by_page']}", flush=True)
     save_result(f"crawl_parse_{args.page_kb}k", summary)
     return 0

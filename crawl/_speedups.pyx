@@ -20,13 +20,21 @@ of every page, where Python's per-operation cost was most of the crawl's own tim
   goes to ``is_meaningless``; a refused alt text to the figure caption (``_figcaption_text``).
 * rule 4 (dedupe) as written.
 
+``image_rules`` takes selectolax's node objects (``tree.tags("img")``: a dict of
+attributes, a parent node, per image). Where setup.py had the Lexbor headers of the
+installed selectolax, this file is compiled together with ``crawl/_lexbor_tree.pxi``
+(as crawl/_speedups_lexbor.pyx), whose ``page_images(tree, ...)`` gives the same pairs
+reading Lexbor's tree itself: the images, their attributes and parents, the figure
+caption, straight from its structs; selectolax's objects only for the images a Python
+rule takes.
+
 The page checks of ``crawl/page.py``: ``is_utf8`` (strict UTF-8, without decoding the
 page; 32 bytes a step with AVX2) and ``has_any_byte`` (the binary sniff).
 
 Built by ``pip install -e .`` (setup.py; optional: without a C compiler the package
 installs and crawl/ runs its Python code). ``crawl/speedups.py`` loads it; the tests
-run every page rule over both loops and compare each check with its Python twin
-(tests/test_crawl_extract.py).
+run every page rule over each loop (Python, these rules over selectolax's nodes, and
+over Lexbor's tree) and compare each check with its Python twin (tests/test_crawl_extract.py).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -77,6 +85,8 @@ def bind(*, pick_url, picture_srcsets, is_meaningless, first_figcaption, figure_
     global _URL_PREFIXES, _GENERIC_ALTS
     _pick_url, _picture_srcsets, _is_meaningless = pick_url, picture_srcsets, is_meaningless
     _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH = first_figcaption, figure_tag, figure_search_depth
+    if not (isinstance(pair, type) and issubclass(pair, tuple)):
+        raise TypeError(f"not a tuple type: {pair!r}")
     _Pair, _PICTURE = pair, picture_tag
     _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE = longest_generic, alt_meaningless, dup_in_page
     _URL_ATTRIBUTES, _LAZY_THEN_SRC = frozenset(url_attributes), tuple(lazy_then_src)
@@ -94,6 +104,27 @@ cdef void _ascii_table(bint* table, characters) except *:
         if ord(c) >= 128:
             raise ValueError(f"not ASCII: {c!r}")
         table[ord(c)] = True
+
+
+cdef extern from *:
+    """
+    /* tuple.__new__(type, (a, b, c)) for a tuple subclass (a Pair), as CPython's tuple_subtype_new makes
+       it: tp_alloc with three items, then each item set; without the call and the argument tuple. */
+    static PyObject *webclip_new_triple(PyObject *type, PyObject *a, PyObject *b, PyObject *c) {
+        PyObject *triple = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 3);
+        if (triple == NULL) {
+            return NULL;
+        }
+        Py_INCREF(a);
+        PyTuple_SET_ITEM(triple, 0, a);
+        Py_INCREF(b);
+        PyTuple_SET_ITEM(triple, 1, b);
+        Py_INCREF(c);
+        PyTuple_SET_ITEM(triple, 2, c);
+        return triple;
+    }
+    """
+    object _new_triple "webclip_new_triple"(object type, object a, object b, object c)
 
 
 cdef inline void _count(object reasons, str reason) except *:
@@ -354,17 +385,21 @@ cdef str _figcaption_text(object img, dict by_parent):
     return text
 
 
+# Where rule 3 finds image ``i``'s figure caption: through selectolax's nodes (``image_rules``: ``images`` is
+# the list of them) or straight from Lexbor's tree (``page_images``, crawl/_lexbor_walk.pxi).
+ctypedef str (*_FigcaptionOf)(void* images, Py_ssize_t i, dict by_parent)
+
+
+cdef str _figcaption_of_node(void* images, Py_ssize_t i, dict by_parent):
+    return _figcaption_text((<list>images)[i], by_parent)
+
+
 def image_rules(images, resolver, result):
     """``crawl.extract._image_rules(images, resolver, result)``, the same pairs and reasons."""
     cdef object reasons = result.reasons
-    cdef list pairs = result.pairs, raws = [], alts = [], kept = [], urls = []
+    cdef list raws = [], alts = [], kept = []
     cdef dict attributes
-    cdef object node, parent, sources, raw, problem, url, text
-    cdef str caption, source, origin = resolver._origin
-    cdef Py_ssize_t i, count
-    cdef set seen = set()
-    cdef dict figcaptions = {}  # parent's mem_id -> its figcaption text (_figcaption_text)
-    cdef bint fast = resolver._fast
+    cdef object node, parent, sources, raw, problem
     # 1. URL
     for node in images:
         attributes = node.attributes
@@ -381,7 +416,20 @@ def image_rules(images, resolver, result):
         raws.append(raw)
         alts.append(_get(attributes, "alt") or "")
         kept.append(node)
-    count = len(raws)
+    _resolve_caption_dedupe(resolver, result, raws, alts, _figcaption_of_node, <void*>kept)
+
+
+cdef int _resolve_caption_dedupe(object resolver, object result, list raws, list alts,
+                                 _FigcaptionOf figcaption_of, void* images) except -1:
+    """Rules 2-4 for the images rule 1 kept: ``raws`` their URLs as written, ``alts`` their alt texts."""
+    cdef object reasons = result.reasons
+    cdef list pairs = result.pairs, urls = []
+    cdef object raw, problem, url, text
+    cdef str caption, source, origin = resolver._origin
+    cdef Py_ssize_t i, count = len(raws)
+    cdef set seen = set()
+    cdef dict figcaptions = {}  # the image's parent -> its figcaption text (_figcaption_text)
+    cdef bint fast = resolver._fast
     # 2. resolution
     join = resolver.join
     for i in range(count):
@@ -404,7 +452,7 @@ def image_rules(images, resolver, result):
         if _says_something(caption):
             source = "alt"
         else:
-            text = _figcaption_text(kept[i], figcaptions)
+            text = figcaption_of(images, i, figcaptions)
             caption, source = (" ".join(text.split()) if text else ""), "figcaption"
             if not _says_something(caption):
                 _count(reasons, _ALT_MEANINGLESS)
@@ -413,7 +461,8 @@ def image_rules(images, resolver, result):
             _count(reasons, _DUP_IN_PAGE)
             continue
         seen.add(url)
-        pairs.append(tuple.__new__(_Pair, (url, caption, source)))
+        pairs.append(_new_triple(_Pair, url, caption, source))
+    return 0
 
 
 cdef unsigned char _UTF8_LENGTH[256]  # a lead byte's sequence length; 0: no valid sequence begins with it

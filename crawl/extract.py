@@ -25,7 +25,9 @@ reason, decided in this order:
 
 The per-image loop (``_image_rules``) runs compiled where ``crawl/_speedups.pyx`` is
 built (``crawl/speedups.py``): the common shapes of rules 1-4 in C, everything else
-handed back to the functions here; the tests run every page through both loops.
+handed back to the functions here; where the build has it, a page's images are read
+from Lexbor's tree in C too (``_page_images``, ``crawl/_lexbor_tree.pxi``) instead of
+through selectolax's node objects. The tests run every page through each loop.
 
 ``<meta name="robots">`` is honoured as X-Robots-Tag is: a disallowed directive
 (``noai``, ``noimageai``, ...) opts the page's images out, ``nofollow``/``none``
@@ -609,8 +611,15 @@ def _first_figcaption(figure):
 _python_image_rules = _image_rules
 
 
-def _compiled_image_rules():
-    """``_speedups.image_rules`` bound to the rules above; None where the speed-ups are not loaded."""
+def _selectolax_page_images(tree: LexborHTMLParser, resolver: Resolver, result: PageExtraction) -> None:
+    """The page's ``<img>``s through selectolax's nodes (Lexbor's tag walk), then ``_image_rules``."""
+    images = tree.tags("img")
+    if images:
+        _image_rules(images, resolver, result)
+
+
+def _bound_speedups():
+    """crawl/_speedups bound to the rules above; None where the speed-ups are not loaded."""
     compiled = speedups.load()
     if compiled is None:
         return None
@@ -623,11 +632,30 @@ def _compiled_image_rules():
         url_prefixes=_URL_PREFIXES, generic_alts=GENERIC_ALTS,
         end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
     )
-    return compiled.image_rules
+    return compiled
 
 
-_image_rules = _compiled_image_rules() or _python_image_rules  # the same rules, compiled where built
+def _compiled_image_rules():
+    """``_speedups.image_rules`` bound to the rules above; None where the speed-ups are not loaded."""
+    compiled = _bound_speedups()
+    return None if compiled is None else compiled.image_rules
+
+
+def _compiled_page_images():
+    """``_speedups.page_images`` (the page loop reading Lexbor's tree in C) bound to the rules above; None
+    where the speed-ups are not loaded or were built without it."""
+    compiled = _bound_speedups()
+    if compiled is None or not hasattr(compiled, "page_images"):
+        return None
+    return compiled.page_images if compiled.bind_tree_walk(img_tag=_IMG, figcaption_tag=_FIGCAPTION) else None
+
+
+# The same rules, compiled where built: a page's images straight from Lexbor's tree where the build has the
+# walk (_page_images), else through selectolax's nodes; a node list (a WAT's) by _image_rules.
+_image_rules = _compiled_image_rules() or _python_image_rules
 IMAGE_RULES = "compiled" if _image_rules is not _python_image_rules else "python"  # which one runs
+_page_images = (_compiled_page_images() if IMAGE_RULES == "compiled" else None) or _selectolax_page_images
+IMAGE_WALK = "lexbor" if _page_images is not _selectolax_page_images else "selectolax"  # how pages list images
 
 
 def extract_html(
@@ -671,11 +699,9 @@ def extract_html(
     if opted_out:
         result.opt_out = opted_out[0]
     else:
-        # Lexbor's tag index walk is a third of a CSS query's cost; an image in a <picture> finds the
-        # picture's <source srcset>s itself (_picture_srcsets).
-        images = tree.tags("img")
-        if images:
-            _image_rules(images, resolver, result)
+        # Lexbor's tag walk (a third of a CSS query's cost), in C where built (_page_images); an image in a
+        # <picture> finds the picture's <source srcset>s itself (_picture_srcsets).
+        _page_images(tree, resolver, result)
     if want_links and "nofollow" not in directives:
         links = _Links(resolver, result.links)
         for href in _link_hrefs(tree.css("a[href], area[href]")):

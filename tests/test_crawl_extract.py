@@ -26,21 +26,36 @@ from crawl.robots import ALLOW_ALL, parse_robots, policy_for_status
 
 PAGE = "http://example.org/articles/cats.html"
 COMPILED = extract_mod._compiled_image_rules()
+COMPILED_WALK = extract_mod._compiled_page_images()
 
 
-@pytest.fixture(autouse=True, params=["python", "compiled"])
+def _required() -> bool:
+    """make test, where a C compiler is: the compiled loops must be there."""
+    return os.environ.get("WEBCLIP_REQUIRE_SPEEDUPS") == "1" and os.environ.get("WEBCLIP_PURE_PYTHON", "") in ("", "0")
+
+
+@pytest.fixture(autouse=True, params=["python", "compiled", "compiled_nodes"])
 def image_rules(request, monkeypatch):
-    """Every test here runs over both per-image loops: crawl/extract.py's and crawl/_speedups.pyx's."""
-    if request.param == "compiled":
+    """Every test here runs over each per-image loop: crawl/extract.py's, crawl/_speedups's reading Lexbor's
+    tree itself (``compiled``), and its rules over selectolax's nodes (``compiled_nodes``: a build without
+    the tree walk, and WAT records)."""
+    if request.param != "python":
         if COMPILED is None:
-            if (os.environ.get("WEBCLIP_REQUIRE_SPEEDUPS") == "1"  # make test, where a C compiler is
-                    and os.environ.get("WEBCLIP_PURE_PYTHON", "") in ("", "0")):
+            if _required():
                 pytest.fail("crawl/_speedups.pyx is not built (or stale) though a C compiler is here: "
                             "see what `pip install -e .` printed")
             pytest.skip("crawl/_speedups.pyx is not built here (pip install -e . with a C compiler builds it)")
+        if request.param == "compiled" and COMPILED_WALK is None:
+            if _required():
+                pytest.fail("crawl/_speedups was built without the Lexbor tree walk: see what `pip install -v -e .` "
+                            "printed (setup.py: the Lexbor headers, from selectolax's sdist)")
+            pytest.skip("crawl/_speedups is built without the Lexbor tree walk here")
         monkeypatch.setattr(extract_mod, "_image_rules", COMPILED)
+        monkeypatch.setattr(extract_mod, "_page_images", COMPILED_WALK if request.param == "compiled"
+                            else extract_mod._selectolax_page_images)
     else:
         monkeypatch.setattr(extract_mod, "_image_rules", extract_mod._python_image_rules)
+        monkeypatch.setattr(extract_mod, "_page_images", extract_mod._selectolax_page_images)
     return request.param
 
 
@@ -658,7 +673,7 @@ def test_image_url_shortcuts_agree_with_the_plain_rule():
 
 
 def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
-    if image_rules != "compiled":
+    if image_rules != "compiled_nodes":
         pytest.skip("the compiled loop's own rule 1")
     from crawl import _speedups
 
@@ -676,7 +691,7 @@ def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
 
 def test_compiled_caption_judgement_is_sound(image_rules):
     """Where the compiled loop judges a caption without is_meaningless, is_meaningless agrees."""
-    if image_rules != "compiled":
+    if image_rules != "compiled_nodes":
         pytest.skip("the compiled loop's own shortcut")
     from crawl import _speedups
 
@@ -696,7 +711,7 @@ def test_compiled_caption_judgement_is_sound(image_rules):
 
 
 def test_compiled_byte_sniff_agrees_with_the_python_one(image_rules):
-    if image_rules != "compiled":
+    if image_rules != "compiled_nodes":
         pytest.skip("the compiled loop's own check")
     from crawl import _speedups
 
@@ -709,7 +724,7 @@ def test_compiled_byte_sniff_agrees_with_the_python_one(image_rules):
 
 
 def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
-    if image_rules != "compiled":
+    if image_rules != "compiled_nodes":
         pytest.skip("the compiled loop's own check")
     from crawl import _speedups
 
@@ -749,22 +764,46 @@ def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
 
 
 def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
-    import hashlib
     from types import SimpleNamespace
 
-    source = tmp_path / "_speedups.pyx"
-    built = SimpleNamespace(SOURCE_SHA256=hashlib.sha256(b"one").hexdigest())
-    assert speedups.matches(built, source)  # no source next to it (an installed wheel): nothing to compare
-    source.write_bytes(b"one")
-    assert speedups.matches(built, source)
-    source.write_bytes(b"one, edited")
-    assert not speedups.matches(built, source)
-    assert not speedups.matches(SimpleNamespace(), source)  # built without the digest
+    sources = [tmp_path / name for name in ("_speedups.pyx", "_lexbor_tree.pxi", "_speedups_lexbor.pyx")]
+    built = SimpleNamespace(SOURCE_SHA256="0" * 64)
+    assert speedups.matches(built, sources)  # no source next to it (an installed wheel): nothing to compare
+    for source in sources:
+        source.write_bytes(b"one " + source.name.encode())
+    built.SOURCE_SHA256 = speedups.sources_digest(sources)
+    assert speedups.matches(built, sources)
+    sources[1].write_bytes(b"the tree walk, edited")
+    assert not speedups.matches(built, sources)
+    sources[1].unlink()  # one of them gone
+    assert not speedups.matches(built, sources)
+    assert not speedups.matches(SimpleNamespace(), sources)  # built without the digest
     monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "1")
     assert speedups.load.__wrapped__() is None
-    if image_rules == "compiled":
+    if image_rules == "compiled_nodes":
         monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "0")
         assert speedups.load.__wrapped__() is not None
+
+
+def test_a_build_for_another_selectolax_is_refused(image_rules, monkeypatch):
+    """The tree walk reads Lexbor's structs as the selectolax it was compiled against lays them out."""
+    from types import SimpleNamespace
+
+    import selectolax
+
+    if image_rules != "compiled":
+        pytest.skip("the build with the tree walk")
+    from crawl import _speedups
+
+    assert speedups.compiled_against(_speedups) == selectolax.__version__ == speedups.selectolax_version()
+    assert speedups.load.__wrapped__() is _speedups
+    monkeypatch.setattr(speedups, "selectolax_version", lambda: "1.0.99")
+    with pytest.warns(RuntimeWarning, match=f"compiled against selectolax {selectolax.__version__}, and 1.0.99 is"):
+        assert speedups.load.__wrapped__() is None
+    monkeypatch.setattr(speedups, "selectolax_version", lambda: None)  # not installed as a distribution
+    with pytest.warns(RuntimeWarning, match="and None is installed"):
+        assert speedups.load.__wrapped__() is None
+    assert speedups.compiled_against(SimpleNamespace()) is None  # a build without the walk: any selectolax
 
 
 def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(image_rules, tmp_path):
@@ -774,13 +813,13 @@ def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(imag
     import sys
     from pathlib import Path
 
-    if image_rules != "compiled":
+    if image_rules != "compiled_nodes":
         pytest.skip("needs the build")
     repo = Path(extract_mod.__file__).resolve().parents[1]
     for package in ("crawl", "core"):
         shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
     probe = ("import warnings; warnings.simplefilter('error'); from crawl import speedups, extract; "
-             "m = speedups.load(); print(m.__file__ if m else None, extract.IMAGE_RULES)")
+             "m = speedups.load(); print(m.__file__ if m else None, extract.IMAGE_RULES, extract.IMAGE_WALK)")
 
     def run() -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=False,
@@ -788,12 +827,14 @@ def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(imag
 
     found = run()
     assert found.returncode == 0, found.stderr
-    path, rules = found.stdout.split()
-    assert Path(path).parent == repo / "crawl" and rules == "compiled"
-    with open(tmp_path / "crawl" / "_speedups.pyx", "a") as handle:
-        handle.write("\n# edited in the copy\n")
-    stale = run()  # the node's build is of another source: refused, loudly (the warning is an error here)
-    assert stale.returncode != 0 and "was built from another _speedups.pyx" in stale.stderr
+    path, rules, walk = found.stdout.split()
+    assert Path(path).parent == repo / "crawl" and rules == "compiled" and walk == extract_mod.IMAGE_WALK
+    for edited in ("_speedups.pyx", "_lexbor_tree.pxi"):
+        original = (tmp_path / "crawl" / edited).read_bytes()
+        (tmp_path / "crawl" / edited).write_bytes(original + b"\n# edited in the copy\n")
+        stale = run()  # the node's build is of another source: refused, loudly (the warning is an error here)
+        assert stale.returncode != 0 and "was built from another _speedups.pyx" in stale.stderr, edited
+        (tmp_path / "crawl" / edited).write_bytes(original)
 
 
 def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
@@ -858,3 +899,186 @@ def test_the_page_loop_agrees_on_plain_pages_and_their_odd_cases():
         page = rng.choice([PAGE, "https://Ex.COM", "http://ex.com/a/./b/c.html"])
         got, expected = extract_html(page, html), reference_extract_html(page, html)
         assert (got.pairs, dict(got.reasons)) == (expected.pairs, dict(expected.reasons)), html
+
+
+# -- the page loop that reads Lexbor's tree (crawl/_lexbor_tree.pxi) sees what selectolax's nodes show ------
+
+
+def agrees(html: str | bytes, url: str = PAGE):
+    """The page's extraction, checked against the rules applied one by one to selectolax's nodes."""
+    got, expected = extract_html(url, html), reference_extract_html(url, html)
+    assert (got.pairs, dict(got.reasons)) == (expected.pairs, dict(expected.reasons)), html
+    return got
+
+
+def urls(extraction) -> list[str]:
+    return [p.url.removeprefix("http://example.org") for p in extraction.pairs]
+
+
+def test_attribute_names_in_any_case_predefined_or_not():
+    """Lexbor keeps a few attribute names (src, alt) in a table and hashes the rest (data-src, srcset), lower-cased."""
+    html = ('<img SRC="/a.jpg" ALT="a red kite over the hill">'
+            '<img src="data:,x" DATA-SRC="/b.jpg" alt="a blue kite over the sea">'
+            '<img src="/c0.jpg" data-Lazy-Src="/c.jpg" Alt="a green kite">'
+            '<img src="/d.jpg" SrcSet="/d1.jpg 100w, /d2.jpg 200w" alt="a yellow kite in the rain">'
+            '<img src="/e.jpg" data-src-x="/no1.jpg" xdata-src="/no2.jpg" data-sr="/no3.jpg" data-srcset-="/no4.jpg" '
+            'alt="an orange kite with look-alike attributes">'
+            '<img src="/f.jpg" data-srcset alt="a kite whose data-srcset has no value">'
+            '<img data-hi-res-src="/g.jpg" data-echo="/h.jpg" alt="a kite with two lazy attributes">'
+            '<img data-url=" /i.jpg " alt="a kite with spaces around its URL">'
+            '<img src="/j.jpg" data-original="" alt="a kite with an empty lazy attribute">'
+            '<img src="/k.jpg" data-lazy-srcset="/k1.jpg 10w, /k2.jpg 5w" alt="a kite with a lazy srcset">'
+            '<img src="/l.jpg" dätä-src="/no5.jpg" data-src\u00e9="/no6.jpg" alt="a kite with non-ASCII names">')
+    got = agrees(html)
+    assert urls(got) == ["/a.jpg", "/b.jpg", "/c.jpg", "/d2.jpg", "/e.jpg", "/f.jpg", "/h.jpg", "/i.jpg", "/j.jpg",
+                         "/k1.jpg", "/l.jpg"]
+    assert got.pairs[2].caption == "a green kite"
+
+
+def test_duplicate_attributes_keep_the_first_as_the_parser_does():
+    html = ('<img src="/a.jpg" src="/b.jpg" alt="the first alt text" ALT="the second alt text">'
+            '<img src="data:,x" data-src="/c.jpg" DATA-SRC="/d.jpg" data-src="/e.jpg" alt="a lazy duplicate">'
+            '<img src src="/f.jpg" alt="an empty first src">')
+    got = agrees(html)
+    assert [(url, p.caption) for url, p in zip(urls(got), got.pairs)] == [
+        ("/a.jpg", "the first alt text"), ("/c.jpg", "a lazy duplicate")]
+    assert dict(got.reasons) == {"invalid_url": 1}
+
+
+def test_images_where_the_parser_puts_them():
+    """A <template>'s content is no part of the tree; an <img> breaks out of <svg>; <image> is an <img>."""
+    html = ('<template><img src="/t.jpg" alt="inside a template"></template>'
+            '<svg><image href="/s.jpg"/><img src="/s2.jpg" alt="an img breaks out of svg"></svg>'
+            '<math><mi><img src="/m.jpg" alt="an img in a math text"></mi></math>'
+            '<svg><foreignObject><img src="/f.jpg" alt="an img in a foreign object"></foreignObject></svg>'
+            '<noscript><img src="/n.jpg" alt="an img in noscript"></noscript>'
+            '<image src="/i.jpg" alt="an image tag becomes img">'
+            '<div><template><p><img src="/t2.jpg" alt="deeper in a template"></p></template></div>'
+            '<table><tr><img src="/ft.jpg" alt="fostered out of a table"></tr></table>'
+            '<figure><svg><figcaption>an svg figcaption</figcaption></svg><img src="/fg.jpg" alt="">'
+            '<figcaption>the figure caption</figcaption></figure>')
+    got = agrees(html)
+    assert urls(got) == ["/s2.jpg", "/m.jpg", "/f.jpg", "/n.jpg", "/i.jpg", "/ft.jpg", "/fg.jpg"]
+
+
+def test_figure_captions_near_and_far():
+    """The first <figcaption> of a figure, found in C among its first 65 nodes, else by the rule's query."""
+    def spans(n: int) -> str:
+        return "".join(f"<span>{i}</span>" for i in range(n))
+
+    html = (f'<figure><img src="/a.jpg" alt="">{spans(80)}<figcaption>far down a large figure</figcaption></figure>'
+            f'<figure><img src="/b.jpg" alt="">{spans(62)}<figcaption>the 65th node of its figure</figcaption></figure>'
+            f'<figure><img src="/c.jpg" alt="">{spans(63)}<figcaption>the 66th node of its figure</figcaption></figure>'
+            f'<figure><img src="/d.jpg" alt="">{spans(70)}</figure>'
+            '<figure><img src="/e.jpg" alt=""><!-- a comment --> text <figcaption>after a comment</figcaption></figure>'
+            '<figure><img src="/f.jpg" alt=""></figure>'
+            '<figure><figcaption>the first one</figcaption><img src="/g.jpg" alt=""><figcaption>second</figcaption></figure>'
+            '<figure><p><figcaption>nested in a paragraph</figcaption></p><img src="/h.jpg" alt=""></figure>'
+            '<figure><div><div><div><div><div><div><div><img src="/i.jpg" alt=""></div></div></div></div></div></div>'
+            '</div><figcaption>eight levels up: too far</figcaption></figure>'
+            '<figure><div><div><div><div><div><img src="/j.jpg" alt=""></div></div></div></div></div>'
+            '<figcaption>six levels up</figcaption></figure>'
+            '<figure><template><figcaption>in a template</figcaption></template><img src="/k.jpg" alt=""></figure>')
+    got = agrees(html)
+    assert [(url, p.caption) for url, p in zip(urls(got), got.pairs)] == [
+        ("/a.jpg", "far down a large figure"), ("/b.jpg", "the 65th node of its figure"),
+        ("/c.jpg", "the 66th node of its figure"), ("/e.jpg", "after a comment"), ("/g.jpg", "the first one"),
+        ("/h.jpg", "nested in a paragraph"), ("/j.jpg", "six levels up")]
+
+
+def test_a_page_of_many_images():
+    rng = random.Random(17)
+    body = "".join(f'<p><img src="/m/{rng.randrange(3000)}.jpg" alt="picture number {i} of the river"></p>'
+                   f'{"<figure><img alt=IMG_1.JPG><figcaption>a figure of the river</figcaption></figure>" if i % 97 == 0 else ""}'
+                   for i in range(5000))
+    got = agrees(f"<html><body>{body}</body></html>")
+    assert len(got.pairs) + got.reasons["dup_in_page"] + got.reasons["invalid_url"] == 5000 + 52
+
+
+def test_images_the_python_rules_take_mid_page():
+    """Each shape the compiled loops hand to Python, between plain images, and all of them on one page."""
+    plain = '<p><img src="/p{0}.jpg" alt="a plain picture number {0}"></p>'
+    odd = ['<picture><source srcset="/s.webp 800w"><img src="/q.jpg" alt="a picture element"></picture>',
+           '<picture><img src="/q2.jpg" alt="a picture element without sources"></picture>',
+           '<img srcset="/x1.jpg 1x, /x2.jpg 2x" alt="densities in a srcset">',
+           '<img src="/r.jpg" data-srcset="/r1.jpg 100w, data:,z 900w" alt="a lazy srcset">',
+           '<img srcset="data:,a 900w, /y.jpg 10w" alt="a data URI in a srcset">',
+           '<figure><div><img src="/f.jpg" alt=""></div><figcaption> a   figure <b>caption</b> </figcaption></figure>',
+           '<figure><img src="/f2.jpg" alt="logo"></figure>',
+           '<img src=" data:image/gif;base64,R0l" alt="a data URI after a space">',
+           '<img src="\u3000/w.jpg" alt="an ideographic space first">',
+           '<img src="Data:,x" data-src="/ds.jpg" alt="a data URI in capitals">',
+           '<img src="/u.jpg" alt="IMG_0001.JPG">',
+           '<img src="javascript:void(0)" alt="a script URL">',
+           '<img src="../up.jpg?x=1#frag" alt="a relative URL with a query">',
+           '<img src="/p3.jpg" alt="the same URL again, later">',
+           '<img src="/é.jpg" alt="café crème brûlée on a table">',
+           '<img alt="no URL at all, anywhere">']
+    for piece in odd:
+        agrees("".join(plain.format(i) for i in range(5)) + piece + "".join(plain.format(i) for i in range(5, 10)))
+    mixed = "".join(plain.format(i) + piece for i, piece in enumerate(odd))
+    got = agrees(mixed)
+    assert len(got.pairs) > len(odd) and {"figcaption", "alt"} == {p.caption_source for p in got.pairs}
+
+
+def test_bytes_the_parser_passes_through_read_as_selectolax_reads_them():
+    """Lexbor keeps bytes that are not UTF-8 as they are: both loops read them as U+FFFD."""
+    html = (b'<img src="/a\xff.jpg" alt="caf\xe9 au lait on a table">'
+            b'<img src="/b.jpg" alt="\xc3\x28 a broken sequence first">'
+            b'<img src="/c.jpg" data-src="/c\xed\xa0\x80.jpg" alt="a surrogate in a lazy URL">'
+            b'<img src="/d\x00.jpg" alt="a NUL \x00 in both">'
+            b'<img src="/e.jpg" d\xffata-src="/no.jpg" alt="a bad byte in a name">')
+    got = agrees(html)
+    assert "\ufffd" in got.pairs[0].caption and len(got.pairs) == 5
+
+
+def test_random_attributes_agree():
+    """Random images of every attribute the rules read, in any case, repeated, valued or not."""
+    rng = random.Random(41)
+    names = ["src", "SRC", "Src", "alt", "ALT", "srcset", "SRCSET", "data-src", "DATA-SRC", "data-lazy-src",
+             "data-original", "data-lazy", "data-url", "data-echo", "data-hi-res-src", "data-srcset",
+             "data-lazy-srcset", "Data-Lazy-Srcset", "class", "width", "sizes", "loading", "data-x", "title"]
+    values = ["/a.jpg", "b.jpg", " /c.jpg ", "", "data:,x", "DATA:,y", "/d.jpg 100w, /e.jpg 200w", "/f.jpg 2x",
+              "a red kite over the hill", "IMG_1.JPG", "logo", "\xa0/g.jpg", "https://cdn.example.net/h.jpg", None]
+    for _ in range(400):
+        images = []
+        for _ in range(rng.randint(1, 12)):
+            attributes = []
+            for _ in range(rng.randint(0, 6)):
+                name, value = rng.choice(names), rng.choice(values)
+                attributes.append(name if value is None else f'{name}="{value}"')
+            img = f"<img {' '.join(attributes)}>"
+            roll = rng.random()
+            if roll < 0.1:
+                img = f'<picture><source srcset="{rng.choice(values) or ""}">{img}</picture>'
+            elif roll < 0.2:
+                img = f"<figure><div>{img}</div><figcaption>{rng.choice(values) or ''}</figcaption></figure>"
+            elif roll < 0.25:
+                img = f"<template>{img}</template>"
+            images.append(img)
+        agrees(f"<html><body>{''.join(images)}</body></html>")
+
+
+def test_the_compiled_page_loop_reads_the_tree_itself(image_rules):
+    from crawl import _speedups
+
+    if image_rules != "compiled":
+        pytest.skip("the build with the tree walk")
+    assert extract_mod._page_images is COMPILED_WALK is _speedups.page_images and extract_mod.IMAGE_WALK == "lexbor"
+    assert _speedups.SELECTOLAX_VERSION == speedups.selectolax_version() and _speedups.LEXBOR_VERSION
+
+
+def test_a_tree_walk_that_fails_its_checks_is_not_used(image_rules):
+    """bind_tree_walk compares the build with the running selectolax; refused, pages take selectolax's nodes."""
+    from crawl import _speedups
+
+    if image_rules != "compiled":
+        pytest.skip("the build with the tree walk")
+    html = '<figure><img src="/a.jpg" alt=""><figcaption>still found through the nodes</figcaption></figure>'
+    try:
+        with pytest.warns(RuntimeWarning, match="the Lexbor tree walk is off"):
+            assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG + 1, figcaption_tag=extract_mod._FIGCAPTION) is False
+        assert urls(agrees(html)) == ["/a.jpg"]
+    finally:
+        assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG, figcaption_tag=extract_mod._FIGCAPTION) is True
+    assert urls(agrees(html)) == ["/a.jpg"]
