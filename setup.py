@@ -11,13 +11,14 @@ It is built one of two ways, from the same sources:
   selectolax's ``.pxd`` and the C headers of the Lexbor inside the installed selectolax.
   Its wheel ships no headers, so they are taken from that very version's sdist: the
   file ``WEBCLIP_SELECTOLAX_SDIST`` names, else the one the package index lists for it
-  (``PIP_INDEX_URL``, else PyPI; its simple API, the one pip reads; the download's
-  sha256 checked against the index's), ~3.6 MB, once: only the headers are kept, under
-  build/, for the next build. Nothing is linked: the walk reads Lexbor's structs and uses
+  (``PIP_INDEX_URL``, else PyPI; its simple API, the one pip reads; its sha256 checked
+  against the index's and, for a version in ``KNOWN_SDISTS``, the published one), ~3.6 MB,
+  once: only the headers are kept, under build/, for the next build. Nothing is linked: the walk reads Lexbor's structs and uses
   its header-inline helpers and constants only. Only ``build_ext`` asks for them (not
   the metadata steps).
 * **without it** (crawl/_speedups.pyx alone) where the headers cannot be had (offline,
-  no such sdist, ``WEBCLIP_SELECTOLAX_SDIST=none``) or that build fails: the compiled
+  no such sdist, ``PIP_NO_INDEX`` set, ``WEBCLIP_SELECTOLAX_SDIST=none``) or that build
+  fails (no C compiler: then crawl/ runs its Python loop): the compiled
   rules over selectolax's Python nodes. pip shows why with ``-v``.
 
 The module records the sha256 of its sources and the selectolax version it was
@@ -27,6 +28,7 @@ it and that very selectolax installed (pyproject.toml pins it, build and run ali
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
 import importlib.metadata
@@ -51,6 +53,9 @@ SDIST_VARIABLE = "WEBCLIP_SELECTOLAX_SDIST"  # a selectolax sdist to take the he
 # What the walk includes (and selectolax's .pxd): their presence says the headers are all there.
 NEEDED_HEADERS = ("lexbor/html/html.h", "lexbor/dom/interfaces/element.h", "lexbor/dom/interfaces/attr_res.h",
                   "lexbor/tag/const.h", "lexbor/ns/const.h", "lexbor/core/hash.h", "lexbor/selectors/selectors.h")
+# The sdists whose headers a build may download, by version: their sha256 as published, checked besides the
+# index's own (which comes from the same server as the file). Raise with the selectolax pin (pyproject.toml).
+KNOWN_SDISTS = {"1.0.2": "f0508ad927aa426425d4aa7a2bb2f8b21c01412534465bd227e241d4d0a6a418"}
 INDEX = "https://pypi.org/simple"  # PIP_INDEX_URL overrides it, as for pip
 
 
@@ -76,21 +81,35 @@ def selectolax_version() -> str | None:
 def lexbor_headers(version: str, cache_root: Path = ROOT / "build") -> tuple[Path | None, str]:
     """``(include folder, where from)`` of the Lexbor headers of selectolax ``version``, or ``(None, why not)``."""
     cache = cache_root / f"selectolax-{version}-lexbor-headers"
-    marker = cache / "FROM"  # written last: the extraction is complete
-    if marker.is_file():
-        return cache, f"{marker.read_text().strip()}, kept in {cache}"
     choice = os.environ.get(SDIST_VARIABLE, "").strip()
     if choice.lower() in ("none", "0", "off", "no"):
         return None, f"{SDIST_VARIABLE}={choice}"
+    if _complete(cache):
+        return cache, f"{(cache / 'FROM').read_text().strip()}, kept in {cache}"
     try:
         if choice:
             origin, data = choice, Path(choice).read_bytes()
+        elif os.environ.get("PIP_NO_INDEX", "").strip().lower() not in ("", "0", "false", "no", "off"):
+            return None, "PIP_NO_INDEX is set: no index to fetch selectolax's sdist from"
         else:
             origin, data = download_sdist(version)
         extract_headers(data, version, cache, origin)
     except Exception as error:  # noqa: BLE001 - any failure means: build without the walk, and say why
         return None, f"no Lexbor headers for selectolax {version} ({type(error).__name__}: {error})"
     return cache, origin
+
+
+def _complete(cache: Path) -> bool:
+    """Whether ``cache`` holds a finished extraction (its ``FROM`` is written last) with every needed header."""
+    return (cache / "FROM").is_file() and all((cache / name).is_file() for name in NEEDED_HEADERS)
+
+
+def public(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
@@ -100,9 +119,19 @@ def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
     where pip finds it too.
     """
     index = (os.environ.get("PIP_INDEX_URL") or INDEX).rstrip("/")
+    credentials = urllib.parse.urlsplit(index)
+    auth = {}  # an index URL's user:password (a private mirror): sent as pip sends it, kept out of URLs and messages
+    if credentials.username is not None:
+        token = f"{urllib.parse.unquote(credentials.username)}:{urllib.parse.unquote(credentials.password or '')}"
+        auth = {"Authorization": "Basic " + base64.b64encode(token.encode()).decode()}
+        index = public(index)
+
+    def headers_for(url: str) -> dict[str, str]:
+        return auth if urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(index).netloc else {}
+
     listing_url = f"{index}/selectolax/"
     request = urllib.request.Request(
-        listing_url, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"})
+        listing_url, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1", **auth})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
         kind = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
@@ -118,17 +147,20 @@ def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
             if url.rsplit("/", 1)[-1] == name:
                 found = urllib.parse.urljoin(listing_url, url), fragment.partition("sha256=")[2] or None
     if found is None:
-        raise LookupError(f"{listing_url} lists no {name}")
+        raise LookupError(f"{public(listing_url)} lists no {name}")
     url, expected = found
     if not expected:
-        raise ValueError(f"{listing_url} gives no sha256 for {name}")
+        raise ValueError(f"{public(listing_url)} gives no sha256 for {name}")
+    known = KNOWN_SDISTS.get(version)
+    if known is not None and expected != known:
+        raise ValueError(f"{public(listing_url)} gives sha256 {expected} for {name}, published as {known}")
     if not url.startswith("https://"):
-        raise ValueError(f"not an https URL: {url}")
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+        raise ValueError(f"not an https URL: {public(url)}")
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers_for(url)), timeout=timeout) as response:
         data = response.read()
     if hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(f"{url}: sha256 {hashlib.sha256(data).hexdigest()}, the index says {expected}")
-    return url, data
+        raise ValueError(f"{public(url)}: sha256 {hashlib.sha256(data).hexdigest()}, the index says {expected}")
+    return public(url), data
 
 
 def extract_headers(sdist: bytes, version: str, cache: Path, origin: str) -> None:
@@ -163,7 +195,11 @@ def extract_headers(sdist: bytes, version: str, cache: Path, origin: str) -> Non
             target.write_bytes(data)
         (staging / "FROM").write_text(f"{origin}\n")
         shutil.rmtree(cache, ignore_errors=True)
-        staging.rename(cache)
+        try:
+            staging.rename(cache)
+        except OSError:
+            if not _complete(cache):  # else a build beside this one has just put the same headers there
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -233,4 +269,6 @@ if __name__ == "__main__":  # setuptools runs this file so; tests import the hel
         ext.sources, ext.include_dirs, ext.define_macros = built.sources, built.include_dirs, built.define_macros
 
     # Decided in build_ext (BuildExt.run): the metadata steps neither fetch headers nor run Cython.
-    setup(ext_modules=[Extension("crawl._speedups", [RULES], optional=True)], cmdclass={"build_ext": BuildExt})
+    # depends: the walk's sources go into an sdist too (setuptools ships an extension's depends).
+    setup(ext_modules=[Extension("crawl._speedups", [RULES], optional=True, depends=[TREE, WITH_TREE])],
+          cmdclass={"build_ext": BuildExt})

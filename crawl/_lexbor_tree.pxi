@@ -21,7 +21,9 @@
 #
 # Everything the compiled rules hand to Python (a <picture>'s sources, unusual srcsets, the figure
 # caption's text, a large figure's query, ``_pick_url``) gets selectolax's own objects for just that
-# image (``LexborNode.new``, its ``attributes``).
+# image (``LexborNode.new``, its ``attributes``). The walk keeps pointers to the page's images until its
+# pairs are made: nothing it calls (the rules bound by ``bind``, ``Resolver.join``) may change the tree.
+# ``bind`` again makes the name tables stale: the walk then waits for its own ``bind_tree_walk``.
 
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.ref cimport PyObject
@@ -167,6 +169,7 @@ cdef int _lazy_then_src[_MAX_SLOTS]  # the slots of _LAZY_THEN_SRC, in its order
 cdef Py_ssize_t _lazy_then_src_count = 0
 cdef signed char _slot_of_predefined[_ATTR_LAST_ENTRY]  # a predefined attribute id -> its slot, or -1
 cdef bint _tree_ready = False  # bind_tree_walk checked this build against the running selectolax
+cdef Py_ssize_t _tree_generation = -1  # the bind whose constants _set_slots read: another bind makes them stale
 
 
 def bind_tree_walk(*, img_tag, figcaption_tag):
@@ -177,8 +180,9 @@ def bind_tree_walk(*, img_tag, figcaption_tag):
     selectolax's ``attributes`` on a sample page. False (with a warning): ``page_images``
     takes selectolax's nodes (``image_rules``), as where this module is built without it.
     """
-    global _tree_ready
+    global _tree_ready, _tree_generation
     _tree_ready = False
+    _tree_generation = _bind_generation
     problem = None
     running, built = (img_tag, _PICTURE, _FIGURE, figcaption_tag), (_TAG_IMG, _TAG_PICTURE, _TAG_FIGURE, _TAG_FIGCAPTION)
     if running != built:
@@ -335,7 +339,7 @@ cdef str _figcaption_in_tree(void* images, Py_ssize_t i, dict by_parent):
     return text
 
 
-def page_images(LexborHTMLParser tree, resolver, result):
+def page_images(LexborHTMLParser tree not None, resolver, result):
     """``crawl.extract._image_rules(tree.tags("img"), resolver, result)``, reading Lexbor's tree itself.
 
     The same images in the same order, the same pairs and reasons; no selectolax object
@@ -351,7 +355,8 @@ def page_images(LexborHTMLParser tree, resolver, result):
     cdef Py_ssize_t count = 0, capacity = 0
     cdef object reasons = result.reasons, sources, raw, problem
     cdef list raws = [], alts = []
-    if not _tree_ready or tree._fragment_wrapper != NULL or tree.document == NULL:
+    if (not _tree_ready or _tree_generation != _bind_generation or tree._fragment_wrapper != NULL
+            or tree.document == NULL):
         images = tree.tags("img")
         if images:
             image_rules(images, resolver, result)

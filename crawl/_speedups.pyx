@@ -55,6 +55,7 @@ cdef extern from *:
 SOURCE_SHA256 = (<bytes>WEBCLIP_SPEEDUPS_SOURCE).decode()  # of this file, as setup.py built it (crawl/speedups.py)
 
 # Bound by crawl/extract.py (bind): the rules this module hands the unusual cases to, and constants.
+cdef Py_ssize_t _bind_generation = 0  # bind's calls: the tree walk's tables are of one (crawl/_lexbor_tree.pxi)
 cdef object _pick_url = None
 cdef object _picture_srcsets = None
 cdef object _is_meaningless = None
@@ -78,7 +79,8 @@ cdef bint _SUSPECT_INITIALS[128]  # per ASCII character: is it in extract._SUSPE
 def bind(*, pick_url, picture_srcsets, is_meaningless, first_figcaption, figure_tag, figure_search_depth, pair,
          picture_tag, longest_generic, alt_meaningless, dup_in_page, url_attributes, lazy_then_src, camera_or_url,
          url_prefixes, generic_alts, end_punctuation, suspect_initials):
-    """Called once by crawl/extract.py with its own rules and constants."""
+    """Called once by crawl/extract.py with its own rules and constants (again: ``bind_tree_walk`` again too)."""
+    global _bind_generation
     global _pick_url, _picture_srcsets, _is_meaningless, _first_figcaption, _FIGURE, _FIGURE_SEARCH_DEPTH
     global _Pair, _PICTURE
     global _LONGEST_GENERIC, _ALT_MEANINGLESS, _DUP_IN_PAGE, _URL_ATTRIBUTES, _LAZY_THEN_SRC, _CAMERA_OR_URL
@@ -94,6 +96,7 @@ def bind(*, pick_url, picture_srcsets, is_meaningless, first_figcaption, figure_
     _GENERIC_ALTS = frozenset(generic_alts)
     _ascii_table(_END_PUNCTUATION, end_punctuation)
     _ascii_table(_SUSPECT_INITIALS, suspect_initials)
+    _bind_generation += 1
 
 
 cdef void _ascii_table(bint* table, characters) except *:
@@ -109,8 +112,24 @@ cdef void _ascii_table(bint* table, characters) except *:
 cdef extern from *:
     """
     /* tuple.__new__(type, (a, b, c)) for a tuple subclass (a Pair), as CPython's tuple_subtype_new makes
-       it: tp_alloc with three items, then each item set; without the call and the argument tuple. */
+       it: tp_alloc with three items, then each item set; without the call and the argument tuple. From
+       3.14 a tuple caches its hash (a field that tp_alloc zeroes and tuple_subtype_new sets to -1, "not
+       computed"): there the tuple type's own constructor makes it, so as not to depend on that layout. */
     static PyObject *webclip_new_triple(PyObject *type, PyObject *a, PyObject *b, PyObject *c) {
+    #if PY_VERSION_HEX >= 0x030E0000
+        PyObject *items = PyTuple_Pack(3, a, b, c), *args, *made;
+        if (items == NULL) {
+            return NULL;
+        }
+        args = PyTuple_Pack(1, items);
+        Py_DECREF(items);
+        if (args == NULL) {
+            return NULL;
+        }
+        made = PyTuple_Type.tp_new((PyTypeObject *)type, args, NULL);
+        Py_DECREF(args);
+        return made;
+    #else
         PyObject *triple = ((PyTypeObject *)type)->tp_alloc((PyTypeObject *)type, 3);
         if (triple == NULL) {
             return NULL;
@@ -122,6 +141,7 @@ cdef extern from *:
         Py_INCREF(c);
         PyTuple_SET_ITEM(triple, 2, c);
         return triple;
+    #endif
     }
     """
     object _new_triple "webclip_new_triple"(object type, object a, object b, object c)
@@ -386,7 +406,7 @@ cdef str _figcaption_text(object img, dict by_parent):
 
 
 # Where rule 3 finds image ``i``'s figure caption: through selectolax's nodes (``image_rules``: ``images`` is
-# the list of them) or straight from Lexbor's tree (``page_images``, crawl/_lexbor_walk.pxi).
+# the list of them) or straight from Lexbor's tree (``page_images``, crawl/_lexbor_tree.pxi).
 ctypedef str (*_FigcaptionOf)(void* images, Py_ssize_t i, dict by_parent)
 
 

@@ -36,6 +36,7 @@ stops link extraction, and links with ``rel="nofollow"`` are not followed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -618,6 +619,7 @@ def _selectolax_page_images(tree: LexborHTMLParser, resolver: Resolver, result: 
         _image_rules(images, resolver, result)
 
 
+@functools.cache  # bound once: bind_tree_walk's tables are made from bind's constants
 def _bound_speedups():
     """crawl/_speedups bound to the rules above; None where the speed-ups are not loaded."""
     compiled = speedups.load()
@@ -641,6 +643,7 @@ def _compiled_image_rules():
     return None if compiled is None else compiled.image_rules
 
 
+@functools.cache  # the walk's check (a sample page through both) once
 def _compiled_page_images():
     """``_speedups.page_images`` (the page loop reading Lexbor's tree in C) bound to the rules above; None
     where the speed-ups are not loaded or were built without it."""

@@ -59,10 +59,16 @@ def load() -> ModuleType | None:
     if module is None:
         return None
     if not matches(module, SOURCES):
-        warnings.warn(f"{module.__file__} was built from another {SOURCE.name} than {SOURCE}: the crawl runs its "
-                      "Python loops until it is rebuilt (pip install -e .)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{module.__file__} was built from other sources than those in {SOURCE.parent} "
+                      f"({', '.join(s.name for s in SOURCES)}): the crawl runs its Python loops until it is rebuilt "
+                      "(pip install -e .)", RuntimeWarning, stacklevel=2)
         return None
     built, installed = compiled_against(module), selectolax_version()
+    if built is None and hasattr(module, "page_images"):  # not built by setup.py: Lexbor's layout unknown
+        warnings.warn(f"{module.__file__} reads Lexbor's tree but records no selectolax version (not built by "
+                      "setup.py): the crawl runs its Python loops until it is rebuilt (pip install -e .)",
+                      RuntimeWarning, stacklevel=2)
+        return None
     if built is not None and built != installed:
         warnings.warn(f"{module.__file__} was compiled against selectolax {built}, and {installed} is installed: "
                       "the crawl runs its Python loops until it is rebuilt (pip install -e .)", RuntimeWarning,

@@ -6,13 +6,17 @@ compiled loops; here, the helpers that decide which build it is, without compili
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.util
 import io
 import json
+import shutil
+import subprocess
+import sys
 import tarfile
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -132,8 +136,15 @@ class Response(io.BytesIO):
 def test_a_download_is_checked_against_the_sha256_the_index_lists(setup_py, tmp_path, monkeypatch, flavour):
     monkeypatch.delenv(setup_py.SDIST_VARIABLE, raising=False)
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
     good = sdist(setup_py)
     digest = hashlib.sha256(good).hexdigest()
+    # the index's sha256 must also be the one published for that version (setup.py's KNOWN_SDISTS)
+    monkeypatch.setattr(setup_py, "KNOWN_SDISTS", {VERSION: hashlib.sha256(b"the published file").hexdigest()})
+    monkeypatch.setattr(urllib.request, "urlopen", FakeIndex(good, digest, flavour=flavour))
+    include, why = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
+    assert include is None and "published as" in why, why
+    monkeypatch.setattr(setup_py, "KNOWN_SDISTS", {VERSION: digest})
     for fake, expected in [
         (FakeIndex(good, hashlib.sha256(b"another file").hexdigest(), flavour=flavour), "sha256"),
         (FakeIndex(good, None, flavour=flavour), "gives no sha256"),
@@ -153,11 +164,75 @@ def test_a_download_is_checked_against_the_sha256_the_index_lists(setup_py, tmp_
     assert fake.requests == ["https://mirror.example/simple/selectolax/", origin]
 
 
+def test_index_credentials_are_sent_as_a_header_and_kept_out_of_messages(setup_py, tmp_path, monkeypatch):
+    monkeypatch.delenv(setup_py.SDIST_VARIABLE, raising=False)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    good = sdist(setup_py)
+    monkeypatch.setattr(setup_py, "KNOWN_SDISTS", {VERSION: hashlib.sha256(good).hexdigest()})
+    seen = []
+
+    def fake(request, timeout=None):
+        seen.append((request.full_url, request.get_header("Authorization")))
+        return FakeIndex(good, hashlib.sha256(good).hexdigest(), url="/p/selectolax-1.0.2.tar.gz")(request, timeout)
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    monkeypatch.setenv("PIP_INDEX_URL", "https://me:s%40cret@mirror.example/simple")
+    include, origin = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
+    basic = "Basic " + base64.b64encode(b"me:s@cret").decode()
+    assert include is not None and origin == "https://mirror.example/p/selectolax-1.0.2.tar.gz"
+    assert seen == [("https://mirror.example/simple/selectolax/", basic), (origin, basic)]
+    assert setup_py.public("https://me:pw@host.example:8443/x?y") == "https://host.example:8443/x?y"
+
+
+def test_the_cache_none_and_no_index(setup_py, tmp_path, monkeypatch):
+    """WEBCLIP_SELECTOLAX_SDIST=none wins over kept headers; a cache missing a header is made again; with
+    PIP_NO_INDEX nothing is fetched."""
+    path = tmp_path / f"selectolax-{VERSION}.tar.gz"
+    path.write_bytes(sdist(setup_py))
+    monkeypatch.setenv(setup_py.SDIST_VARIABLE, str(path))
+    include, _ = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
+    assert include is not None
+    monkeypatch.setenv(setup_py.SDIST_VARIABLE, "none")
+    assert setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build") == (None, f"{setup_py.SDIST_VARIABLE}=none")
+    (include / setup_py.NEEDED_HEADERS[0]).unlink()  # a damaged cache: taken again from the sdist
+    monkeypatch.setenv(setup_py.SDIST_VARIABLE, str(path))
+    again, origin = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
+    assert again == include and origin == str(path) and (include / setup_py.NEEDED_HEADERS[0]).is_file()
+
+    def offline(url, timeout=None):
+        raise AssertionError("fetched with PIP_NO_INDEX set")
+
+    monkeypatch.delenv(setup_py.SDIST_VARIABLE)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    include, why = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "other")
+    assert include is None and "PIP_NO_INDEX" in why
+
+
+def test_an_sdist_of_webclip_carries_the_walk_sources(tmp_path):
+    """setup.py's extension lists the walk's sources as depends, so `python -m build` ships them."""
+    pytest.importorskip("setuptools")
+    pytest.importorskip("Cython")
+    tree = tmp_path / "tree"
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tree / name)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=tree, check=True,
+                   capture_output=True)
+    [archive] = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as sdist_file:
+        names = {PurePosixPath(n).relative_to(PurePosixPath(n).parts[0]).as_posix() for n in sdist_file.getnames()
+                 if len(PurePosixPath(n).parts) > 1}
+    assert {"crawl/_speedups.pyx", "crawl/_lexbor_tree.pxi", "crawl/_speedups_lexbor.pyx", "setup.py"} <= names
+
+
 def test_offline_the_build_goes_on_without_the_walk(setup_py, tmp_path, monkeypatch):
     def offline(url, timeout=None):
         raise OSError("Network is unreachable")
 
     monkeypatch.delenv(setup_py.SDIST_VARIABLE, raising=False)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     include, why = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
     assert include is None and "Network is unreachable" in why

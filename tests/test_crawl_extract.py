@@ -833,7 +833,7 @@ def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(imag
         original = (tmp_path / "crawl" / edited).read_bytes()
         (tmp_path / "crawl" / edited).write_bytes(original + b"\n# edited in the copy\n")
         stale = run()  # the node's build is of another source: refused, loudly (the warning is an error here)
-        assert stale.returncode != 0 and "was built from another _speedups.pyx" in stale.stderr, edited
+        assert stale.returncode != 0 and "was built from other sources" in stale.stderr, edited
         (tmp_path / "crawl" / edited).write_bytes(original)
 
 
@@ -1079,6 +1079,25 @@ def test_a_tree_walk_that_fails_its_checks_is_not_used(image_rules):
         with pytest.warns(RuntimeWarning, match="the Lexbor tree walk is off"):
             assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG + 1, figcaption_tag=extract_mod._FIGCAPTION) is False
         assert urls(agrees(html)) == ["/a.jpg"]
+    finally:
+        assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG, figcaption_tag=extract_mod._FIGCAPTION) is True
+    assert urls(agrees(html)) == ["/a.jpg"]
+
+
+def test_the_tree_walk_takes_no_none_and_no_stale_tables(image_rules):
+    """``page_images(None, ...)`` is a TypeError, not a crash; after another ``bind`` the walk waits for its own
+    ``bind_tree_walk`` (its attribute tables are made from bind's constants) and pages take the nodes meanwhile."""
+    from crawl import _speedups
+
+    if image_rules != "compiled" or COMPILED_WALK is None:
+        pytest.skip("the build with the tree walk")
+    with pytest.raises(TypeError):
+        _speedups.page_images(None, extract_mod.Resolver("https://example.com/"), extract_mod.PageExtraction())
+    html = '<figure><img data-src="/a.jpg" alt=""><figcaption>a red circle on a wall</figcaption></figure>'
+    extract_mod._bound_speedups.cache_clear()
+    try:
+        assert extract_mod._bound_speedups() is _speedups  # bound again: the walk's tables are now stale
+        assert urls(agrees(html)) == ["/a.jpg"]  # through the nodes, the same answer
     finally:
         assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG, figcaption_tag=extract_mod._FIGCAPTION) is True
     assert urls(agrees(html)) == ["/a.jpg"]
