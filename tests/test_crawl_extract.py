@@ -804,6 +804,9 @@ def test_a_build_for_another_selectolax_is_refused(image_rules, monkeypatch):
     with pytest.warns(RuntimeWarning, match="and None is installed"):
         assert speedups.load.__wrapped__() is None
     assert speedups.compiled_against(SimpleNamespace()) is None  # a build without the walk: any selectolax
+    monkeypatch.setattr(speedups, "compiled_against", lambda module: None)  # a walk built by hand, no version
+    with pytest.warns(RuntimeWarning, match="records no selectolax version"):
+        assert speedups.load.__wrapped__() is None
 
 
 def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(image_rules, tmp_path):
