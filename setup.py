@@ -40,6 +40,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -112,6 +113,23 @@ def public(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+FETCH_TRIES, FETCH_PAUSE_S = 3, 2.0  # as pip retries: a dropped connection must not cost the walk
+
+
+def _fetch(request: urllib.request.Request, timeout: float) -> tuple[bytes, str]:
+    """``(body, content type)`` of one request, tried ``FETCH_TRIES`` times over network errors."""
+    for attempt in range(1, FETCH_TRIES + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                kind = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
+                return response.read(), kind
+        except OSError:  # URLError, a reset or a timeout: again, unless this was the last try
+            if attempt == FETCH_TRIES:
+                raise
+            time.sleep(FETCH_PAUSE_S * attempt)
+    raise AssertionError("unreachable")
+
+
 def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
     """``(url, bytes)`` of selectolax ``version``'s sdist from the package index, its sha256 checked.
 
@@ -132,9 +150,7 @@ def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
     listing_url = f"{index}/selectolax/"
     request = urllib.request.Request(
         listing_url, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1", **auth})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        body = response.read()
-        kind = response.headers.get("Content-Type", "") if hasattr(response, "headers") else ""
+    body, kind = _fetch(request, timeout)
     name = f"selectolax-{version}.tar.gz"
     found = None
     if "json" in kind or body[:1] == b"{":
@@ -156,8 +172,7 @@ def download_sdist(version: str, timeout: float = 60) -> tuple[str, bytes]:
         raise ValueError(f"{public(listing_url)} gives sha256 {expected} for {name}, published as {known}")
     if not url.startswith("https://"):
         raise ValueError(f"not an https URL: {public(url)}")
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers_for(url)), timeout=timeout) as response:
-        data = response.read()
+    data, _ = _fetch(urllib.request.Request(url, headers=headers_for(url)), timeout)
     if hashlib.sha256(data).hexdigest() != expected:
         raise ValueError(f"{public(url)}: sha256 {hashlib.sha256(data).hexdigest()}, the index says {expected}")
     return public(url), data

@@ -228,14 +228,39 @@ def test_an_sdist_of_webclip_carries_the_walk_sources(tmp_path):
 
 
 def test_offline_the_build_goes_on_without_the_walk(setup_py, tmp_path, monkeypatch):
+    tries = []
+
     def offline(url, timeout=None):
+        tries.append(url)
         raise OSError("Network is unreachable")
 
     monkeypatch.delenv(setup_py.SDIST_VARIABLE, raising=False)
     monkeypatch.delenv("PIP_NO_INDEX", raising=False)
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr(setup_py, "FETCH_PAUSE_S", 0.0)
     include, why = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
     assert include is None and "Network is unreachable" in why
+    assert len(tries) == setup_py.FETCH_TRIES  # tried again before giving up
+
+
+def test_a_dropped_connection_is_tried_again(setup_py, tmp_path, monkeypatch):
+    monkeypatch.delenv(setup_py.SDIST_VARIABLE, raising=False)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    good = sdist(setup_py)
+    monkeypatch.setattr(setup_py, "KNOWN_SDISTS", {VERSION: hashlib.sha256(good).hexdigest()})
+    monkeypatch.setattr(setup_py, "FETCH_PAUSE_S", 0.0)
+    index, dropped = FakeIndex(good, hashlib.sha256(good).hexdigest()), []
+
+    def flaky(request, timeout=None):
+        if len(dropped) < setup_py.FETCH_TRIES - 1:
+            dropped.append(request.full_url)
+            raise OSError("Connection reset by peer")
+        return index(request, timeout)
+
+    monkeypatch.setattr(urllib.request, "urlopen", flaky)
+    include, origin = setup_py.lexbor_headers(VERSION, cache_root=tmp_path / "build")
+    assert include is not None and origin == "https://files.example/p/selectolax-1.0.2.tar.gz", origin
 
 
 def test_the_build_and_run_pins_of_selectolax_are_one_version():
