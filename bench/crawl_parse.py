@@ -133,37 +133,20 @@ def write_pages(path: Path, pages: int, page_kb: int, seed: int) -> int:
     return total
 
 
-def read_loop(path: str) -> int:
-    """The reading both loops share: crawl/'s WARC reader and HTTP split."""
+def each_page(path: str, page) -> int:
+    """``page(record)`` for each response record of ``path``: the read, parse and plain loops."""
     pages = 0
     for record in iter_warc(path, 10_000_000):
         if record.type != "response":
             continue
-        http_payload(record.block, 10_000_000)
+        page(record)
         pages += 1
     return pages
 
 
-def plain_loop(path: str) -> int:
-    """The limit: the same records, the same parser, the img attributes read, nothing else."""
-    pages = 0
-    for record in iter_warc(path, 10_000_000):
-        if record.type != "response":
-            continue
-        plain_page(record)
-        pages += 1
-    return pages
-
-
-def parse_loop(path: str) -> int:
-    """The parser alone: the same records parsed, the ``<img>`` elements listed, nothing read from them."""
-    pages = 0
-    for record in iter_warc(path, 10_000_000):
-        if record.type != "response":
-            continue
-        parse_page(record)
-        pages += 1
-    return pages
+def read_page(record) -> None:
+    """The reading every loop shares: crawl/'s WARC reader (in ``each_page``) and HTTP split."""
+    http_payload(record.block, 10_000_000)
 
 
 def parse_page(record) -> None:
@@ -217,15 +200,11 @@ def _loop(name: str):
         extract._image_rules, extract._page_images = saved
 
 
-def our_nodes_loop(path: str, out: str) -> int:
-    """``our_loop`` with the compiled rules over selectolax's nodes: a build without the Lexbor headers."""
-    with _loop("ours_nodes"):
-        return our_loop(path, out)
-
-
-def our_python_loop(path: str, out: str) -> int:
-    """``our_loop`` with crawl/extract.py's own per-image loop: where crawl/_speedups.pyx is not built."""
-    with _loop("ours_python"):
+def our_variant_loop(name: str, path: str, out: str) -> int:
+    """``our_loop`` with the per-image loop of ``name`` (``_loops``): ``ours_nodes``, the compiled rules over
+    selectolax's nodes (a build without the Lexbor headers); ``ours_python``, crawl/extract.py's own loop
+    (where crawl/_speedups.pyx is not built)."""
+    with _loop(name):
         return our_loop(path, out)
 
 
@@ -321,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         write_pages(warc, args.pages, args.page_kb, args.seed)
     from crawl import extract
 
-    loops = {"read": (read_loop, str(warc)), "parse": (parse_loop, str(warc)), "plain": (plain_loop, str(warc)),
-             "ours": (our_loop, str(warc), str(work))}
+    loops = {"read": (each_page, str(warc), read_page), "parse": (each_page, str(warc), parse_page),
+             "plain": (each_page, str(warc), plain_page), "ours": (our_loop, str(warc), str(work))}
     variants = [name for name, wanted in (("ours_nodes", args.nodes_loop), ("ours_python", args.python_loop))
                 if wanted and name in _loops()]
     for name in variants:
-        loops[name] = ({"ours_nodes": our_nodes_loop, "ours_python": our_python_loop}[name], str(warc), str(work))
+        loops[name] = (our_variant_loop, name, str(warc), str(work))
     print(f"per-image loop: {extract.IMAGE_RULES}, images listed by {extract.IMAGE_WALK}", flush=True)
     for fn, *fn_args in loops.values():  # warm-up: imports, caches, the file in the page cache
         fn(*fn_args)
