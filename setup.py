@@ -31,7 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -60,23 +60,22 @@ KNOWN_SDISTS = {"1.0.2": "f0508ad927aa426425d4aa7a2bb2f8b21c01412534465bd227e241
 INDEX = "https://pypi.org/simple"  # PIP_INDEX_URL overrides it, as for pip
 
 
-def sources_digest(root: Path = ROOT, names: tuple[str, ...] = SOURCES) -> str:
-    """sha256 of the sources, each with its name and length (crawl/speedups.py computes the same)."""
-    digest = hashlib.sha256()
-    for name in names:
-        path = root / name
-        data = path.read_bytes() if path.is_file() else None
-        digest.update(f"{PurePosixPath(name).name}\0{-1 if data is None else len(data)}\0".encode())
-        digest.update(data or b"")
-    return digest.hexdigest()
+def _run_time_checks():
+    """crawl/speedups.py, loaded by path (it needs the standard library only): what a build records is what it
+    checks at run time, computed by the same code."""
+    spec = importlib.util.spec_from_file_location("webclip_setup_speedups", ROOT / "crawl" / "speedups.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def selectolax_version() -> str | None:
-    """The selectolax this build compiles against (a build requirement), or None."""
-    try:
-        return importlib.metadata.version("selectolax")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+_CHECKS = _run_time_checks()
+selectolax_version = _CHECKS.selectolax_version  # the selectolax this build compiles against (a build requirement)
+
+
+def sources_digest() -> str:
+    """sha256 of the sources, as crawl/speedups.py compares it with the built module's."""
+    return _CHECKS.sources_digest([ROOT / name for name in SOURCES])
 
 
 def lexbor_headers(version: str, cache_root: Path = ROOT / "build") -> tuple[Path | None, str]:
