@@ -65,7 +65,7 @@ def test_keys_are_deterministic_and_sortable():
 def test_config_errors_name_the_value(tmp_path, capsys):
     with pytest.raises(ConfigError, match="thread_count=0"):
         from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "thread_count": 0})
-    with pytest.raises(ConfigError, match="unknown option 'thread_cont'; did you mean 'thread_count'"):
+    with pytest.raises(ConfigError, match="unknown setting thread_cont; did you mean thread_count"):
         from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "thread_cont": 3})
     with pytest.raises(ConfigError, match="allow_networks"):
         from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "allow_networks": "300.1.1.1/8"})
