@@ -23,11 +23,8 @@ reason, decided in this order:
    ``dup_in_page`` (a lazy image and its ``<noscript>`` fallback, say). An image
    without a caption does not claim its URL, so a later copy with one still counts.
 
-The per-image loop (``_image_rules``) runs compiled where ``crawl/_speedups.pyx`` is
-built (``crawl/speedups.py``): the common shapes of rules 1-4 in C, everything else
-handed back to the functions here; where the build has it, a page's images are read
-from Lexbor's tree in C too (``_page_images``, ``crawl/_lexbor_tree.pxi``) instead of
-through selectolax's node objects. The tests run every page through each loop.
+Plain Python over selectolax's public API: the per-image loop (``_image_rules``) takes
+a page's ``<img>`` nodes, or a WAT record's image entries shaped like them.
 
 ``<meta name="robots">`` is honoured as X-Robots-Tag is: a disallowed directive
 (``noai``, ``noimageai``, ...) opts the page's images out, ``nofollow``/``none``
@@ -36,7 +33,6 @@ stops link extraction, and links with ``rel="nofollow"`` are not followed.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -47,7 +43,6 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 from selectolax.lexbor import LexborHTMLParser
 
 from core.reasons import Reason
-from crawl import speedups
 
 LAZY_SRC_ATTRIBUTES = (
     "data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-echo", "data-hi-res-src",
@@ -607,60 +602,6 @@ def _first_figcaption(figure):
     return None
 
 
-# -- the compiled loop (crawl/_speedups.pyx) ---------------------------------------------
-
-_python_image_rules = _image_rules
-
-
-def _selectolax_page_images(tree: LexborHTMLParser, resolver: Resolver, result: PageExtraction) -> None:
-    """The page's ``<img>``s through selectolax's nodes (Lexbor's tag walk), then ``_image_rules``."""
-    images = tree.tags("img")
-    if images:
-        _image_rules(images, resolver, result)
-
-
-@functools.cache  # bound once: bind_tree_walk's tables are made from bind's constants
-def _bound_speedups():
-    """crawl/_speedups bound to the rules above; None where the speed-ups are not loaded."""
-    compiled = speedups.load()
-    if compiled is None:
-        return None
-    compiled.bind(
-        pick_url=_pick_url, picture_srcsets=_picture_srcsets, is_meaningless=is_meaningless,
-        first_figcaption=_first_figcaption, figure_tag=_FIGURE, figure_search_depth=FIGURE_SEARCH_DEPTH,
-        pair=Pair, picture_tag=_PICTURE,
-        longest_generic=_LONGEST_GENERIC, alt_meaningless=_ALT_MEANINGLESS, dup_in_page=_DUP_IN_PAGE,
-        url_attributes=_URL_ATTRIBUTES, lazy_then_src=_LAZY_THEN_SRC, camera_or_url=_CAMERA_OR_URL,
-        url_prefixes=_URL_PREFIXES, generic_alts=GENERIC_ALTS,
-        end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
-    )
-    return compiled
-
-
-def _compiled_image_rules():
-    """``_speedups.image_rules`` bound to the rules above; None where the speed-ups are not loaded."""
-    compiled = _bound_speedups()
-    return None if compiled is None else compiled.image_rules
-
-
-@functools.cache  # the walk's check (a sample page through both) once
-def _compiled_page_images():
-    """``_speedups.page_images`` (the page loop reading Lexbor's tree in C) bound to the rules above; None
-    where the speed-ups are not loaded or were built without it."""
-    compiled = _bound_speedups()
-    if compiled is None or not hasattr(compiled, "page_images"):
-        return None
-    return compiled.page_images if compiled.bind_tree_walk(img_tag=_IMG, figcaption_tag=_FIGCAPTION) else None
-
-
-# The same rules, compiled where built: a page's images straight from Lexbor's tree where the build has the
-# walk (_page_images), else through selectolax's nodes; a node list (a WAT's) by _image_rules.
-_image_rules = _compiled_image_rules() or _python_image_rules
-IMAGE_RULES = "compiled" if _image_rules is not _python_image_rules else "python"  # which one runs
-_page_images = (_compiled_page_images() if IMAGE_RULES == "compiled" else None) or _selectolax_page_images
-IMAGE_WALK = "lexbor" if _page_images is not _selectolax_page_images else "selectolax"  # how pages list images
-
-
 def extract_html(
     page_url: str,
     html: str | bytes,
@@ -673,9 +614,9 @@ def extract_html(
     The parser is an HTML5 one (Lexbor): malformed markup is repaired the way a
     browser repairs it, never refused. ``page_url`` must be absolute. ``<base>`` and
     ``<meta name=robots>`` are read from ``<head>`` (where the parser puts them unless
-    a page writes them after its content); then Lexbor's tag walk lists the images,
-    and (``want_links``) a CSS query the links. Each walk over the whole tree costs a
-    few percent of the parse, a CSS query more.
+    a page writes them after its content); then Lexbor's tag walk (``tags("img")``)
+    lists the images, and (``want_links``) a CSS query the links. Each walk over the
+    whole tree costs a few percent of the parse, a CSS query more.
     """
     tree = LexborHTMLParser(html)
     directives: set[str] = set()
@@ -702,9 +643,11 @@ def extract_html(
     if opted_out:
         result.opt_out = opted_out[0]
     else:
-        # Lexbor's tag walk (a third of a CSS query's cost), in C where built (_page_images); an image in a
-        # <picture> finds the picture's <source srcset>s itself (_picture_srcsets).
-        _page_images(tree, resolver, result)
+        # Lexbor's tag walk (a third of a CSS query's cost); an image in a <picture> finds the picture's
+        # <source srcset>s itself (_picture_srcsets).
+        images = tree.tags("img")
+        if images:
+            _image_rules(images, resolver, result)
     if want_links and "nofollow" not in directives:
         links = _Links(resolver, result.links)
         for href in _link_hrefs(tree.css("a[href], area[href]")):
