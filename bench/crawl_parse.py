@@ -15,15 +15,7 @@ that parser could reach. The loops over the same file, in this one process:
   (``crawl.archive.crawl_warc_file``): read, the page checks (status, X-Robots-Tag,
   byte cap, content type, binary sniff, charset), the parse, the rules of
   ``crawl/extract.py`` (``<base>``, meta robots, srcset and lazy attributes, figure
-  captions, caption rules, URL resolution, dedupe) and the parquet part, written —
-  with the per-image loop compiled (``crawl/_speedups.pyx``) where it is built, the
-  page's images read from Lexbor's tree in C where the build has that
-  (``crawl/_lexbor_tree.pxi``);
-* **ours_nodes** (where the build reads Lexbor's tree; ``--nodes_loop false`` drops it):
-  the same with the compiled rules over selectolax's node objects, what a build without
-  the Lexbor headers runs;
-* **ours_python** (where it is built; ``--python_loop false`` drops it): the same with
-  crawl/extract.py's Python per-image loop, what runs where there is no C compiler.
+  captions, caption rules, URL resolution, dedupe) and the parquet part, written.
 
 The ratio is plain's CPU time over ours (``time.process_time``: the machine may be
 shared, and other jobs' time is not ours), per round; a round runs the loops
@@ -45,7 +37,6 @@ written once with warcio into ``--workdir``, one gzip member per record.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
 
@@ -175,41 +166,8 @@ def our_loop(path: str, out: str) -> int:
     return stats.pages_parsed
 
 
-def _loops() -> dict[str, tuple]:
-    """``(per-image rules, page images)`` of crawl/extract.py for ours and what else is built here."""
-    from crawl import extract
-
-    loops = {"ours": (extract._image_rules, extract._page_images)}
-    if extract.IMAGE_WALK == "lexbor":
-        loops["ours_nodes"] = (extract._image_rules, extract._selectolax_page_images)
-    if extract.IMAGE_RULES == "compiled":
-        loops["ours_python"] = (extract._python_image_rules, extract._selectolax_page_images)
-    return loops
-
-
-@contextlib.contextmanager
-def _loop(name: str):
-    """crawl/extract.py running the per-image loop of ``name`` (``_loops``)."""
-    from crawl import extract
-
-    saved = extract._image_rules, extract._page_images
-    extract._image_rules, extract._page_images = _loops()[name]
-    try:
-        yield
-    finally:
-        extract._image_rules, extract._page_images = saved
-
-
-def our_variant_loop(name: str, path: str, out: str) -> int:
-    """``our_loop`` with the per-image loop of ``name`` (``_loops``): ``ours_nodes``, the compiled rules over
-    selectolax's nodes (a build without the Lexbor headers); ``ours_python``, crawl/extract.py's own loop
-    (where crawl/_speedups.pyx is not built)."""
-    with _loop(name):
-        return our_loop(path, out)
-
-
-def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
-    """The loops page by page: each record handed to parse, plain, ours (and ``variants``) in a rotating order.
+def page_by_page(path: str, out: str, passes: int) -> dict:
+    """The loops page by page: each record handed to parse, plain and ours in a rotating order.
 
     A steadier measure on a shared machine than whole loops: a change in the machine's
     speed falls on every loop within microseconds, not seconds. Reading is shared: timed
@@ -223,7 +181,7 @@ def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
 
     cfg = from_dict(CrawlConfig, {"warc": [path], "output_folder": out, "distributor": "inline"})
     directives = cfg.directives()
-    ours = ["ours", *variants]
+    ours = ["ours"]
     names = ["parse", "plain", *ours]
     orders = [names[k:] + names[:k] for k in range(len(names))]
     orders += [order[::-1] for order in orders]
@@ -249,9 +207,8 @@ def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
                     start = clock()
                     plain_page(record)
                 else:
-                    with _loop(name):
-                        start = clock()
-                        take_record(record, cfg, directives, writers[name], stats[name])
+                    start = clock()
+                    take_record(record, cfg, directives, writers[name], stats[name])
                 cpu[name] += clock() - start
             pages += 1
         for name, writer in writers.items():
@@ -280,12 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=2000)
     parser.add_argument("--page_kb", type=int, default=50, help="HTML per page, in KiB")
     parser.add_argument("--repeat", type=int, default=11, help="rounds (each runs every loop once)")
-    parser.add_argument("--python_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
-                        help="also time ours with crawl/extract.py's Python per-image loop (default true; "
-                             "where crawl/_speedups.pyx is built)")
-    parser.add_argument("--nodes_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
-                        help="also time ours with the compiled rules over selectolax's nodes (default true; where "
-                             "the build reads Lexbor's tree itself)")
     parser.add_argument("--page_by_page", type=int, default=2,
                         help="passes of the page-by-page measure after the rounds (see page_by_page; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
@@ -298,15 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if not warc.exists():
         print(f"writing {args.pages} pages of ~{args.page_kb} KiB to {warc} ...", flush=True)
         write_pages(warc, args.pages, args.page_kb, args.seed)
-    from crawl import extract
-
     loops = {"read": (each_page, str(warc), read_page), "parse": (each_page, str(warc), parse_page),
              "plain": (each_page, str(warc), plain_page), "ours": (our_loop, str(warc), str(work))}
-    variants = [name for name, wanted in (("ours_nodes", args.nodes_loop), ("ours_python", args.python_loop))
-                if wanted and name in _loops()]
-    for name in variants:
-        loops[name] = (our_variant_loop, name, str(warc), str(work))
-    print(f"per-image loop: {extract.IMAGE_RULES}, images listed by {extract.IMAGE_WALK}", flush=True)
     for fn, *fn_args in loops.values():  # warm-up: imports, caches, the file in the page cache
         fn(*fn_args)
     load_before = os.getloadavg()
@@ -320,11 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(cpu_s)
             wall[name].append(wall_s)
         ratio = cpu["plain"][-1] / cpu["ours"][-1]
-        others = "".join(f", {name} {pages / cpu[name][-1]:.0f}: {cpu['plain'][-1] / cpu[name][-1]:.2f}"
-                         for name in variants)
         print(f"round {round_ + 1}: read {pages / cpu['read'][-1]:.0f}, parse {pages / cpu['parse'][-1]:.0f}, "
               f"plain {pages / cpu['plain'][-1]:.0f}, ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: "
-              f"ratio {ratio:.2f}{others}", flush=True)
+              f"ratio {ratio:.2f}", flush=True)
     ratios = [p / o for p, o in zip(cpu["plain"], cpu["ours"])]
     us = {name: _median([c / pages * 1e6 for c in values]) for name, values in cpu.items()}
     summary = {
@@ -333,8 +275,6 @@ def main(argv: list[str] | None = None) -> int:
         "pages_per_cpu_s_median": {name: round(pages / _median(values)) for name, values in cpu.items()},
         "pages_per_cpu_s_range": {name: [round(pages / max(values)), round(pages / min(values))]
                                   for name, values in cpu.items()},
-        "per_image_loop": extract.IMAGE_RULES,
-        "images_listed_by": extract.IMAGE_WALK,
         "ratio_cpu_median": round(_median(ratios), 3),
         "ratio_cpu_range": [round(min(ratios), 3), round(max(ratios), 3)],
         # On a shared machine the best round of each loop is the least disturbed one.
@@ -344,12 +284,10 @@ def main(argv: list[str] | None = None) -> int:
                                "img_attributes": round(us["plain"] - us["parse"], 1),
                                "our_extra": round(us["ours"] - us["plain"], 1)},
         "ratio_to_parse_cpu_median": round(_median([p / o for p, o in zip(cpu["parse"], cpu["ours"])]), 3),
-        **{f"{'python' if name == 'ours_python' else 'nodes'}_loop_ratio_cpu_median":
-           round(_median([p / o for p, o in zip(cpu["plain"], cpu[name])]), 3) for name in variants},
         "cpu_s": {name: [round(c, 4) for c in values] for name, values in cpu.items()},
     }
     if args.page_by_page:
-        summary["page_by_page"] = page_by_page(str(warc), str(work), args.page_by_page, variants)
+        summary["page_by_page"] = page_by_page(str(warc), str(work), args.page_by_page)
         print(f"page by page: {summary['page_by_page']}", flush=True)
     save_result(f"crawl_parse_{args.page_kb}k", summary)
     return 0
