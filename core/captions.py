@@ -34,7 +34,7 @@ GENERIC_CAPTIONS = frozenset({
     "click here", "click to enlarge", "click to zoom", "click for larger image", "enlarge", "zoom",
     "view", "view image", "view larger", "see more", "read more", "more", "download", "download image",
     "download now", "button", "arrow", "next", "previous", "prev", "close", "menu", "search", "home",
-    "advertisement", "ad", "sponsored",
+    "advertisement", "ad", "sponsored", "header", "footer",
 })
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "svg", "avif", "heic", "heif", "ico"}
