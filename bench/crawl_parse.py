@@ -15,7 +15,13 @@ that parser could reach. The loops over the same file, in this one process:
   (``crawl.archive.crawl_warc_file``): read, the page checks (status, X-Robots-Tag,
   byte cap, content type, binary sniff, charset), the parse, the rules of
   ``crawl/extract.py`` (``<base>``, meta robots, srcset and lazy attributes, figure
-  captions, caption rules, URL resolution, dedupe) and the parquet part, written.
+  captions, caption rules, URL resolution, dedupe) and the parquet part, written;
+* **ours_wat** (``--wat false`` drops it): the same task over a WAT file of the same
+  pages (``write_wat``: one ``metadata`` record per page, its JSON shaped like Common
+  Crawl's — WARC and HTTP headers, ``<head>`` metadata, every ``<a>`` and image URL
+  attribute as a link entry with its alt text): no HTML parse, the image rules over
+  the link entries (``crawl.extract.extract_wat``). Pages per CPU-second here are the
+  WAT records' own; the WAT holds fewer pairs (no figure captions).
 
 The ratio is plain's CPU time over ours (``time.process_time``: the machine may be
 shared, and other jobs' time is not ours), per round; a round runs the loops
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 
 # One thread for numpy's BLAS (imported with the parquet writer), as Ray sets it for a one-CPU task:
@@ -122,6 +129,41 @@ def write_pages(path: Path, pages: int, page_kb: int, seed: int) -> int:
                 f"https://site{page % 97}.example/articles/{page}.html", "response", payload=io.BytesIO(body),
                 http_headers=http))
     return total
+
+
+def write_wat(warc: Path, path: Path) -> None:
+    """A WAT of ``warc``'s pages: per response, the metadata record Common Crawl would write (what the crawl reads)."""
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as handle:
+        writer = WARCWriter(handle, gzip=True)
+        for record in iter_warc(str(warc), 10_000_000):
+            if record.type != "response":
+                continue
+            payload = http_payload(record.block, 10_000_000)
+            tree = LexborHTMLParser(payload.body)
+            links = [{"path": "A@/href", "url": a.attributes.get("href") or "", "text": a.text(deep=True)}
+                     for a in tree.css("a[href]")]
+            for img in tree.tags("img"):
+                attributes = img.attributes
+                links += [{"path": f"IMG@/{name}", "url": value, "alt": attributes.get("alt") or ""}
+                          for name, value in attributes.items() if name in ("src", "srcset", "data-src") and value]
+            head = {"Title": tree.css_first("title").text(), "Metas": [
+                {"name": m.attributes.get("name"), "content": m.attributes.get("content")}
+                for m in tree.css("meta[name]")], "Link": [{"path": "LINK@/href", "url": "/css/site.css"}]}
+            envelope = {"Envelope": {
+                "Format": "WARC", "WARC-Header-Length": "300", "Block-Digest": "sha1:" + "A" * 32,
+                "WARC-Header-Metadata": {"WARC-Type": "response", "WARC-Target-URI": record.target_uri,
+                                         "WARC-Date": "2026-12-07T00:00:00Z", "Content-Length": str(len(record.block))},
+                "Payload-Metadata": {"Actual-Content-Type": "application/http; msgtype=response",
+                                     "HTTP-Response-Metadata": {
+                    "Response-Message": {"Status": str(payload.status), "Version": "HTTP/1.1", "Reason": "OK"},
+                    "Headers": dict(payload.headers), "Headers-Length": "80",
+                    "Entity-Length": str(len(payload.body)),
+                    "HTML-Metadata": {"Head": head, "Links": links}}}}}
+            writer.write_record(writer.create_warc_record(
+                record.target_uri, "metadata", payload=io.BytesIO(json.dumps(envelope).encode()),
+                warc_content_type="application/json"))
 
 
 def each_page(path: str, page) -> int:
@@ -239,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=11, help="rounds (each runs every loop once)")
     parser.add_argument("--page_by_page", type=int, default=2,
                         help="passes of the page-by-page measure after the rounds (see page_by_page; 0: none)")
+    parser.add_argument("--wat", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                        help="also time ours over a WAT of the same pages (ours_wat; default true)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(REPO / "data" / "bench" / "crawl"))
     args = parser.parse_args(argv)
@@ -251,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         write_pages(warc, args.pages, args.page_kb, args.seed)
     loops = {"read": (each_page, str(warc), read_page), "parse": (each_page, str(warc), parse_page),
              "plain": (each_page, str(warc), plain_page), "ours": (our_loop, str(warc), str(work))}
+    if args.wat:
+        wat = warc.with_name(warc.name.replace(".warc.gz", ".wat.gz"))
+        if not wat.exists():
+            print(f"writing the WAT of those pages to {wat} ...", flush=True)
+            write_wat(warc, wat)
+        loops["ours_wat"] = (our_loop, str(wat), str(work))
     for fn, *fn_args in loops.values():  # warm-up: imports, caches, the file in the page cache
         fn(*fn_args)
     load_before = os.getloadavg()
@@ -264,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(cpu_s)
             wall[name].append(wall_s)
         ratio = cpu["plain"][-1] / cpu["ours"][-1]
+        wat_rate = f", ours_wat {pages / cpu['ours_wat'][-1]:.0f}" if "ours_wat" in cpu else ""
         print(f"round {round_ + 1}: read {pages / cpu['read'][-1]:.0f}, parse {pages / cpu['parse'][-1]:.0f}, "
-              f"plain {pages / cpu['plain'][-1]:.0f}, ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: "
+              f"plain {pages / cpu['plain'][-1]:.0f}, ours {pages / cpu['ours'][-1]:.0f}{wat_rate} pages/CPU-s: "
               f"ratio {ratio:.2f}", flush=True)
     ratios = [p / o for p, o in zip(cpu["plain"], cpu["ours"])]
     us = {name: _median([c / pages * 1e6 for c in values]) for name, values in cpu.items()}
@@ -284,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                                "img_attributes": round(us["plain"] - us["parse"], 1),
                                "our_extra": round(us["ours"] - us["plain"], 1)},
         "ratio_to_parse_cpu_median": round(_median([p / o for p, o in zip(cpu["parse"], cpu["ours"])]), 3),
+        **({"wat_bytes": wat.stat().st_size,
+            "wat_over_warc_cpu_median": round(_median([o / w for o, w in zip(cpu["ours"], cpu["ours_wat"])]), 3)}
+           if args.wat else {}),
         "cpu_s": {name: [round(c, 4) for c in values] for name, values in cpu.items()},
     }
     if args.page_by_page:
