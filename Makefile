@@ -40,7 +40,7 @@ help: ## list the targets
 	@echo "Stage targets take CONFIG=file.yaml (default: configs/demo/<stage>.yaml) and ARGS=\"--flag value\"."
 	@echo "CLUSTER=http://HEAD:8265 runs crawl/ingest/filter/shards as a job on that Ray cluster (infra/README.md)."
 
-$(STAMP): pyproject.toml setup.py crawl/_speedups.pyx crawl/_lexbor_tree.pxi crawl/_speedups_lexbor.pyx
+$(STAMP): pyproject.toml
 	@echo "Setting up $(VENV) (the first time takes a few minutes: torch, ray, open_clip)..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
@@ -80,8 +80,7 @@ browser: ## Debian's chromium for the report page's browser tests (installed onc
 	@bash infra/local/install_chromium.sh
 
 test: $(STAMP) browser ## unit and integration tests (real HTTP server, Ray, S3 server, torchrun, Chromium)
-	@# With a C compiler here the install built crawl/_speedups: a test then fails if it is missing.
-	WEBCLIP_REQUIRE_SPEEDUPS=$$(command -v cc > /dev/null && echo 1) $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 cluster-test: $(STAMP) ## only the cluster tests: 2-node Ray and torchrun on loopback, node loss, infra/ configs
 	$(PY) -m pytest tests/test_cluster_*.py $(PYTEST_ARGS)

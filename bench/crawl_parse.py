@@ -15,15 +15,13 @@ that parser could reach. The loops over the same file, in this one process:
   (``crawl.archive.crawl_warc_file``): read, the page checks (status, X-Robots-Tag,
   byte cap, content type, binary sniff, charset), the parse, the rules of
   ``crawl/extract.py`` (``<base>``, meta robots, srcset and lazy attributes, figure
-  captions, caption rules, URL resolution, dedupe) and the parquet part, written —
-  with the per-image loop compiled (``crawl/_speedups.pyx``) where it is built, the
-  page's images read from Lexbor's tree in C where the build has that
-  (``crawl/_lexbor_tree.pxi``);
-* **ours_nodes** (where the build reads Lexbor's tree; ``--nodes_loop false`` drops it):
-  the same with the compiled rules over selectolax's node objects, what a build without
-  the Lexbor headers runs;
-* **ours_python** (where it is built; ``--python_loop false`` drops it): the same with
-  crawl/extract.py's Python per-image loop, what runs where there is no C compiler.
+  captions, caption rules, URL resolution, dedupe) and the parquet part, written;
+* **ours_wat** (``--wat false`` drops it): the same task over a WAT file of the same
+  pages (``write_wat``: one ``metadata`` record per page, its JSON shaped like Common
+  Crawl's — WARC and HTTP headers, ``<head>`` metadata, every ``<a>`` and image URL
+  attribute as a link entry with its alt text): no HTML parse, the image rules over
+  the link entries (``crawl.extract.extract_wat``). Pages per CPU-second here are the
+  WAT records' own; the WAT holds fewer pairs (no figure captions).
 
 The ratio is plain's CPU time over ours (``time.process_time``: the machine may be
 shared, and other jobs' time is not ours), per round; a round runs the loops
@@ -45,8 +43,8 @@ written once with warcio into ``--workdir``, one gzip member per record.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
+import json
 import os
 
 # One thread for numpy's BLAS (imported with the parquet writer), as Ray sets it for a one-CPU task:
@@ -133,6 +131,41 @@ def write_pages(path: Path, pages: int, page_kb: int, seed: int) -> int:
     return total
 
 
+def write_wat(warc: Path, path: Path) -> None:
+    """A WAT of ``warc``'s pages: per response, the metadata record Common Crawl would write (what the crawl reads)."""
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as handle:
+        writer = WARCWriter(handle, gzip=True)
+        for record in iter_warc(str(warc), 10_000_000):
+            if record.type != "response":
+                continue
+            payload = http_payload(record.block, 10_000_000)
+            tree = LexborHTMLParser(payload.body)
+            links = [{"path": "A@/href", "url": a.attributes.get("href") or "", "text": a.text(deep=True)}
+                     for a in tree.css("a[href]")]
+            for img in tree.tags("img"):
+                attributes = img.attributes
+                links += [{"path": f"IMG@/{name}", "url": value, "alt": attributes.get("alt") or ""}
+                          for name, value in attributes.items() if name in ("src", "srcset", "data-src") and value]
+            head = {"Title": tree.css_first("title").text(), "Metas": [
+                {"name": m.attributes.get("name"), "content": m.attributes.get("content")}
+                for m in tree.css("meta[name]")], "Link": [{"path": "LINK@/href", "url": "/css/site.css"}]}
+            envelope = {"Envelope": {
+                "Format": "WARC", "WARC-Header-Length": "300", "Block-Digest": "sha1:" + "A" * 32,
+                "WARC-Header-Metadata": {"WARC-Type": "response", "WARC-Target-URI": record.target_uri,
+                                         "WARC-Date": "2026-12-07T00:00:00Z", "Content-Length": str(len(record.block))},
+                "Payload-Metadata": {"Actual-Content-Type": "application/http; msgtype=response",
+                                     "HTTP-Response-Metadata": {
+                    "Response-Message": {"Status": str(payload.status), "Version": "HTTP/1.1", "Reason": "OK"},
+                    "Headers": dict(payload.headers), "Headers-Length": "80",
+                    "Entity-Length": str(len(payload.body)),
+                    "HTML-Metadata": {"Head": head, "Links": links}}}}}
+            writer.write_record(writer.create_warc_record(
+                record.target_uri, "metadata", payload=io.BytesIO(json.dumps(envelope).encode()),
+                warc_content_type="application/json"))
+
+
 def each_page(path: str, page) -> int:
     """``page(record)`` for each response record of ``path``: the read, parse and plain loops."""
     pages = 0
@@ -175,41 +208,8 @@ def our_loop(path: str, out: str) -> int:
     return stats.pages_parsed
 
 
-def _loops() -> dict[str, tuple]:
-    """``(per-image rules, page images)`` of crawl/extract.py for ours and what else is built here."""
-    from crawl import extract
-
-    loops = {"ours": (extract._image_rules, extract._page_images)}
-    if extract.IMAGE_WALK == "lexbor":
-        loops["ours_nodes"] = (extract._image_rules, extract._selectolax_page_images)
-    if extract.IMAGE_RULES == "compiled":
-        loops["ours_python"] = (extract._python_image_rules, extract._selectolax_page_images)
-    return loops
-
-
-@contextlib.contextmanager
-def _loop(name: str):
-    """crawl/extract.py running the per-image loop of ``name`` (``_loops``)."""
-    from crawl import extract
-
-    saved = extract._image_rules, extract._page_images
-    extract._image_rules, extract._page_images = _loops()[name]
-    try:
-        yield
-    finally:
-        extract._image_rules, extract._page_images = saved
-
-
-def our_variant_loop(name: str, path: str, out: str) -> int:
-    """``our_loop`` with the per-image loop of ``name`` (``_loops``): ``ours_nodes``, the compiled rules over
-    selectolax's nodes (a build without the Lexbor headers); ``ours_python``, crawl/extract.py's own loop
-    (where crawl/_speedups.pyx is not built)."""
-    with _loop(name):
-        return our_loop(path, out)
-
-
-def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
-    """The loops page by page: each record handed to parse, plain, ours (and ``variants``) in a rotating order.
+def page_by_page(path: str, out: str, passes: int) -> dict:
+    """The loops page by page: each record handed to parse, plain and ours in a rotating order.
 
     A steadier measure on a shared machine than whole loops: a change in the machine's
     speed falls on every loop within microseconds, not seconds. Reading is shared: timed
@@ -223,7 +223,7 @@ def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
 
     cfg = from_dict(CrawlConfig, {"warc": [path], "output_folder": out, "distributor": "inline"})
     directives = cfg.directives()
-    ours = ["ours", *variants]
+    ours = ["ours"]
     names = ["parse", "plain", *ours]
     orders = [names[k:] + names[:k] for k in range(len(names))]
     orders += [order[::-1] for order in orders]
@@ -249,9 +249,8 @@ def page_by_page(path: str, out: str, passes: int, variants: list[str]) -> dict:
                     start = clock()
                     plain_page(record)
                 else:
-                    with _loop(name):
-                        start = clock()
-                        take_record(record, cfg, directives, writers[name], stats[name])
+                    start = clock()
+                    take_record(record, cfg, directives, writers[name], stats[name])
                 cpu[name] += clock() - start
             pages += 1
         for name, writer in writers.items():
@@ -280,14 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pages", type=int, default=2000)
     parser.add_argument("--page_kb", type=int, default=50, help="HTML per page, in KiB")
     parser.add_argument("--repeat", type=int, default=11, help="rounds (each runs every loop once)")
-    parser.add_argument("--python_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
-                        help="also time ours with crawl/extract.py's Python per-image loop (default true; "
-                             "where crawl/_speedups.pyx is built)")
-    parser.add_argument("--nodes_loop", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
-                        help="also time ours with the compiled rules over selectolax's nodes (default true; where "
-                             "the build reads Lexbor's tree itself)")
     parser.add_argument("--page_by_page", type=int, default=2,
                         help="passes of the page-by-page measure after the rounds (see page_by_page; 0: none)")
+    parser.add_argument("--wat", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                        help="also time ours over a WAT of the same pages (ours_wat; default true)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(REPO / "data" / "bench" / "crawl"))
     args = parser.parse_args(argv)
@@ -298,15 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     if not warc.exists():
         print(f"writing {args.pages} pages of ~{args.page_kb} KiB to {warc} ...", flush=True)
         write_pages(warc, args.pages, args.page_kb, args.seed)
-    from crawl import extract
-
     loops = {"read": (each_page, str(warc), read_page), "parse": (each_page, str(warc), parse_page),
              "plain": (each_page, str(warc), plain_page), "ours": (our_loop, str(warc), str(work))}
-    variants = [name for name, wanted in (("ours_nodes", args.nodes_loop), ("ours_python", args.python_loop))
-                if wanted and name in _loops()]
-    for name in variants:
-        loops[name] = (our_variant_loop, name, str(warc), str(work))
-    print(f"per-image loop: {extract.IMAGE_RULES}, images listed by {extract.IMAGE_WALK}", flush=True)
+    if args.wat:
+        wat = warc.with_name(warc.name.replace(".warc.gz", ".wat.gz"))
+        if not wat.exists():
+            print(f"writing the WAT of those pages to {wat} ...", flush=True)
+            write_wat(warc, wat)
+        loops["ours_wat"] = (our_loop, str(wat), str(work))
     for fn, *fn_args in loops.values():  # warm-up: imports, caches, the file in the page cache
         fn(*fn_args)
     load_before = os.getloadavg()
@@ -320,11 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             cpu[name].append(cpu_s)
             wall[name].append(wall_s)
         ratio = cpu["plain"][-1] / cpu["ours"][-1]
-        others = "".join(f", {name} {pages / cpu[name][-1]:.0f}: {cpu['plain'][-1] / cpu[name][-1]:.2f}"
-                         for name in variants)
+        wat_rate = f", ours_wat {pages / cpu['ours_wat'][-1]:.0f}" if "ours_wat" in cpu else ""
         print(f"round {round_ + 1}: read {pages / cpu['read'][-1]:.0f}, parse {pages / cpu['parse'][-1]:.0f}, "
-              f"plain {pages / cpu['plain'][-1]:.0f}, ours {pages / cpu['ours'][-1]:.0f} pages/CPU-s: "
-              f"ratio {ratio:.2f}{others}", flush=True)
+              f"plain {pages / cpu['plain'][-1]:.0f}, ours {pages / cpu['ours'][-1]:.0f}{wat_rate} pages/CPU-s: "
+              f"ratio {ratio:.2f}", flush=True)
     ratios = [p / o for p, o in zip(cpu["plain"], cpu["ours"])]
     us = {name: _median([c / pages * 1e6 for c in values]) for name, values in cpu.items()}
     summary = {
@@ -333,8 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         "pages_per_cpu_s_median": {name: round(pages / _median(values)) for name, values in cpu.items()},
         "pages_per_cpu_s_range": {name: [round(pages / max(values)), round(pages / min(values))]
                                   for name, values in cpu.items()},
-        "per_image_loop": extract.IMAGE_RULES,
-        "images_listed_by": extract.IMAGE_WALK,
         "ratio_cpu_median": round(_median(ratios), 3),
         "ratio_cpu_range": [round(min(ratios), 3), round(max(ratios), 3)],
         # On a shared machine the best round of each loop is the least disturbed one.
@@ -344,12 +335,13 @@ def main(argv: list[str] | None = None) -> int:
                                "img_attributes": round(us["plain"] - us["parse"], 1),
                                "our_extra": round(us["ours"] - us["plain"], 1)},
         "ratio_to_parse_cpu_median": round(_median([p / o for p, o in zip(cpu["parse"], cpu["ours"])]), 3),
-        **{f"{'python' if name == 'ours_python' else 'nodes'}_loop_ratio_cpu_median":
-           round(_median([p / o for p, o in zip(cpu["plain"], cpu[name])]), 3) for name in variants},
+        **({"wat_bytes": wat.stat().st_size,
+            "wat_over_warc_cpu_median": round(_median([o / w for o, w in zip(cpu["ours"], cpu["ours_wat"])]), 3)}
+           if args.wat else {}),
         "cpu_s": {name: [round(c, 4) for c in values] for name, values in cpu.items()},
     }
     if args.page_by_page:
-        summary["page_by_page"] = page_by_page(str(warc), str(work), args.page_by_page, variants)
+        summary["page_by_page"] = page_by_page(str(warc), str(work), args.page_by_page)
         print(f"page by page: {summary['page_by_page']}", flush=True)
     save_result(f"crawl_parse_{args.page_kb}k", summary)
     return 0

@@ -34,7 +34,7 @@ GENERIC_CAPTIONS = frozenset({
     "click here", "click to enlarge", "click to zoom", "click for larger image", "enlarge", "zoom",
     "view", "view image", "view larger", "see more", "read more", "more", "download", "download image",
     "download now", "button", "arrow", "next", "previous", "prev", "close", "menu", "search", "home",
-    "advertisement", "ad", "sponsored",
+    "advertisement", "ad", "sponsored", "header", "footer",
 })
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "svg", "avif", "heic", "heif", "ico"}
@@ -68,7 +68,7 @@ def is_boilerplate(caption: str) -> bool:
     """
     if len(caption) > BOILERPLATE_MAX_CHARS:
         return False
-    if _LETTER.search(caption) is None:
+    if not caption[:1].isalpha() and _LETTER.search(caption) is None:  # a letter first is one (no \d is alpha)
         return True
     if caption.rpartition(".")[2].lower() in IMAGE_EXTENSIONS and _FILE_NAME.fullmatch(caption):
         return True
@@ -76,8 +76,13 @@ def is_boilerplate(caption: str) -> bool:
         return True
     if len(caption.split()) > _MAX_GENERIC_WORDS:  # the common case, a sentence: no regex needed
         return False
-    bare = _EDGE_PUNCTUATION.sub("", caption.lower())
-    return _SPACES.sub(" ", bare) in GENERIC_CAPTIONS or _NUMBERED_NAME.fullmatch(bare) is not None
+    # The regexes' substitutions only where they would change something (each costs more than the rest
+    # together; the crawl judges every alt text): [^\W_] is str.isalnum(), and every whitespace
+    # character but the space is unprintable (tests/test_ingest_plan.py checks both).
+    lower = caption.lower()
+    bare = lower if lower[:1].isalnum() and lower[-1:].isalnum() else _EDGE_PUNCTUATION.sub("", lower)
+    name = bare if "_" not in bare and "  " not in bare and bare.isprintable() else _SPACES.sub(" ", bare)
+    return name in GENERIC_CAPTIONS or _NUMBERED_NAME.fullmatch(bare) is not None
 
 
 def word_count(text: str) -> int:

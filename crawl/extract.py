@@ -15,19 +15,17 @@ reason, decided in this order:
    fragment dropped, scheme and host lower-cased; anything but http(s) is
    ``unsupported_scheme``.
 3. **Caption**: the alt text if it says something, else the enclosing ``<figure>``'s
-   ``<figcaption>``; an alt text that is empty, a file name (``IMG_1234.jpg``), a
-   camera name (``DSC01234``), a generic word (``image``, ``logo``) or has no letters
-   says nothing: ``alt_meaningless``. The alt wins over a figcaption because it was
-   written for this image; a figcaption may describe a group of them.
+   ``<figcaption>``; an alt text that is empty or boilerplate by ``core/captions.py``'s
+   judgement, the one ingest and the filter apply (a file name ``IMG_1234.jpg``, a
+   camera name ``DSC01234``, a generic word ``image``, ``logo``, a bare URL, no
+   letters), says nothing: ``alt_meaningless``. The alt wins over a figcaption because it
+   was written for this image; a figcaption may describe a group of them.
 4. **Dedupe** within the page: the first pair per URL wins, later ones are
    ``dup_in_page`` (a lazy image and its ``<noscript>`` fallback, say). An image
    without a caption does not claim its URL, so a later copy with one still counts.
 
-The per-image loop (``_image_rules``) runs compiled where ``crawl/_speedups.pyx`` is
-built (``crawl/speedups.py``): the common shapes of rules 1-4 in C, everything else
-handed back to the functions here; where the build has it, a page's images are read
-from Lexbor's tree in C too (``_page_images``, ``crawl/_lexbor_tree.pxi``) instead of
-through selectolax's node objects. The tests run every page through each loop.
+Plain Python over selectolax's public API: the per-image loop (``_image_rules``) takes
+a page's ``<img>`` nodes, or a WAT record's image entries shaped like them.
 
 ``<meta name="robots">`` is honoured as X-Robots-Tag is: a disallowed directive
 (``noai``, ``noimageai``, ...) opts the page's images out, ``nofollow``/``none``
@@ -36,7 +34,6 @@ stops link extraction, and links with ``rel="nofollow"`` are not followed.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -46,8 +43,8 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from selectolax.lexbor import LexborHTMLParser
 
+from core.captions import is_boilerplate
 from core.reasons import Reason
-from crawl import speedups
 
 LAZY_SRC_ATTRIBUTES = (
     "data-src", "data-lazy-src", "data-original", "data-lazy", "data-url", "data-echo", "data-hi-res-src",
@@ -56,27 +53,6 @@ LAZY_SRCSET_ATTRIBUTES = ("data-srcset", "data-lazy-srcset")
 _URL_ATTRIBUTES = frozenset(("srcset", *LAZY_SRC_ATTRIBUTES, *LAZY_SRCSET_ATTRIBUTES))  # besides src
 MAX_LINKS_PER_PAGE = 1000  # a page of a million links must not flood the frontier
 FIGURE_SEARCH_DEPTH = 6  # ancestors searched for an enclosing <figure>
-
-# Alt texts that describe no image: lower-cased, punctuation stripped from the ends.
-GENERIC_ALTS = frozenset({
-    "image", "images", "img", "photo", "photos", "picture", "pictures", "pic", "pics", "logo", "icon", "banner",
-    "thumbnail", "thumb", "untitled", "placeholder", "spacer", "avatar", "blank", "null", "undefined", "none",
-    "alt", "loading", "gif", "jpg", "jpeg", "png", "webp", "graphic", "button", "arrow", "spinner", "pixel",
-    "advertisement", "ad", "header", "footer", "alt text", "image description", "featured image", "no image",
-    "image not found", "photo of", "image of", "picture of", "click here", "read more",
-})
-_LONGEST_GENERIC = max(map(len, GENERIC_ALTS)) + 2  # + end punctuation
-_IMAGE_EXTENSIONS = r"(?:jpe?g|jpe|png|gif|webp|bmp|svg|tiff?|avif|heic|heif|ico|jfif)"
-_FILE_NAME = re.compile(rf"[\w\-. ()\[\]~+%,]+\.{_IMAGE_EXTENSIONS}", re.IGNORECASE)
-_CAMERA_NAME = re.compile(
-    r"(?:img|image|dsc[nf]?|dcim|pict?|pxl|mvimg|photo|screenshot|screen ?shot|capture|scan)[\s_\-]*\d[\w\-]*",
-    re.IGNORECASE,
-)
-_CAMERA_PREFIXES = ("img", "image", "dsc", "dcim", "pic", "pxl", "mvimg", "photo", "screen", "capture", "scan")
-_URL_PREFIXES = ("http://", "https://", "www.")  # an alt text that is a URL
-_END_PUNCTUATION = " \t.,:;-_|*#!?\"'()[]{}<>/\\"
-_LETTER = re.compile(r"[^\W\d_]")
-_SUSPECT_INITIALS = frozenset("idpmschwIDPMSCHW")  # how camera names and URLs begin (see _CAMERA_NAME)
 _URL_WHITESPACE = str.maketrans("", "", "\t\n\r")
 
 
@@ -106,23 +82,9 @@ def clean_text(text: str | None) -> str:
 
 
 def is_meaningless(caption: str) -> bool:
-    """True for alt texts that say nothing about the image (already ``clean_text``-ed)."""
-    if not caption or (not caption[0].isalpha() and _LETTER.search(caption) is None):
-        return True
-    if len(caption) > _LONGEST_GENERIC and caption[0] not in _SUSPECT_INITIALS and "." not in caption[-6:]:
-        return False  # longer than any generic phrase, begins like no camera name or URL, ends in no extension
-    core = caption.lower()
-    if core[-1] in _END_PUNCTUATION or core[0] in _END_PUNCTUATION:
-        core = core.strip(_END_PUNCTUATION)
-    if core in GENERIC_ALTS:
-        return True
-    if core[:1] in _SUSPECT_INITIALS:
-        if core.startswith(_URL_PREFIXES):
-            return True
-        # the regex only when the text begins like a camera name (or with letters it folds, like 'ſ')
-        if (core.startswith(_CAMERA_PREFIXES) or not core[:11].isascii()) and _CAMERA_NAME.fullmatch(core):
-            return True
-    return "." in caption and _FILE_NAME.fullmatch(caption) is not None
+    """True for alt texts that say nothing about the image (already ``clean_text``-ed): empty, or
+    boilerplate by ``core.captions.is_boilerplate``, the judgement ingest and the filter make."""
+    return not caption or is_boilerplate(caption)
 
 
 def srcset_candidates(value: str) -> list[tuple[str, int, float]]:
@@ -411,15 +373,6 @@ _BASE, _META = _TAG_IDS["base"], _TAG_IDS["meta"]
 # (so that " data:..." is a data URI too). Every str.isspace() character is below U+3001 (a test checks).
 _CAREFUL_FIRST = frozenset("dD" + "".join(c for c in map(chr, range(0x3001)) if c.isspace()))
 _ALT_MEANINGLESS, _DUP_IN_PAGE = Reason.ALT_MEANINGLESS.value, Reason.DUP_IN_PAGE.value
-# is_meaningless, inline in _image_rules for the common case: an alt text longer than any generic phrase
-# (with its end punctuation), without a '.' (no file name), says something if it begins with an ASCII
-# letter that begins no camera name or URL (_PLAIN_INITIALS); or with one that may (_SUSPECT_INITIALS),
-# if it does not end in punctuation (stripping it leaves it too long to be generic) and its first 11
-# characters (the longest camera prefix, "screen shot") are ASCII, which the regex's IGNORECASE cannot
-# fold, and begin like no camera name or URL (_CAMERA_OR_URL).
-_PLAIN_INITIALS = frozenset(c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                            if c not in _SUSPECT_INITIALS)
-_CAMERA_OR_URL = (*_CAMERA_PREFIXES, *_URL_PREFIXES)
 
 
 def _link_hrefs(nodes: Iterable[Any]) -> list[str]:
@@ -467,10 +420,10 @@ def _image_rules(images: Sequence[Any], resolver: Resolver, result: PageExtracti
     image's URL is chosen (rule 1; ``src`` alone, the common case, inline), then the
     page's URLs are resolved (rule 2) and its alt texts cleaned with one check over
     all of them joined (the common case: plain rooted paths, alt texts already clean),
-    then captions are judged (rule 3, the common case inline) and pairs deduplicated (rule
-    4). Each shortcut falls back on the plain rule (``_pick_url``, ``Resolver``,
-    ``clean_text``, ``is_meaningless``) whenever it is not sure; a test checks the whole
-    against the plain rules applied one by one (tests/test_crawl_extract.py).
+    then captions are judged (rule 3: ``core.captions.is_boilerplate``) and pairs
+    deduplicated (rule 4). Each shortcut falls back on the plain rule (``_pick_url``,
+    ``Resolver``, ``clean_text``) whenever it is not sure; a test checks the whole against
+    the plain rules applied one by one (tests/test_crawl_extract.py).
     """
     reasons = result.reasons
     counted = reasons.get  # the Counter as a dict: no __missing__ call
@@ -526,20 +479,15 @@ def _image_rules(images: Sequence[Any], resolver: Resolver, result: PageExtracti
         alts = [" ".join(alt.split()) for alt in alts]
     pairs = result.pairs
     seen: set[str] = set()
-    longest_generic, plain_initials, suspect_initials = _LONGEST_GENERIC, _PLAIN_INITIALS, _SUSPECT_INITIALS
-    end_punctuation, camera_or_url = _END_PUNCTUATION, _CAMERA_OR_URL
+    boilerplate = is_boilerplate
     new_pair = tuple.__new__
     for url, caption, node in zip(urls, alts, kept):
-        if len(caption) > longest_generic and "." not in caption and (caption[0] in plain_initials or (
-                caption[0] in suspect_initials and caption[-1] not in end_punctuation and caption[:11].isascii()
-                and not caption[:11].lower().startswith(camera_or_url))):
-            source = "alt"  # is_meaningless, inline for a long text without a '.' (see _PLAIN_INITIALS)
-        elif caption and not is_meaningless(caption):
+        if caption and not boilerplate(caption):  # is_meaningless
             source = "alt"
         else:
             text = _enclosing_figcaption(node)
             caption, source = " ".join(text.split()) if text else "", "figcaption"  # clean_text
-            if not caption or is_meaningless(caption):
+            if not caption or boilerplate(caption):
                 reasons[_ALT_MEANINGLESS] = counted(_ALT_MEANINGLESS, 0) + 1
                 continue
         # 4. dedupe
@@ -607,60 +555,6 @@ def _first_figcaption(figure):
     return None
 
 
-# -- the compiled loop (crawl/_speedups.pyx) ---------------------------------------------
-
-_python_image_rules = _image_rules
-
-
-def _selectolax_page_images(tree: LexborHTMLParser, resolver: Resolver, result: PageExtraction) -> None:
-    """The page's ``<img>``s through selectolax's nodes (Lexbor's tag walk), then ``_image_rules``."""
-    images = tree.tags("img")
-    if images:
-        _image_rules(images, resolver, result)
-
-
-@functools.cache  # bound once: bind_tree_walk's tables are made from bind's constants
-def _bound_speedups():
-    """crawl/_speedups bound to the rules above; None where the speed-ups are not loaded."""
-    compiled = speedups.load()
-    if compiled is None:
-        return None
-    compiled.bind(
-        pick_url=_pick_url, picture_srcsets=_picture_srcsets, is_meaningless=is_meaningless,
-        first_figcaption=_first_figcaption, figure_tag=_FIGURE, figure_search_depth=FIGURE_SEARCH_DEPTH,
-        pair=Pair, picture_tag=_PICTURE,
-        longest_generic=_LONGEST_GENERIC, alt_meaningless=_ALT_MEANINGLESS, dup_in_page=_DUP_IN_PAGE,
-        url_attributes=_URL_ATTRIBUTES, lazy_then_src=_LAZY_THEN_SRC, camera_or_url=_CAMERA_OR_URL,
-        url_prefixes=_URL_PREFIXES, generic_alts=GENERIC_ALTS,
-        end_punctuation=_END_PUNCTUATION, suspect_initials=_SUSPECT_INITIALS,
-    )
-    return compiled
-
-
-def _compiled_image_rules():
-    """``_speedups.image_rules`` bound to the rules above; None where the speed-ups are not loaded."""
-    compiled = _bound_speedups()
-    return None if compiled is None else compiled.image_rules
-
-
-@functools.cache  # the walk's check (a sample page through both) once
-def _compiled_page_images():
-    """``_speedups.page_images`` (the page loop reading Lexbor's tree in C) bound to the rules above; None
-    where the speed-ups are not loaded or were built without it."""
-    compiled = _bound_speedups()
-    if compiled is None or not hasattr(compiled, "page_images"):
-        return None
-    return compiled.page_images if compiled.bind_tree_walk(img_tag=_IMG, figcaption_tag=_FIGCAPTION) else None
-
-
-# The same rules, compiled where built: a page's images straight from Lexbor's tree where the build has the
-# walk (_page_images), else through selectolax's nodes; a node list (a WAT's) by _image_rules.
-_image_rules = _compiled_image_rules() or _python_image_rules
-IMAGE_RULES = "compiled" if _image_rules is not _python_image_rules else "python"  # which one runs
-_page_images = (_compiled_page_images() if IMAGE_RULES == "compiled" else None) or _selectolax_page_images
-IMAGE_WALK = "lexbor" if _page_images is not _selectolax_page_images else "selectolax"  # how pages list images
-
-
 def extract_html(
     page_url: str,
     html: str | bytes,
@@ -673,9 +567,9 @@ def extract_html(
     The parser is an HTML5 one (Lexbor): malformed markup is repaired the way a
     browser repairs it, never refused. ``page_url`` must be absolute. ``<base>`` and
     ``<meta name=robots>`` are read from ``<head>`` (where the parser puts them unless
-    a page writes them after its content); then Lexbor's tag walk lists the images,
-    and (``want_links``) a CSS query the links. Each walk over the whole tree costs a
-    few percent of the parse, a CSS query more.
+    a page writes them after its content); then Lexbor's tag walk (``tags("img")``)
+    lists the images, and (``want_links``) a CSS query the links. Each walk over the
+    whole tree costs a few percent of the parse, a CSS query more.
     """
     tree = LexborHTMLParser(html)
     directives: set[str] = set()
@@ -702,9 +596,11 @@ def extract_html(
     if opted_out:
         result.opt_out = opted_out[0]
     else:
-        # Lexbor's tag walk (a third of a CSS query's cost), in C where built (_page_images); an image in a
-        # <picture> finds the picture's <source srcset>s itself (_picture_srcsets).
-        _page_images(tree, resolver, result)
+        # Lexbor's tag walk (a third of a CSS query's cost); an image in a <picture> finds the picture's
+        # <source srcset>s itself (_picture_srcsets).
+        images = tree.tags("img")
+        if images:
+            _image_rules(images, resolver, result)
     if want_links and "nofollow" not in directives:
         links = _Links(resolver, result.links)
         for href in _link_hrefs(tree.css("a[href], area[href]")):

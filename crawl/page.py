@@ -25,7 +25,6 @@ import re
 from collections.abc import Iterable
 
 from core.reasons import Reason, SampleError
-from crawl import speedups
 from crawl.extract import PageExtraction, extract_html
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
@@ -46,7 +45,7 @@ def looks_binary(body: bytes) -> bool:
     return _has_any_byte(body, SNIFF_BYTES, _BINARY_BYTES)
 
 
-def _has_any_byte_python(data: bytes, limit: int, members: bytes) -> bool:
+def _has_any_byte(data: bytes, limit: int, members: bytes) -> bool:
     head = data[:limit]
     return len(head.translate(None, members)) != len(head)  # one C pass; a regex search is ~10x slower
 
@@ -72,20 +71,15 @@ def _codec_for(label: str) -> str | None:
     return "cp1252" if name in _AS_WINDOWS_1252 else name
 
 
-def _is_utf8_python(body: bytes) -> bool:
+def _is_utf8(body: bytes) -> bool:
+    """Whether ``body`` is valid UTF-8: Python's strict codec decides (a str of the page, thrown away)."""
     if body.isascii():  # a fast scan; ASCII is valid UTF-8
         return True
     try:
-        body.decode("utf-8")  # a str of the whole page, thrown away: tens of microseconds
+        body.decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
-
-
-# crawl/_speedups.pyx: the same answers in C, without decoding (tests/test_crawl_extract.py runs both)
-_compiled = speedups.load()
-_is_utf8 = _compiled.is_utf8 if _compiled is not None else _is_utf8_python
-_has_any_byte = _compiled.has_any_byte if _compiled is not None else _has_any_byte_python
 
 
 def decode_html(body: bytes, declared: str | None = None) -> str | bytes:

@@ -27,7 +27,6 @@ from core import storage
 from core.cluster import init_ray
 from core.config import ConfigError, to_dict
 from core.reasons import Reason
-from crawl import extract
 from crawl.archive import crawl_warc_file
 from crawl.config import CrawlConfig
 from crawl.extract import resolve
@@ -233,8 +232,7 @@ def crawl_warc_unit(index: int, source: str, cfg: CrawlConfig) -> dict[str, Any]
         writer.abort()
         raise
     writer.close()
-    write_unit_stats(marker, stats, source=source, unit=index, settings=output_settings(cfg),
-                     image_rules=extract.IMAGE_RULES)  # "compiled" or "python" (crawl/speedups.py): on this node
+    write_unit_stats(marker, stats, source=source, unit=index, settings=output_settings(cfg))
     return stats.to_dict()
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import codecs
-import os
 import random
 
 import pytest
 
+from core.captions import caption_reason
 from core.reasons import Reason, SampleError, Stage
 from crawl import extract as extract_mod
 from crawl import page as page_mod
-from crawl import speedups
 from crawl.extract import (
     Pair,
     extract_html,
@@ -25,38 +24,6 @@ from crawl.politeness import HostScheduler
 from crawl.robots import ALLOW_ALL, parse_robots, policy_for_status
 
 PAGE = "http://example.org/articles/cats.html"
-COMPILED = extract_mod._compiled_image_rules()
-COMPILED_WALK = extract_mod._compiled_page_images()
-
-
-def _required() -> bool:
-    """make test, where a C compiler is: the compiled loops must be there."""
-    return os.environ.get("WEBCLIP_REQUIRE_SPEEDUPS") == "1" and os.environ.get("WEBCLIP_PURE_PYTHON", "") in ("", "0")
-
-
-@pytest.fixture(autouse=True, params=["python", "compiled", "compiled_nodes"])
-def image_rules(request, monkeypatch):
-    """Every test here runs over each per-image loop: crawl/extract.py's, crawl/_speedups's reading Lexbor's
-    tree itself (``compiled``), and its rules over selectolax's nodes (``compiled_nodes``: a build without
-    the tree walk, and WAT records)."""
-    if request.param != "python":
-        if COMPILED is None:
-            if _required():
-                pytest.fail("crawl/_speedups.pyx is not built (or stale) though a C compiler is here: "
-                            "see what `pip install -e .` printed")
-            pytest.skip("crawl/_speedups.pyx is not built here (pip install -e . with a C compiler builds it)")
-        if request.param == "compiled" and COMPILED_WALK is None:
-            if _required():
-                pytest.fail("crawl/_speedups was built without the Lexbor tree walk: see what `pip install -v -e .` "
-                            "printed (setup.py: the Lexbor headers, from selectolax's sdist)")
-            pytest.skip("crawl/_speedups is built without the Lexbor tree walk here")
-        monkeypatch.setattr(extract_mod, "_image_rules", COMPILED)
-        monkeypatch.setattr(extract_mod, "_page_images", COMPILED_WALK if request.param == "compiled"
-                            else extract_mod._selectolax_page_images)
-    else:
-        monkeypatch.setattr(extract_mod, "_image_rules", extract_mod._python_image_rules)
-        monkeypatch.setattr(extract_mod, "_page_images", extract_mod._selectolax_page_images)
-    return request.param
 
 
 def pairs(html: str | bytes, url: str = PAGE) -> list[tuple[str, str, str]]:
@@ -148,6 +115,20 @@ def test_meaningless_alts(alt):
 ])
 def test_meaningful_alts(alt):
     assert not is_meaningless(extract_mod.clean_text(alt))
+
+
+@pytest.mark.parametrize("alt", ["click to enlarge", "Header", "footer.", "n/a", "PXL_20230101_123456", "P1000123",
+                                 "…image…", "holiday_2019 (2).JPG", "Read more »", "a photo of a dog", "Logo of the Red Cross"])
+def test_alt_texts_are_judged_as_ingest_and_the_filter_judge_captions(alt):
+    """One rule, core/captions.py's: an alt text says nothing exactly when the filter would call it boilerplate."""
+    assert is_meaningless(alt) is (caption_reason(alt, 0, 0) is Reason.CAPTION_BOILERPLATE)
+
+
+def test_an_alt_the_filter_would_reject_gives_way_to_the_figure_caption():
+    html = ('<figure><img src="a.jpg" alt="Click to enlarge"><figcaption>a heron on a post</figcaption></figure>'
+            '<img src="b.jpg" alt="view image">')
+    assert pairs(html) == [("http://example.org/articles/a.jpg", "a heron on a post", "figcaption")]
+    assert reasons(html) == {"alt_meaningless": 1}
 
 
 def test_alt_then_figcaption_then_nothing():
@@ -475,20 +456,8 @@ def reference_image_url(attributes, source_srcsets=()):
 
 
 def reference_is_meaningless(caption):
-    """is_meaningless without its shortcuts."""
-    if not caption or extract_mod._LETTER.search(caption) is None:
-        return True
-    core = caption.lower()
-    if len(caption) > extract_mod._LONGEST_GENERIC and caption[0] not in extract_mod._SUSPECT_INITIALS \
-            and "." not in caption[-6:]:
-        return False
-    core = core.strip(extract_mod._END_PUNCTUATION)
-    if core in extract_mod.GENERIC_ALTS:
-        return True
-    if core[:1] in extract_mod._SUSPECT_INITIALS and (
-            extract_mod._CAMERA_NAME.fullmatch(core) or core.startswith(("http://", "https://", "www."))):
-        return True
-    return extract_mod._FILE_NAME.fullmatch(caption) is not None
+    """Rule 3's judgement as ingest and the filter make it: a caption missing or boilerplate."""
+    return caption_reason(caption, 0, 0) in (Reason.CAPTION_MISSING, Reason.CAPTION_BOILERPLATE)
 
 
 def reference_extract_html(page_url, html, want_links=False,
@@ -650,16 +619,6 @@ def test_the_page_loop_agrees_on_the_benchmark_pages():
         assert got.pairs
 
 
-def test_caption_shortcuts_agree_with_the_plain_rule():
-    rng = random.Random(5)
-    pieces = ["img", "IMG", "image", "dsc", "DSCN", "dcim", "pict", "pxl", "mvimg", "photo", "screen shot", "capture",
-              "scan", "ſcan", "İmg", "K", "_", "-", " ", "0", "12", "a", ".jpg", "www.", "http://", "x", "logo", "ı",
-              "é", "!", "s", "c", "river stone light garden", "Market", "."]
-    for _ in range(50000):
-        caption = extract_mod.clean_text("".join(rng.choice(pieces) for _ in range(rng.randint(0, 6))))
-        assert is_meaningless(caption) == reference_is_meaningless(caption), caption
-
-
 def test_image_url_shortcuts_agree_with_the_plain_rule():
     rng = random.Random(9)
     pieces = ["a.jpg", "b", ",", " ", "\t", "1x", "2x", "320w", "1.5x", "w", ",,", "http://h/p,q.jpg", "100h",
@@ -672,188 +631,10 @@ def test_image_url_shortcuts_agree_with_the_plain_rule():
         assert pick_image_url(attributes, sources) == reference_image_url(attributes, sources), (attributes, sources)
 
 
-def test_compiled_image_url_choice_agrees_with_the_plain_rule(image_rules):
-    if image_rules != "compiled_nodes":
-        pytest.skip("the compiled loop's own rule 1")
-    from crawl import _speedups
-
-    rng = random.Random(13)
-    pieces = ["a.jpg", "b", ",", " ", "\t", "1x", "2x", "320w", "1.5x", "w", ",,", "http://h/p,q.jpg", "100h",
-              "640w", " 640w,", "data:x", "DATA:y", "\xa0", "0w", "9w ", "12w,", "٣w", "²w", " 5w, ", "(1, 2)",
-              "0320w", "12345678901w", "dAtA:z"]
-    names = ["src", "srcset", "data-src", "data-srcset", "data-lazy-srcset", "data-original", "data-lazy", "alt"]
-    for _ in range(30000):
-        attributes = {rng.choice(names): rng.choice([None, "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))])
-                      for _ in range(rng.randint(0, 3))}
-        sources = tuple("".join(rng.choice(pieces) for _ in range(3)) for _ in range(rng.choice([0, 0, 0, 1])))
-        assert _speedups.pick(attributes, sources) == extract_mod._pick_url(attributes, sources), (attributes, sources)
-
-
-def test_compiled_caption_judgement_is_sound(image_rules):
-    """Where the compiled loop judges a caption without is_meaningless, is_meaningless agrees."""
-    if image_rules != "compiled_nodes":
-        pytest.skip("the compiled loop's own shortcut")
-    from crawl import _speedups
-
-    rng = random.Random(23)
-    pieces = ["img", "IMG", "image", "dsc", "scan", "ſcan", "screen shot", "photo", "www.", "http://", "https://",
-              "h", "w", "s", "river", "stone", "light", "garden", " ", "-", "_", "0", "42", "٣", "²", ".", ".jpg", "!",
-              "café", "’", "“", "—", "K", "İ", "ı", "中文", "logo", "x", "LOGO", "Photo Of", "click here", "ad", "Banner", "wWw."]
-    judged = {True: 0, False: 0}
-    for _ in range(60000):
-        caption = extract_mod.clean_text("".join(rng.choice(pieces) for _ in range(rng.randint(1, 9))))
-        says = _speedups.judge(caption)
-        if says is not None:
-            judged[says] += 1
-            assert says is not is_meaningless(caption), caption
-    assert _speedups.judge("") is False and _speedups.judge("Logo") is False
-    assert judged[True] > 5000 and judged[False] > 500, judged  # both shortcuts are taken, not just never wrong
-
-
-def test_compiled_byte_sniff_agrees_with_the_python_one(image_rules):
-    if image_rules != "compiled_nodes":
-        pytest.skip("the compiled loop's own check")
-    from crawl import _speedups
-
-    rng = random.Random(29)
-    members = page_mod._BINARY_BYTES
-    for _ in range(3000):
-        data = bytes(rng.choice([rng.randrange(32, 127), rng.randrange(256)]) for _ in range(rng.randint(0, 80)))
-        limit = rng.randint(0, 100)
-        assert _speedups.has_any_byte(data, limit, members) is page_mod._has_any_byte_python(data, limit, members)
-
-
-def test_compiled_utf8_check_agrees_with_the_codec(image_rules):
-    if image_rules != "compiled_nodes":
-        pytest.skip("the compiled loop's own check")
-    from crawl import _speedups
-
-    def valid(data: bytes) -> bool:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        return True
-
-    edges = [b"", b"a", b"\x80", b"\xc0\x80", b"\xc1\xbf", b"\xc2\x80", b"\xdf\xbf", b"\xe0\x80\x80",
-             b"\xe0\x9f\xbf", b"\xe0\xa0\x80", b"\xed\x9f\xbf", b"\xed\xa0\x80", b"\xed\xbf\xbf",
-             b"\xee\x80\x80", b"\xef\xbf\xbf", b"\xf0\x80\x80\x80", b"\xf0\x8f\xbf\xbf", b"\xf0\x90\x80\x80",
-             b"\xf4\x8f\xbf\xbf", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xff", b"\xe2\x80", b"\xf0\x9f\x98",
-             b"\xc3", "café – ’ 😀".encode()]
-    rng = random.Random(19)
-    alphabet = [b"a", b" ", b"<p>", "é".encode(), "’".encode(), "😀".encode(), "中".encode(), b"\x80", b"\xc3", b"\xed",
-                b"\xf4", b"\xe2\x80"]
-    cases = list(edges)
-    for size in (1, 63, 64, 65, 127, 128, 129, 4096, 50_000):  # around the 64-byte ASCII skip
-        ascii_text = bytes(rng.randrange(32, 127) for _ in range(size))
-        cases.append(ascii_text)
-        for edge in edges:
-            where = rng.randrange(size + 1)
-            cases.append(ascii_text[:where] + edge + ascii_text[where:])
-            cases.append(ascii_text + edge)
-    for _ in range(20000):
-        cases.append(b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) * rng.choice([1, 1, 5]))
-    for edge in edges:  # every position around the AVX2 path's 32-byte blocks, and as the last bytes
-        for where in range(0, 100):
-            cases.append(b"a" * where + edge + b"b" * (100 - where))
-            cases.append(b"a" * where + edge)
-            cases.append("é".encode() * (where // 2) + edge + "’".encode() * 3)
-    for data in cases:
-        assert _speedups.is_utf8(data) is valid(data), data[:80]
-        assert _speedups.is_utf8_by_sequence(data) is valid(data), data[:80]
-
-
-def test_the_compiled_loop_is_used_unless_stale_or_switched_off(image_rules, monkeypatch, tmp_path):
-    from types import SimpleNamespace
-
-    sources = [tmp_path / name for name in ("_speedups.pyx", "_lexbor_tree.pxi", "_speedups_lexbor.pyx")]
-    built = SimpleNamespace(SOURCE_SHA256="0" * 64)
-    assert speedups.matches(built, sources)  # no source next to it (an installed wheel): nothing to compare
-    for source in sources:
-        source.write_bytes(b"one " + source.name.encode())
-    built.SOURCE_SHA256 = speedups.sources_digest(sources)
-    assert speedups.matches(built, sources)
-    sources[1].write_bytes(b"the tree walk, edited")
-    assert not speedups.matches(built, sources)
-    sources[1].unlink()  # one of them gone
-    assert not speedups.matches(built, sources)
-    assert not speedups.matches(SimpleNamespace(), sources)  # built without the digest
-    monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "1")
-    assert speedups.load.__wrapped__() is None
-    if image_rules == "compiled_nodes":
-        monkeypatch.setenv("WEBCLIP_PURE_PYTHON", "0")
-        assert speedups.load.__wrapped__() is not None
-
-
-def test_a_build_for_another_selectolax_is_refused(image_rules, monkeypatch):
-    """The tree walk reads Lexbor's structs as the selectolax it was compiled against lays them out."""
-    from types import SimpleNamespace
-
-    import selectolax
-
-    if image_rules != "compiled":
-        pytest.skip("the build with the tree walk")
-    from crawl import _speedups
-
-    assert speedups.compiled_against(_speedups) == selectolax.__version__ == speedups.selectolax_version()
-    assert speedups.load.__wrapped__() is _speedups
-    monkeypatch.setattr(speedups, "selectolax_version", lambda: "1.0.99")
-    with pytest.warns(RuntimeWarning, match=f"compiled against selectolax {selectolax.__version__}, and 1.0.99 is"):
-        assert speedups.load.__wrapped__() is None
-    monkeypatch.setattr(speedups, "selectolax_version", lambda: None)  # not installed as a distribution
-    with pytest.warns(RuntimeWarning, match="and None is installed"):
-        assert speedups.load.__wrapped__() is None
-    assert speedups.compiled_against(SimpleNamespace()) is None  # a build without the walk: any selectolax
-    monkeypatch.setattr(speedups, "compiled_against", lambda module: None)  # a walk built by hand, no version
-    with pytest.warns(RuntimeWarning, match="records no selectolax version"):
-        assert speedups.load.__wrapped__() is None
-
-
-def test_a_copy_of_the_checkout_uses_the_installed_build_of_the_same_source(image_rules, tmp_path):
-    """A Ray job runs an uploaded copy of crawl/ without builds: it finds the node's own, if the source matches."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if image_rules != "compiled_nodes":
-        pytest.skip("needs the build")
-    repo = Path(extract_mod.__file__).resolve().parents[1]
-    for package in ("crawl", "core"):
-        shutil.copytree(repo / package, tmp_path / package, ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
-    probe = ("import warnings; warnings.simplefilter('error'); from crawl import speedups, extract; "
-             "m = speedups.load(); print(m.__file__ if m else None, extract.IMAGE_RULES, extract.IMAGE_WALK)")
-
-    def run() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=False,
-                              env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
-
-    found = run()
-    assert found.returncode == 0, found.stderr
-    path, rules, walk = found.stdout.split()
-    assert Path(path).parent == repo / "crawl" and rules == "compiled" and walk == extract_mod.IMAGE_WALK
-    for edited in ("_speedups.pyx", "_lexbor_tree.pxi"):
-        original = (tmp_path / "crawl" / edited).read_bytes()
-        (tmp_path / "crawl" / edited).write_bytes(original + b"\n# edited in the copy\n")
-        stale = run()  # the node's build is of another source: refused, loudly (the warning is an error here)
-        assert stale.returncode != 0 and "was built from other sources" in stale.stderr, edited
-        (tmp_path / "crawl" / edited).write_bytes(original)
-
-
 def test_whitespace_the_url_shortcut_must_strip_is_all_below_u3001():
     import sys
 
     assert max(c for c in range(sys.maxunicode + 1) if chr(c).isspace()) < 0x3001
-
-
-def test_no_character_outside_ascii_lower_cases_into_a_url_prefix():
-    """The compiled caption shortcut matches URL prefixes as written, without lower-casing the caption first."""
-    import sys
-
-    letters = set("".join(extract_mod._URL_PREFIXES))
-    assert not [c for c in range(128, sys.maxunicode + 1) if letters & set(chr(c).lower())]
-    assert all(p.isascii() and p == p.lower() for p in extract_mod._URL_PREFIXES + extract_mod._CAMERA_PREFIXES)
-    assert all(g.isascii() and g == g.lower() for g in extract_mod.GENERIC_ALTS)
 
 
 def test_whitespace_but_the_space_is_unprintable():
@@ -904,7 +685,7 @@ def test_the_page_loop_agrees_on_plain_pages_and_their_odd_cases():
         assert (got.pairs, dict(got.reasons)) == (expected.pairs, dict(expected.reasons)), html
 
 
-# -- the page loop that reads Lexbor's tree (crawl/_lexbor_tree.pxi) sees what selectolax's nodes show ------
+# -- odd markup: the page loop sees what the rules one by one see -------------------------------------------
 
 
 def agrees(html: str | bytes, url: str = PAGE):
@@ -965,7 +746,7 @@ def test_images_where_the_parser_puts_them():
 
 
 def test_figure_captions_near_and_far():
-    """The first <figcaption> of a figure, found in C among its first 65 nodes, else by the rule's query."""
+    """The first <figcaption> of a figure, found by a walk of its first 65 nodes, else by the rule's query."""
     def spans(n: int) -> str:
         return "".join(f"<span>{i}</span>" for i in range(n))
 
@@ -998,8 +779,8 @@ def test_a_page_of_many_images():
     assert len(got.pairs) + got.reasons["dup_in_page"] + got.reasons["invalid_url"] == 5000 + 52
 
 
-def test_images_the_python_rules_take_mid_page():
-    """Each shape the compiled loops hand to Python, between plain images, and all of them on one page."""
+def test_images_the_plain_rules_take_mid_page():
+    """Each shape the page loop's shortcuts hand to the plain rules, between plain images, and all on one page."""
     plain = '<p><img src="/p{0}.jpg" alt="a plain picture number {0}"></p>'
     odd = ['<picture><source srcset="/s.webp 800w"><img src="/q.jpg" alt="a picture element"></picture>',
            '<picture><img src="/q2.jpg" alt="a picture element without sources"></picture>',
@@ -1025,7 +806,7 @@ def test_images_the_python_rules_take_mid_page():
 
 
 def test_bytes_the_parser_passes_through_read_as_selectolax_reads_them():
-    """Lexbor keeps bytes that are not UTF-8 as they are: both loops read them as U+FFFD."""
+    """Lexbor keeps bytes that are not UTF-8 as they are: selectolax reads them as U+FFFD."""
     html = (b'<img src="/a\xff.jpg" alt="caf\xe9 au lait on a table">'
             b'<img src="/b.jpg" alt="\xc3\x28 a broken sequence first">'
             b'<img src="/c.jpg" data-src="/c\xed\xa0\x80.jpg" alt="a surrogate in a lazy URL">'
@@ -1060,47 +841,3 @@ def test_random_attributes_agree():
                 img = f"<template>{img}</template>"
             images.append(img)
         agrees(f"<html><body>{''.join(images)}</body></html>")
-
-
-def test_the_compiled_page_loop_reads_the_tree_itself(image_rules):
-    from crawl import _speedups
-
-    if image_rules != "compiled":
-        pytest.skip("the build with the tree walk")
-    assert extract_mod._page_images is COMPILED_WALK is _speedups.page_images and extract_mod.IMAGE_WALK == "lexbor"
-    assert _speedups.SELECTOLAX_VERSION == speedups.selectolax_version() and _speedups.LEXBOR_VERSION
-
-
-def test_a_tree_walk_that_fails_its_checks_is_not_used(image_rules):
-    """bind_tree_walk compares the build with the running selectolax; refused, pages take selectolax's nodes."""
-    from crawl import _speedups
-
-    if image_rules != "compiled":
-        pytest.skip("the build with the tree walk")
-    html = '<figure><img src="/a.jpg" alt=""><figcaption>still found through the nodes</figcaption></figure>'
-    try:
-        with pytest.warns(RuntimeWarning, match="the Lexbor tree walk is off"):
-            assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG + 1, figcaption_tag=extract_mod._FIGCAPTION) is False
-        assert urls(agrees(html)) == ["/a.jpg"]
-    finally:
-        assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG, figcaption_tag=extract_mod._FIGCAPTION) is True
-    assert urls(agrees(html)) == ["/a.jpg"]
-
-
-def test_the_tree_walk_takes_no_none_and_no_stale_tables(image_rules):
-    """``page_images(None, ...)`` is a TypeError, not a crash; after another ``bind`` the walk waits for its own
-    ``bind_tree_walk`` (its attribute tables are made from bind's constants) and pages take the nodes meanwhile."""
-    from crawl import _speedups
-
-    if image_rules != "compiled" or COMPILED_WALK is None:
-        pytest.skip("the build with the tree walk")
-    with pytest.raises(TypeError):
-        _speedups.page_images(None, extract_mod.Resolver("https://example.com/"), extract_mod.PageExtraction())
-    html = '<figure><img data-src="/a.jpg" alt=""><figcaption>a red circle on a wall</figcaption></figure>'
-    extract_mod._bound_speedups.cache_clear()
-    try:
-        assert extract_mod._bound_speedups() is _speedups  # bound again: the walk's tables are now stale
-        assert urls(agrees(html)) == ["/a.jpg"]  # through the nodes, the same answer
-    finally:
-        assert _speedups.bind_tree_walk(img_tag=extract_mod._IMG, figcaption_tag=extract_mod._FIGCAPTION) is True
-    assert urls(agrees(html)) == ["/a.jpg"]

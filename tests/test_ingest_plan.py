@@ -136,6 +136,42 @@ def test_descriptions_are_not_boilerplate(caption):
     assert caption_reason(caption, 5, 2) is None
 
 
+def reference_is_boilerplate(caption: str) -> bool:
+    """is_boilerplate as written, every regex applied: what its shortcuts must agree with."""
+    from core import captions
+
+    if len(caption) > captions.BOILERPLATE_MAX_CHARS:
+        return False
+    if captions._LETTER.search(caption) is None:
+        return True
+    if caption.rpartition(".")[2].lower() in captions.IMAGE_EXTENSIONS and captions._FILE_NAME.fullmatch(caption):
+        return True
+    if " " not in caption and caption.lower().startswith(("http://", "https://", "www.")):
+        return True
+    if len(caption.split()) > captions._MAX_GENERIC_WORDS:
+        return False
+    bare = captions._EDGE_PUNCTUATION.sub("", caption.lower())
+    return (captions._SPACES.sub(" ", bare) in captions.GENERIC_CAPTIONS
+            or captions._NUMBERED_NAME.fullmatch(bare) is not None)
+
+
+def test_boilerplate_shortcuts_agree_with_the_plain_rule():
+    import sys
+
+    # the two facts the shortcuts stand on: [^\W_] is str.isalnum(), and whitespace but the space is unprintable
+    import re
+    word = re.compile(r"[^\W_]")
+    assert all(bool(word.fullmatch(chr(c))) is chr(c).isalnum() for c in range(sys.maxunicode + 1))
+    assert all(not chr(c).isprintable() for c in range(sys.maxunicode + 1) if chr(c).isspace() and c != 0x20)
+    rng = random.Random(5)
+    pieces = ["img", "IMG", "image", "dsc", "DSCN", "photo", "screen shot", "scan", "ſcan", "İmg", "K", "_", "__", "-",
+              " ", "  ", "\t", "\n", "\xa0", "\xad", "0", "12", "a", ".jpg", "www.", "http://", "click", "here", "logo",
+              "ı", "é", "!", "…", "»", "(", ")", "n/a", "untitled", "river stone light", "Market", ".", "²", "٣", "中"]
+    for _ in range(50000):
+        caption = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 6)))
+        assert is_boilerplate(caption) is reference_is_boilerplate(caption), caption
+
+
 @pytest.mark.parametrize(
     "caption, min_chars, min_words, reason",
     [
