@@ -30,9 +30,10 @@ import io
 import logging
 import math
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -385,3 +386,64 @@ def make_loader(stream: ShardStream, workers: int) -> torch.utils.data.DataLoade
         in_order=True,
     )
 
+
+# -- the training stream and where it stands ----------------------------------------
+
+
+@dataclass
+class Cursor:
+    """Where one rank's training stream stands: with the same shards and layout, enough to go on exactly."""
+
+    epoch: int = 0  # of the last batch taken; where a reader without a position starts
+    batches_taken: int = 0
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # logical worker -> (epoch, drawn)
+    skipped: Counter = field(default_factory=Counter)  # this rank's skipped samples so far, by reason
+
+    def advance(self, batch: Batch) -> None:
+        self.skipped.update(batch.skipped)
+        self.positions[batch.worker] = batch.position
+        self.batches_taken += 1
+        self.epoch = batch.epoch
+
+    def state_dict(self) -> dict:
+        return {
+            "batches_taken": self.batches_taken,
+            "positions": {w: list(p) for w, p in self.positions.items()},
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, epoch: int) -> Cursor:
+        positions = {int(w): (int(e), int(n)) for w, (e, n) in state["positions"].items()}
+        return cls(epoch, int(state["batches_taken"]), positions, Counter(state["skipped"]))
+
+
+class TrainStream:
+    """This rank's endless training batches, from where ``cursor`` stands; taking a batch moves the cursor.
+
+    ``stream_options`` are ``ShardStream``'s (batch size, tokenizer, seed, rank, ...).
+    """
+
+    def __init__(self, shards: list[Shard], cursor: Cursor, workers: int, **stream_options):
+        logical = max(1, workers)  # logical workers (see ShardStream): at least the main process
+        stream = ShardStream(
+            shards,
+            repeat=True,
+            start_epoch=cursor.epoch,
+            start_positions=tuple(cursor.positions.get(w, (0, 0)) for w in range(logical)) if cursor.positions else (),
+            worker_offset=cursor.batches_taken % logical,
+            **stream_options,
+        )
+        self.cursor = cursor
+        self.wait_s = 0.0  # seconds spent waiting for batches
+        self._batches = iter(make_loader(stream, workers))
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        began = time.perf_counter()
+        batch = next(self._batches)
+        self.wait_s += time.perf_counter() - began
+        self.cursor.advance(batch)
+        return batch
