@@ -33,11 +33,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/demo/train"  # folder of {n:05d}.tar (+ manifest.json), local or s3://
+    train_shards: str = ""  # folder of {n:05d}.tar (+ manifest.json), local or s3://; required
     resampled: bool = False  # draw shards with replacement (seeded), for datasets too large for epochs
-    eval_tar: str | None = "data/demo/eval/eval.tar"  # zero-shot images with labels; null = no zero-shot
-    eval_classnames: str | None = None  # text file, one class name per line; null = the demo's 48 classes
-    eval_templates: str | None = None  # text file, one prompt per line with {} for the class name
+    eval_tar: str | None = None  # labelled zero-shot images: a tar or a folder of tars; null = no zero-shot
+    eval_classnames: str | None = None  # text file, one class name per line; null = classnames.txt beside eval_tar
+    eval_templates: str | None = None  # one prompt per line, {c} for the class name; null = the file beside eval_tar
     eval_shards: str | None = None  # folder of held-out tars for image-text retrieval; null = none
     eval_max_samples: int = 5000  # retrieval uses at most this many held-out samples (split over ranks)
     workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)

@@ -20,7 +20,8 @@ of (seed, epoch, position), so ``--resume latest`` continues with the very batch
 stopped run would have seen.
 
 Rank 0 writes under ``run_dir``: ``config.yaml``, ``log.jsonl`` and ``tensorboard/``,
-``zeroshot.json`` (the final figures and the run's totals); checkpoints go to
+``zeroshot.json`` (the final figures and the run's totals), ``zeroshot_scores.npz`` (the
+final per-image class scores, ``train.zeroshot.write_scores``); checkpoints go to
 ``checkpoint_dir``. The last line printed is the zero-shot summary.
 """
 
@@ -122,6 +123,9 @@ def check_inputs(config: TrainConfig) -> tuple[list[data_mod.Shard], str | None]
         path = getattr(config.data, key)
         if path and not data_mod.storage.exists(path):
             raise ConfigError(f"data.{key}={path!r}: no such file (set data.{key}=null to go without)")
+    if config.data.eval_tar:
+        with _config_errors():
+            zeroshot.find_classes(config.data.eval_tar, config.data.eval_classnames, config.data.eval_templates)
     if config.data.eval_shards:
         try:
             data_mod.list_shards(config.data.eval_shards)
@@ -274,9 +278,9 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=record["samples_per_s"])
         if run.eval_plan is not None and _due(config.eval_every, state.step, run.steps):
             with run.meter.paused():
-                result, _ = _evaluate(run)
-            if world.is_main and result is not None:
-                log.info(result.line())
+                result = _evaluate(run)
+            if world.is_main and result.zeroshot is not None:
+                log.info(result.zeroshot.line())
         if _due(config.checkpoint.every_steps, state.step, run.steps):
             with run.meter.paused():
                 _save(run)
@@ -376,16 +380,10 @@ def _step_record(run: Run, loss_sum: torch.Tensor, lr: float) -> dict:
     return record
 
 
-def _evaluate(run: Run):
-    result, retrieval = evaluate.run(run.stepper.model, run.tokenizer, run.eval_plan, run.world,
-                                     run.stepper.compute.autocast())  # fmt: skip
-    record: dict = {"step": run.state.step}
-    if result is not None:
-        record["zeroshot"] = {k: v for k, v in vars(result).items() if v is not None}
-    if retrieval is not None:
-        record["retrieval"] = retrieval
-    run.run_log.write(record)
-    return result, retrieval
+def _evaluate(run: Run) -> evaluate.Evaluation:
+    result = evaluate.run(run.stepper.model, run.tokenizer, run.eval_plan, run.world, run.stepper.compute.autocast())
+    run.run_log.write(result.record(run.state.step))
+    return result
 
 
 def _save(run: Run) -> str | None:
@@ -414,37 +412,33 @@ def finish(run: Run, start_step: int, train_seconds: float):
         "model": config.model.name,
         "world_size": world.world_size,
     }
-    result, retrieval = _evaluate(run) if run.eval_plan is not None else (None, None)
+    evaluation = _evaluate(run) if run.eval_plan is not None else evaluate.Evaluation(None, None, None)
     run.run_log.close()
     if not world.is_main:
         return None
     log.info("trained %d steps in %.0f s (%.0f samples/s); skipped samples: %s",
              state.step - start_step, train_seconds, summary["samples_per_s"], skipped_total or "none")  # fmt: skip
+    _write_results(run, summary, evaluation)
+    for line in evaluation.lines():
+        print(line, flush=True)  # the zero-shot summary last: scripts read the last line
+    return evaluation.zeroshot
+
+
+def _write_results(run: Run, summary: dict, evaluation: evaluate.Evaluation) -> None:
+    """``zeroshot.json`` (figures and totals) and ``zeroshot_scores.npz`` (per-image scores)."""
+    config, plan = run.config, run.eval_plan
     extra: dict = {"train": summary}
-    if run.eval_plan is not None:
+    if plan is not None:
         extra["eval"] = config.data.eval_tar
-        extra["eval_skipped"] = run.eval_plan.zeroshot_set.skipped if run.eval_plan.zeroshot_set is not None else {}
-    if retrieval is not None:
-        extra["retrieval"] = retrieval
+        extra["eval_skipped"] = plan.zeroshot_set.skipped if plan.zeroshot_set is not None else {}
+    if evaluation.retrieval is not None:
+        extra["retrieval"] = evaluation.retrieval
     results_path = os.path.join(config.run_dir, "zeroshot.json")
-    if result is not None:
-        zeroshot.write_result(results_path, result, extra)
-    else:
+    if evaluation.zeroshot is None:
         data_mod.storage.write_json(results_path, extra)
-    if retrieval is not None:
-        print(_retrieval_line(retrieval))
-    if result is not None:
-        print(result.details())
-        print(result.line(), flush=True)  # keep last: scripts read the last line
-    return result
-
-
-def _retrieval_line(figures: dict) -> str:
-    def f(key: str) -> str:
-        return "n/a" if figures.get(key) is None else f"{figures[key]:.2f}"
-
-    return (
-        f"retrieval R@1/5/10: image->text {f('image_to_text_R@1')}/{f('image_to_text_R@5')}/"
-        f"{f('image_to_text_R@10')}, text->image {f('text_to_image_R@1')}/{f('text_to_image_R@5')}/"
-        f"{f('text_to_image_R@10')} (n={figures['n']})"
-    )
+        return
+    zeroshot.write_result(results_path, evaluation.zeroshot, extra)
+    scores_path = os.path.join(config.run_dir, "zeroshot_scores.npz")
+    if not zeroshot.write_scores(scores_path, evaluation.scores, plan.zeroshot_set, plan.classes):
+        log.info("zero-shot scores not written: %d images x %d classes is more than %d", *evaluation.scores.shape,
+                 zeroshot.MAX_SCORES)  # fmt: skip
