@@ -113,25 +113,19 @@ def read_lines(path: str) -> list[str]:
 
 
 def _folders_of(eval_path: str) -> list[str]:
-    """The eval set's folder and that folder's parent (a bucket's root is the last)."""
-    if storage.is_local(eval_path):
-        path = os.path.abspath(eval_path)
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        return [folder, os.path.dirname(folder)]
-    scheme, _, rest = eval_path.rstrip("/").partition("://")
-    parts = rest.split("/")
-    if not eval_path.endswith("/") and parts[-1].endswith(".tar"):
-        parts = parts[:-1]
-    folders = ["/".join(parts)]
-    if len(parts) > 1:
-        folders.append("/".join(parts[:-1]))
-    return [f"{scheme}://{f}" for f in folders]
+    """The eval set's folder (the tar's, or the folder itself) and that folder's parent."""
+    fs, fs_path = storage.filesystem(eval_path)
+    fs_path = fs_path.rstrip("/") or "/"
+    folder = fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path)
+    parent = posixpath.dirname(folder)
+    folders = [folder] + ([parent] if parent and parent != folder else [])
+    return folders if storage.is_local(eval_path) else [fs.unstrip_protocol(f) for f in folders]
 
 
 def find_beside(eval_path: str, name: str) -> str | None:
     """File ``name`` beside the eval set or in its parent folder (CLIP_benchmark's layout), or None."""
     for folder in _folders_of(eval_path):
-        candidate = os.path.join(folder, name) if storage.is_local(folder) else posixpath.join(folder, name)
+        candidate = posixpath.join(folder, name)
         if storage.exists(candidate):
             return candidate
     return None
@@ -159,8 +153,9 @@ def find_classes(eval_path: str, classnames: str | None = None, templates: str |
 
 
 def eval_tars(path: str) -> list[str]:
-    """The tar itself, or every ``*.tar`` of a folder in name order."""
-    return [path] if path.endswith(".tar") else storage.list_files(path, ".tar")
+    """The tar itself (compressed ones too), or every ``*.tar`` of a folder in name order."""
+    fs, fs_path = storage.filesystem(path)
+    return storage.list_files(path, ".tar") if fs.isdir(fs_path) else [path]
 
 
 def _label(sample: data_mod.RawSample, num_classes: int) -> int:
