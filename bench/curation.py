@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.measure import save_result
+from infra.local import composition
 from infra.local.truth import grade_mismatches, grade_near_duplicates
 
 DATA = "data/demo"
@@ -62,12 +63,12 @@ def filter_and_shard(name: str, extra: list[str], py: str) -> str:
 
 
 def train(train_shards: str, run_dir: str, steps: int, seed: int, py: str) -> dict:
-    result = Path(run_dir) / "zeroshot.json"
-    if not result.exists():
+    """Train (unless done before) and return the demo's zero-shot figures of the run."""
+    if not (Path(run_dir) / "zeroshot.json").exists():
         run([py, "-m", "train", "--config", "configs/demo/train.yaml", "--set", f"data.train_shards={train_shards}",
              "--set", f"steps={steps}", "--set", f"seed={seed}", "--set", f"run_dir={run_dir}",
              "--set", f"checkpoint.every_steps={steps}", "--set", "tensorboard=false"], Path(f"{run_dir}.log"))
-    return json.loads(result.read_text())
+    return composition.figures(run_dir, f"{DATA}/eval").as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,10 @@ The stages, each cached in ``--work`` so that a later call can go on from it:
 
 1. **shards**: ``--samples`` synthetic (image, caption) samples at 256 px (img2dataset's
    usual size; the scenes of tests/_train_fixtures.py), written with every core;
-2. **probe**: the largest batch that fits, and the GPU step alone. The trainer's own
-   model, normalisation, contrastive loss, bf16 autocast and fused AdamW step on random
-   uint8 batches (no input pipeline), from the largest candidate batch down until one
+2. **probe**: the largest batch that fits, and the GPU step alone: the trainer's own
+   step function (``train.loop.train_step``: normalisation, bf16 autocast, contrastive
+   loss, fused AdamW) on random uint8 batches (no input pipeline), from the largest
+   candidate batch down until one
    fits under ``--memory_margin`` of the GPU's memory; then that step timed eager and
    compiled: the ceiling of samples/s and MFU for this model on this GPU;
 3. **train**: bench/train_vs_openclip.py's comparison at that batch, on ``--device
@@ -84,35 +85,25 @@ def _shards(args) -> Path:
 
 
 def _step_fn(model_name: str, batch: int, compile_: bool, device, channels_last: bool = True):
-    """The trainer's step (train/loop.py) on random uint8 batches: returns (step, model, image size)."""
+    """The trainer's own step (train.loop.train_step) on random uint8 batches: returns (step, model, image size)."""
     import torch
 
+    from core.device import prepare
     from train import model as model_mod
-    from train.loop import param_groups
-    from train.loss import clip_loss
+    from train.config import OptimConfig
+    from train.loop import build_stepper, train_step
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    compute = prepare(device, "bf16" if device.type == "cuda" else "fp32", threads=torch.get_num_threads())
     torch.manual_seed(0)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model_mod.create_model(model_name, device=device).to(memory_format=memory_format)
+    model = model_mod.create_model(model_name, device=compute.device)
     size = model_mod.image_size_of(model)
-    mean, std = model_mod.normaliser(model, device)
+    stepper = build_stepper(model, compute, OptimConfig(lr=1e-4), channels_last=channels_last, compile=compile_)
     context = int(getattr(model, "context_length", 77))
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
-                                  fused=device.type == "cuda")  # fmt: skip
-    forward = torch.compile(model) if compile_ else model
-    images_u8 = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    texts = torch.randint(1, 49407, (batch, context), device=device)
+    micro_batch = (torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=compute.device),
+                   torch.randint(1, 49407, (batch, context), device=compute.device))  # fmt: skip
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        images = model_mod.normalise(images_u8, mean, std).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            image_features, text_features, logit_scale = forward(images, texts)[:3]
-            loss = clip_loss(image_features, text_features, logit_scale)
-        loss.backward()
-        optimizer.step()
+        train_step(stepper, [micro_batch], 1, 1e-4)
 
     return step, model, size
 

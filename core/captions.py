@@ -36,11 +36,13 @@ GENERIC_CAPTIONS = frozenset({
     "download now", "button", "arrow", "next", "previous", "prev", "close", "menu", "search", "home",
     "advertisement", "ad", "sponsored", "header", "footer",
 })
-IMAGE_EXTENSIONS = frozenset(
+# Extensions of image *file names* used as captions ("IMG_1234.JPG"); not core.layout's
+# IMAGE_EXTENSIONS, which are the image members a shard reader takes.
+FILE_NAME_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "jpe", "jfif", "png", "gif", "webp", "bmp", "tif", "tiff", "svg", "avif", "heic", "heif", "ico"}
 )
 # "holiday_2019 (2).JPG", "foo.png": a file name, spaces allowed, nothing after the extension.
-_FILE_NAME = re.compile(rf"[\w\-.()\[\]~+%,' ]+\.(?:{'|'.join(sorted(IMAGE_EXTENSIONS))})", re.IGNORECASE)
+_FILE_NAME = re.compile(rf"[\w\-.()\[\]~+%,' ]+\.(?:{'|'.join(sorted(FILE_NAME_EXTENSIONS))})", re.IGNORECASE)
 # "IMG_1234", "DSC 0001", "image001", "PXL_20230101_123456", "P1000123": a camera's or a CMS's numbering.
 _NUMBERED_NAME = re.compile(
     r"(?:img|image|dsc[nf]?|dcim|pict?|picture|photo|pxl|mvimg|screenshot|scan|capture|untitled|file|gopr)"
@@ -70,7 +72,7 @@ def is_boilerplate(caption: str) -> bool:
         return False
     if not caption[:1].isalpha() and _LETTER.search(caption) is None:  # a letter first is one (no \d is alpha)
         return True
-    if caption.rpartition(".")[2].lower() in IMAGE_EXTENSIONS and _FILE_NAME.fullmatch(caption):
+    if caption.rpartition(".")[2].lower() in FILE_NAME_EXTENSIONS and _FILE_NAME.fullmatch(caption):
         return True
     if " " not in caption and caption.lower().startswith(("http://", "https://", "www.")):
         return True

@@ -48,6 +48,14 @@ POOL_SCHEMA = pa.schema(
 )
 
 
+def image_member(members: dict[str, bytes]) -> tuple[str, bytes] | None:
+    """A sample's image as (extension, bytes): the first of ``IMAGE_EXTENSIONS`` it holds, or None."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in members:
+            return ext, members[ext]
+    return None
+
+
 def shard_name(shard_id: int) -> str:
     return f"{shard_id:05d}"
 

@@ -1,23 +1,24 @@
-"""A small streaming tar reader: the regular files of a tar, in order, as (name, bytes).
+"""A small streaming tar reader: a tar's regular files as (name, bytes), or grouped into samples.
 
-Why not ``tarfile``: in stream mode it builds a ``TarInfo`` object through a dozen
-Python calls per member, and a training shard has three members per sample; on the
-data-loading path that was a third of the reader's CPU. The trainer and shards/ read
-every shard through it. The format needs far less:
-a 512-byte header (name, size, type, checksum), the data padded to 512 bytes, and
-two metadata types that carry long names or big sizes (GNU ``L``, POSIX pax ``x``),
-all of which is handled here. Compressed tars (``.tar.gz`` and friends) go to
-``tarfile``, which knows their codecs.
+``iter_tar_files`` reads plain tars itself (a 512-byte header, the data padded to 512
+bytes, GNU ``L`` and pax ``x`` records for long names and big sizes), far cheaper per
+member than ``tarfile``'s stream mode (BENCHMARKS.md, "Trainer against open_clip_train");
+compressed tars go through ``tarfile``. Every header's checksum is verified and a short
+read raises ``TarStreamError``, so a damaged shard stops at the damage, after the members
+before it.
 
-Every header's checksum is verified and a short read raises ``TarStreamError``, so a
-damaged or truncated shard stops at the damage, after the members before it.
+``iter_tar_samples`` groups consecutive members into samples by key, the WebDataset
+convention every stage reads shards by: the key is the member's path up to the first
+dot of its base name, the rest (lower-cased) its extension (``dir/0001.seg.jpg`` is key
+``dir/0001``, extension ``seg.jpg``).
 """
 
 from __future__ import annotations
 
+import posixpath
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -50,6 +51,48 @@ def iter_tar_files(handle: BinaryIO, reopen=None) -> Iterator[tuple[str, bytes]]
         yield from _through_tarfile(reopen())
         return
     yield from _plain(handle, first)
+
+
+class TarSample(NamedTuple):
+    key: str
+    members: dict[str, bytes]  # extension -> bytes
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/000123.jpg"`` -> ``("dir/000123", "jpg")``: the key ends at the first dot of the base name."""
+    folder, base = posixpath.split(name)
+    stem, _, ext = base.partition(".")
+    return posixpath.join(folder, stem) if folder else stem, ext.lower()
+
+
+# What a damaged or unreadable tar raises while being read (the compressed path adds tarfile's).
+READ_ERRORS = (TarStreamError, tarfile.TarError, OSError, EOFError)
+
+
+def iter_tar_samples(handle: BinaryIO, reopen=None) -> Iterator[TarSample]:
+    """The tar's consecutive members grouped by key, as samples.
+
+    On damage (one of ``READ_ERRORS``) the samples before it are yielded, the sample the
+    damage cuts into is dropped (it may be incomplete; a sample is kept only when the
+    error names a member of a later key), and the error is raised.
+    """
+    current: TarSample | None = None
+    try:
+        for name, data in iter_tar_files(handle, reopen):
+            key, ext = split_member_name(name)
+            if current is not None and current.key != key:
+                yield current  # complete: before reading on, which may fail
+                current = None
+            if current is None:
+                current = TarSample(key, {})
+            current.members[ext] = data
+    except READ_ERRORS as exc:
+        cut = getattr(exc, "member", None)
+        if current is not None and cut is not None and split_member_name(cut)[0] != current.key:
+            yield current
+        raise
+    if current is not None:
+        yield current
 
 
 def _through_tarfile(handle: BinaryIO) -> Iterator[tuple[str, bytes]]:

@@ -59,6 +59,7 @@ from tqdm import tqdm
 from core import storage
 from core.cluster import init_ray
 from core.config import ConfigError, at_least, option, parse_config, problem, require, to_dict
+from core.device import prepare as prepare_device
 from core.layout import committed_shards, shard_id_of, shard_name
 from train import checkpoint as ckpt
 from train import data as data_mod
@@ -200,20 +201,17 @@ class ClipScorer:
     """
 
     def __init__(self, cfg: ClipScoreConfig, model_path: str, device: str, threads: int):
-        torch.set_num_threads(threads)
+        compute = prepare_device(device, cfg.precision, threads)  # threads, TF32, autocast dtype
         if cfg.model_config:
             model_mod.register_model_config(cfg.model_config)
         self.cfg = cfg
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast on tensor cores
-            torch.backends.cudnn.allow_tf32 = True
+        self.device = compute.device
         loaded = ckpt.load_model(model_path, name=cfg.model or None, device=self.device)
         # channels_last: faster convolutions on CPU (oneDNN) and GPU, as in training.
         self.model = loaded.model.to(memory_format=torch.channels_last)
         self.tokenizer, self.image_size = loaded.tokenizer, loaded.image_size
         self.mean, self.std = model_mod.normaliser(self.model, self.device)
-        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.amp_dtype = compute.amp_dtype
         self.info = {
             "checkpoint": checkpoint_identity(loaded.path),
             "model": loaded.name,
@@ -301,14 +299,6 @@ class ClipScorer:
             handle.write(buffer.getvalue())
         return {"shard": shard_id, **summarise(table["clip_score"], table["score_error"]),
                 "duration": time.time() - start}  # fmt: skip
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise ConfigError(f"precision={precision}: autocast is for GPUs, and this scorer runs on {device}")
-        return None
-    return {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 # -- reading score files back --------------------------------------------------------------------

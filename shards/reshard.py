@@ -31,15 +31,15 @@ from core import storage
 from core.cluster import open_runner
 from core.config import to_dict
 from core.layout import (
-    IMAGE_EXTENSIONS,
     POOL_SCHEMA,
     STATS_SUFFIX,
     committed_shards,
+    image_member,
     shard_id_of,
     shard_name,
 )
 from core.shard_writer import ShardWriter, clean_stale_staging
-from core.tarreader import TarStreamError, iter_tar_files
+from core.tarreader import TarStreamError, iter_tar_samples
 from shards.config import ShardsConfig
 from shards.manifest import MANIFEST, PLAN_FILE, build_manifest, pool_inputs
 from shards.plan import ReshardPlan
@@ -58,13 +58,13 @@ class PoolSample:
     image_ext: str
 
 
-def iter_tar_samples(path: str) -> Iterator[PoolSample]:
-    """Images of a shard tar, in tar order; other members and odd entries are skipped."""
+def iter_pool_images(path: str) -> Iterator[PoolSample]:
+    """The image of each sample of a shard tar, in tar order; samples without one are skipped."""
     with storage.open_file(path) as handle:
-        for name, data in iter_tar_files(handle, reopen=lambda: storage.open_file(path)):
-            key, _, ext = name.rpartition("/")[2].partition(".")
-            if ext.lower() in IMAGE_EXTENSIONS:
-                yield PoolSample(key, data, ext.lower())
+        for sample in iter_tar_samples(handle, reopen=lambda: storage.open_file(path)):
+            image = image_member(sample.members)
+            if image is not None:
+                yield PoolSample(sample.key, image[1], image[0])
 
 
 # -- reading the pool -----------------------------------------------------------------------
@@ -94,7 +94,7 @@ def iter_kept(pool: str, decisions: str, shard_id: int) -> Iterator[tuple[dict[s
     expected = next(rows, None)
     tar = storage.join(pool, f"{name}.tar")
     try:
-        for sample in iter_tar_samples(tar):
+        for sample in iter_pool_images(tar):
             if expected is None:
                 return
             if sample.key == expected["key"]:

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 
 from infra.local import scenes
+from infra.local.evalset import write_class_files
 from ingest.resizer import ResizeConfig, resize_image
 
 IMAGE_SIZE = 128  # the demo's shard size; the GPU benchmark writes 256 px (img2dataset's default)
@@ -127,8 +128,12 @@ def eval_samples(per_class: int, seed: int = 1) -> Iterable[tuple[bytes, str, di
 
 
 def write_eval_tar(path: str, per_class: int = 20, seed: int = 1) -> None:
-    """The zero-shot eval set layout: ``{i:06d}.jpg|txt|json``, classes in ``scenes.CLASSES`` order."""
+    """The zero-shot eval set layout: ``{i:06d}.jpg|txt|json``, classes in ``scenes.CLASSES`` order.
+
+    Beside it, as ``infra/local/evalset.py`` writes them: class names, templates, held-out list.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_class_files(os.path.dirname(os.path.abspath(path)))
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i, (jpeg, text, meta) in enumerate(eval_samples(per_class, seed)):
             _add(tar, f"{i:06d}.jpg", jpeg)

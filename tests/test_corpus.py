@@ -19,13 +19,14 @@ import urllib.parse
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from core.reasons import Reason, SampleError
-from infra.local import corpus, scenes
-from infra.local.evalset import write_evalset
+from infra.local import composition, corpus, scenes
+from infra.local.evalset import write_class_files, write_evalset
 from infra.local.webserver import load_routes, serve
 from ingest.resizer import ResizeConfig, resize_image
 
@@ -332,3 +333,73 @@ def test_evalset_covers_every_class_with_true_labels_and_fixed_bytes(tmp_path):
         assert Image.open(io.BytesIO(members[f"{i:06d}.jpg"])).size == (64, 64)
         classes[label["class_index"]] += 1
     assert classes == {index: per_class for index in range(48)}
+
+
+def test_evalset_is_read_by_the_trainer_with_its_class_files(tmp_path):
+    """classnames.txt and templates beside the tar: the trainer's generic zero-shot reads the demo's set."""
+    from train import zeroshot
+
+    path = tmp_path / "eval" / "eval.tar"
+    write_evalset(path, 1, seed=3, image_size=32, workers=1, progress=False)
+    classes = zeroshot.find_classes(str(path))
+    assert classes.names == [f"{c} {s}" for c, s in scenes.CLASSES]
+    assert classes.prompts()[0] == scenes.prompts(*scenes.CLASSES[0])  # the demo's own prompts
+    eval_set = zeroshot.load_eval_set(str(path), 32, len(classes.names))
+    assert eval_set.labels.tolist() == list(range(48))
+    held_out = (tmp_path / "eval" / "held_out.txt").read_text().split("\n")
+    assert sum(classes.names[label] in held_out for label in eval_set.labels.tolist()) == 6
+
+
+# -- the demo's zero-shot figures ----------------------------------------------------------
+
+
+DEMO_LINE = re.compile(
+    r"^zero-shot top1: seen=(\d\.\d\d|n/a) unseen=(\d\.\d\d|n/a) unseen_only=(\d\.\d\d|n/a) "
+    r"chance=0\.021 \(48 classes\)$"
+)
+
+
+def _names(pairs) -> list[str]:
+    return [f"{colour} {shape}" for colour, shape in pairs]
+
+
+def test_demo_zero_shot_figures_and_line():
+    labels = np.arange(48)
+    scores = np.zeros((48, 48), dtype=np.float32)
+    scores[labels, labels] = 1.0  # every image right ...
+    red_star = scenes.CLASSES.index(("red", "star"))
+    red_circle = scenes.CLASSES.index(("red", "circle"))
+    scores[red_star, red_circle] = 2.0  # ... but the red star, called a red circle
+    result = composition.metrics(scores, labels, _names(scenes.CLASSES), _names(scenes.UNSEEN_CLASSES))
+    assert result.seen == 1.0 and result.n_seen == 42 and result.n_unseen == 6
+    assert result.unseen == pytest.approx(5 / 6)
+    assert result.unseen_only == 1.0  # among the held-out classes only, red star still wins
+    assert result.unseen_colour == 1.0 and result.unseen_shape == pytest.approx(5 / 6)
+    assert DEMO_LINE.match(result.line())
+    assert result.line() == "zero-shot top1: seen=1.00 unseen=0.83 unseen_only=1.00 chance=0.021 (48 classes)"
+
+
+def test_demo_figures_from_the_trainers_scores_file(tmp_path, capsys):
+    """A fake run folder (the trainer's zeroshot_scores.npz) and the eval set's class files: the demo's line."""
+    eval_folder, run = tmp_path / "eval", tmp_path / "run"
+    write_class_files(eval_folder)
+    run.mkdir()
+    labels = np.repeat(np.arange(48), 2)  # two images per class
+    scores = np.zeros((96, 48), dtype=np.float32)
+    scores[np.arange(96), labels] = 1.0
+    blue_cross, blue_square = scenes.CLASSES.index(("blue", "cross")), scenes.CLASSES.index(("blue", "square"))
+    red_cross = scenes.CLASSES.index(("red", "cross"))
+    first = 2 * blue_cross
+    scores[first, blue_square] = 2.0  # a blue cross called a blue square (seen), ...
+    scores[first, red_cross] = 1.5  # ... and a red cross among the held-out classes only
+    np.savez(run / composition.SCORES_FILE, scores=scores, labels=labels, keys=np.array([str(i) for i in range(96)]),
+             classnames=np.array(_names(scenes.CLASSES)))  # fmt: skip
+    assert composition.main(["--run", str(run), "--eval", str(eval_folder)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == "zero-shot top1: seen=1.00 unseen=0.92 unseen_only=0.92 chance=0.021 (48 classes)"
+    assert out[-2] == "zero-shot colour/shape: seen 1.00/1.00 (n=84), unseen 1.00/0.92 (n=12)"
+    saved = json.loads((run / composition.RESULT_FILE).read_text())
+    assert saved["n_unseen"] == 12 and saved["unseen_only"] == round(11 / 12, 4)
+
+    (eval_folder / "classnames.txt").write_text("a\nb\n")  # another eval set's classes: refused
+    assert composition.main(["--run", str(run), "--eval", str(eval_folder)]) == 2

@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from core.tarreader import TarStreamError, iter_tar_files
+from core.tarreader import TarStreamError, iter_tar_files, iter_tar_samples, split_member_name
 
 LONG = "deep/" * 30 + "000000001.jpg"  # > 100 characters: needs a GNU or pax header
 
@@ -82,3 +82,24 @@ def test_signed_checksum_of_old_writers_is_accepted():
     with tarfile.open(fileobj=io.BytesIO(bytes(data)), encoding="latin-1") as tar:  # tarfile accepts it
         assert [m.name for m in tar.getmembers() if m.isfile()] == ["caf\xe9.txt"]
     assert [d for _, d in iter_tar_files(io.BytesIO(bytes(data)))] == [b"x"]
+
+
+def test_samples_group_consecutive_members_by_key():
+    """The WebDataset key: the path up to the first dot of the base name; the rest is the extension."""
+    members = [("a.jpg", b"1"), ("a.TXT", b"2"), ("dir/a.seg.png", b"3"), ("dir/a.json", b"4"), ("b.txt", b"5")]
+    samples = list(iter_tar_samples(io.BytesIO(_tar(tarfile.USTAR_FORMAT, members))))
+    assert samples == [("a", {"jpg": b"1", "txt": b"2"}), ("dir/a", {"seg.png": b"3", "json": b"4"}),
+                       ("b", {"txt": b"5"})]  # fmt: skip
+    assert split_member_name("x/y.z/000123.jpg") == ("x/y.z/000123", "jpg")
+
+
+def test_damage_keeps_the_samples_before_it_and_drops_the_one_it_cuts():
+    members = [("a.jpg", b"A" * 600), ("a.txt", b"caption a"), ("b.jpg", b"B" * 600), ("b.txt", b"caption b")]
+    data = _tar(tarfile.USTAR_FORMAT, members)
+    for cut, cut_member in ((data.index(b"B" * 600) + 100, "b.jpg"),  # the first member of b: a is complete
+                            (data.index(b"caption b") + 3, "b.txt")):  # b's last member: b may be incomplete
+        got = []
+        with pytest.raises(TarStreamError, match=cut_member):
+            for sample in iter_tar_samples(io.BytesIO(data[:cut])):
+                got.append(sample.key)
+        assert got == ["a"]

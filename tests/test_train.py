@@ -17,22 +17,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infra.local import scenes
+from infra.local import composition, scenes
 import _train_fixtures as fx
 from train import checkpoint as ckpt
 from train import data as data_mod
 from train import evaluate, throughput, zeroshot
 from train.__main__ import main as train_main
+from core.errors import DataError
 from train.config import ConfigError, load_config
 from train.loop import cosine_lr, param_groups, train
 from train.loss import clip_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-LINE = re.compile(
-    r"^zero-shot top1: seen=(\d\.\d\d|n/a) unseen=(\d\.\d\d|n/a) unseen_only=(\d\.\d\d|n/a) "
-    r"chance=0\.021 \(48 classes\)$"
-)
+LINE = re.compile(r"^zero-shot top1=(\d\.\d\d|n/a) top5=(\d\.\d\d|n/a) \(48 classes\)$")
 
 
 # -- fixtures --------------------------------------------------------------------------
@@ -111,7 +109,8 @@ def test_cli_reports_bad_values_before_any_work(tmp_path, capsys, shards_dir):
         (["--steps", "1", "--optim.lr", "-0.5"], "optim.lr=-0.5"),
         (["--set", "steps=1", "--set", "precision=fp8"], "precision='fp8'"),
         (["--steps=1", "--learning_rate", "1"], "unknown setting learning_rate"),
-        (["--steps", "1", "--model.name", "ViT-Nope-32"], "model.name='ViT-Nope-32': unknown to open_clip"),
+        (["--steps", "1", "--data.train_shards", shards_dir, "--model.name", "ViT-Nope-32"],
+         "model.name='ViT-Nope-32': unknown to open_clip"),
         (["--steps", "1", "--data.train_shards", str(tmp_path / "absent")], "no manifest.json and no *.tar"),
         (["--steps", "1", "--data.train_shards", shards_dir, "--data.eval_tar", "null",
           "--resume", str(tmp_path / "step_00000009.pt")], "no such checkpoint"),
@@ -128,13 +127,13 @@ def test_flat_flags_and_resume_flag_become_settings():
     from train.config import TrainConfig
 
     config, _ = load_cli(TrainConfig, ["--steps", "7", "--optim.lr=2e-3", "--data.resampled", "true", "--resume",
-                                       "latest"], "python -m train", "")
+                                       "latest", "--data.train_shards", "shards"], "python -m train", "")
     assert (config.steps, config.optim.lr, config.data.resampled, config.resume) == (7, 2e-3, True, "latest")
 
 
 def test_config_yaml_then_overrides(tmp_path):
     path = tmp_path / "train.yaml"
-    path.write_text("optim:\n  lr: 1e-3\nsteps: 5\ndata:\n  eval_tar: null\n")
+    path.write_text("optim:\n  lr: 1e-3\nsteps: 5\ndata:\n  train_shards: shards\n  eval_tar: null\n")
     config = load_config(str(path), ["batch_size=32", "optim.warmup_steps=2"])
     assert config.optim.lr == pytest.approx(1e-3)  # YAML 1.1 reads 1e-3 as a string; still a float
     assert (config.steps, config.batch_size, config.optim.warmup_steps) == (5, 32, 2)
@@ -300,32 +299,6 @@ def test_repeat_flows_across_epochs(shards_dir):
     assert set(counts) == set(_keys(shards_dir)) and max(counts.values()) <= 3
 
 
-# -- zero-shot -------------------------------------------------------------------------
-
-
-def test_zeroshot_metrics_and_line():
-    labels = torch.arange(48)
-    seen = torch.tensor([pair not in scenes.HELD_OUT_PAIRS for pair in scenes.CLASSES])
-    scores = torch.zeros(48, 48)
-    scores[labels, labels] = 1.0  # every image right ...
-    red_star = scenes.CLASSES.index(("red", "star"))
-    red_circle = scenes.CLASSES.index(("red", "circle"))
-    scores[red_star, red_circle] = 2.0  # ... but the red star, called a red circle
-    result = zeroshot.metrics(scores, labels, seen)
-    assert result.seen == 1.0 and result.n_seen == 42 and result.n_unseen == 6
-    assert result.unseen == pytest.approx(5 / 6)
-    assert result.unseen_only == 1.0  # among the held-out classes only, red star still wins
-    assert result.unseen_colour == 1.0 and result.unseen_shape == pytest.approx(5 / 6)
-    assert LINE.match(result.line())
-    assert result.line() == "zero-shot top1: seen=1.00 unseen=0.83 unseen_only=1.00 chance=0.021 (48 classes)"
-
-
-def test_eval_set_labels_follow_scenes_classes(eval_tar):
-    eval_set = zeroshot.load_eval_set(eval_tar, 32)
-    assert eval_set.labels.tolist() == list(range(48))
-    assert int((~eval_set.seen).sum()) == 6
-
-
 # -- a short run end to end ----------------------------------------------------------------
 
 
@@ -375,7 +348,11 @@ def test_short_run_writes_open_clip_checkpoints(tmp_path, shards_dir, eval_tar, 
     assert state["progress"]["step"] == 4 and "state" in state["optimizer"]
 
     figures = json.load(open(os.path.join(config.run_dir, "zeroshot.json")))
-    assert figures["seen"] == round(result.seen, 4) and figures["train"]["steps"] == 4
+    assert figures["top1"] == round(result.top1, 4) and figures["train"]["steps"] == 4
+    # The demo's figures come from the per-image scores the trainer writes beside them.
+    demo = composition.figures(config.run_dir, os.path.dirname(eval_tar))
+    assert demo.n_seen + demo.n_unseen == 48 and demo.n_unseen == 6
+    assert demo.seen * 42 + demo.unseen * 6 == pytest.approx(result.top1 * 48)
     assert len(_losses(config.run_dir)) == 4
     record = json.loads(open(os.path.join(config.run_dir, "log.jsonl")).readline())
     assert record["samples_per_s"] > 0 and record["samples_per_s_per_device"] == record["samples_per_s"]
@@ -400,10 +377,10 @@ def test_same_data_and_seed_give_the_same_losses(tmp_path, shards_dir, eval_tar,
 
 def test_missing_inputs_fail_before_training(tmp_path, shards_dir, tiny_model):
     config = _run_config(tmp_path, str(tmp_path / "nowhere"), None, tiny_model, "e", "data.eval_tar=null")
-    with pytest.raises(ConfigError, match="no manifest.json and no"):
+    with pytest.raises(DataError, match="no manifest.json and no"):
         train(config)
     config = _run_config(tmp_path, shards_dir, str(tmp_path / "no.tar"), tiny_model, "f")
-    with pytest.raises(ConfigError, match="data.eval_tar=.*no such file"):
+    with pytest.raises(DataError, match="data.eval_tar=.*no such file"):
         train(config)
     assert not os.path.exists(tmp_path / "f")  # nothing was started
 
@@ -418,8 +395,11 @@ def test_shards_and_checkpoints_on_s3(tmp_path, shards_dir, eval_tar, tiny_model
             f"s3://webclip/train-test/shards/{name}"
         ) as dst:
             dst.write(src.read())
-    with open(eval_tar, "rb") as src, storage.atomic_write("s3://webclip/train-test/eval.tar") as dst:
-        dst.write(src.read())
+    for name in sorted(os.listdir(os.path.dirname(eval_tar))):  # the tar and its class names and templates
+        with open(os.path.join(os.path.dirname(eval_tar), name), "rb") as src, storage.atomic_write(
+            f"s3://webclip/train-test/{name}"
+        ) as dst:
+            dst.write(src.read())
     config = _run_config(
         tmp_path, "s3://webclip/train-test/shards", "s3://webclip/train-test/eval.tar", tiny_model, "s3",
         "checkpoint.dir=s3://webclip/train-test/checkpoints",
@@ -752,3 +732,31 @@ def test_eval_with_class_and_template_files_and_retrieval(tmp_path, shards_dir, 
     evals = [r for r in map(json.loads, open(os.path.join(config.run_dir, "log.jsonl"))) if "retrieval" in r]
     assert [r["step"] for r in evals] == [1, 2]  # periodic (step 1) and final (step 2)
     assert "top1" in evals[0]["zeroshot"] and "image_to_text_R@5" in evals[0]["retrieval"]
+
+
+def test_zeroshot_reads_clip_benchmarks_layout(tmp_path, shards_dir, tiny_model):
+    """{root}/classnames.txt and templates ({c}) beside {root}/{split}/{n}.tar with .cls labels; a folder of tars."""
+    root = tmp_path / "bench"
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("red circle\nblue square\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\na {c}\n")
+    images = [jpeg for jpeg, _, _ in fx.eval_samples(per_class=1)][:4]
+    fx.write_tar(str(root / "test" / "0.tar"), [("0.jpg", images[0]), ("0.cls", b"0"), ("1.jpg", images[1]),
+                                                  ("1.cls", b"1")])  # fmt: skip
+    fx.write_tar(str(root / "test" / "1.tar"), [("2.jpg", images[2]), ("2.cls", b"1"), ("3.jpg", images[3])])
+    classes = zeroshot.find_classes(str(root / "test" / "0.tar"))
+    assert classes.prompts() == [["a photo of a red circle.", "a red circle"], ["a photo of a blue square.",
+                                                                                "a blue square"]]  # fmt: skip
+    eval_set = zeroshot.load_eval_set(str(root / "test"), 32, len(classes.names))  # the split's folder: both tars
+    assert eval_set.keys == ["0", "1", "2"] and eval_set.labels.tolist() == [0, 1, 1]
+    assert eval_set.skipped == {"label_missing": 1}
+    result = zeroshot.topk_metrics(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), eval_set.labels)
+    assert (result.top1, result.top5, result.per_class_top1) == (pytest.approx(2 / 3), 1.0, [1.0, 0.5])
+    assert result.mean_per_class_recall == 0.75
+
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    fx.write_tar(str(lone / "eval.tar"), [("0.jpg", images[0]), ("0.cls", b"0")])
+    config = _run_config(tmp_path, shards_dir, str(lone / "eval.tar"), tiny_model, "no-classes")
+    with pytest.raises(ConfigError, match="no class names; give data.eval_classnames"):
+        train(config)

@@ -11,9 +11,8 @@ import os
 import sys
 
 # Set before torch loads OpenMP: a thread that finishes its share of an op sleeps instead of
-# spinning. On a small CPU shared with our own decode worker (and often with other jobs),
-# spinning threads burn the cores the others need: measured 2-5x faster steps under
-# contention on the 2-core demo machine. An explicit OMP_WAIT_POLICY in the environment wins.
+# spinning, so it leaves the cores to our decode workers and other jobs (BENCHMARKS.md,
+# "Training on the demo corpus"). An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from core.config import ConfigError, DataError, load_cli, to_yaml  # noqa: E402

@@ -17,18 +17,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from core.config import ConfigError, load, option, problem, to_dict, to_yaml  # noqa: F401 - ConfigError, to_yaml re-exported
+from core.device import DEVICES, PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
 class DataConfig:
-    train_shards: str = option("data/demo/train", "folder of {n:05d}.tar (+ manifest.json), local or s3://")
+    train_shards: str = option("", "folder of {n:05d}.tar (+ manifest.json), local or s3://; required")
     resampled: bool = option(False, "draw shards with replacement (seeded), for datasets too large for epochs")
-    eval_tar: str | None = option("data/demo/eval/eval.tar", "zero-shot images with labels; null = no zero-shot")
-    eval_classnames: str | None = option(None, "text file, one class name per line; null = the demo's 48 classes")
-    eval_templates: str | None = option(None, "text file, one prompt per line with {} for the class name")
+    eval_tar: str | None = option(None, "labelled zero-shot images: a tar or a folder of tars; null = no zero-shot")
+    eval_classnames: str | None = option(None, "text file, one class name per line; null = classnames.txt beside "
+                                               "eval_tar")
+    eval_templates: str | None = option(None, "one prompt per line, {c} for the class name; null = the file beside "
+                                              "eval_tar")
     eval_shards: str | None = option(None, "folder of held-out tars for image-text retrieval; null = none")
     eval_max_samples: int = option(5000, "retrieval uses at most this many held-out samples (split over ranks)")
     workers: int = option(1, "DataLoader worker processes per rank (0 = read in the training process)")

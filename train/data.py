@@ -29,12 +29,11 @@ from __future__ import annotations
 import io
 import logging
 import math
-import posixpath
 import random
-import tarfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -42,9 +41,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from core import storage
-from core.layout import IMAGE_EXTENSIONS, STATS_SUFFIX, committed_shards, shard_id_of
+from core.layout import STATS_SUFFIX, committed_shards, image_member, shard_id_of
 from core.reasons import Reason
-from core.tarreader import TarStreamError, iter_tar_files
+from core.tarreader import READ_ERRORS, TarSample
+from core.tarreader import iter_tar_samples as _tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -112,39 +112,17 @@ def total_samples(shards: list[Shard]) -> int | None:
 # -- reading tar members ------------------------------------------------------------
 
 
-class RawSample(NamedTuple):
-    key: str
-    members: dict[str, bytes]  # extension -> bytes
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    """``"dir/000123.jpg"`` -> ``("dir/000123", "jpg")``: the key ends at the first dot of the base name."""
-    folder, base = posixpath.split(name)
-    stem, _, ext = base.partition(".")
-    return posixpath.join(folder, stem) if folder else stem, ext.lower()
+RawSample = TarSample  # (key, {extension: bytes}): one sample's members, undecoded
 
 
 def iter_tar_samples(path: str, skipped: Counter) -> Iterator[RawSample]:
-    """Group a tar's consecutive members by key; a broken shard ends early and is counted."""
-    current: RawSample | None = None
+    """A tar's samples (``core.tarreader.iter_tar_samples``); a broken shard ends early and is counted."""
     try:
         with storage.open_file(path, "rb") as handle:
-            for name, data in iter_tar_files(handle, reopen=lambda: storage.open_file(path, "rb")):
-                key, ext = _split_name(name)
-                if current is not None and current.key != key:
-                    yield current  # complete: before reading on, which may fail
-                    current = None
-                if current is None:
-                    current = RawSample(key, {})
-                current.members[ext] = data
-    except (TarStreamError, tarfile.TarError, OSError, EOFError) as exc:
+            yield from _tar_samples(handle, reopen=lambda: storage.open_file(path, "rb"))
+    except READ_ERRORS as exc:
         skipped[Skip.SHARD_ERROR] += 1
         log.warning("shard %s: stopped reading (%s); samples after this point are skipped", path, exc)
-        cut = getattr(exc, "member", None)
-        if current is not None and (cut is None or _split_name(cut)[0] == current.key):
-            current = None  # the damage is inside this sample: it may be incomplete
-    if current is not None:
-        yield current
 
 
 # -- decoding -----------------------------------------------------------------------
@@ -203,10 +181,10 @@ def decode_caption(members: dict[str, bytes]) -> str:
 
 
 def image_bytes(members: dict[str, bytes]) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in members:
-            return members[ext]
-    raise SkipSample(Skip.IMAGE_MISSING)
+    image = image_member(members)
+    if image is None:
+        raise SkipSample(Skip.IMAGE_MISSING)
+    return image[1]
 
 
 # -- the stream ---------------------------------------------------------------------
@@ -407,3 +385,65 @@ def make_loader(stream: ShardStream, workers: int) -> torch.utils.data.DataLoade
         pin_memory=torch.cuda.is_available(),
         in_order=True,
     )
+
+
+# -- the training stream and where it stands ----------------------------------------
+
+
+@dataclass
+class Cursor:
+    """Where one rank's training stream stands: with the same shards and layout, enough to go on exactly."""
+
+    epoch: int = 0  # of the last batch taken; where a reader without a position starts
+    batches_taken: int = 0
+    positions: dict[int, tuple[int, int]] = field(default_factory=dict)  # logical worker -> (epoch, drawn)
+    skipped: Counter = field(default_factory=Counter)  # this rank's skipped samples so far, by reason
+
+    def advance(self, batch: Batch) -> None:
+        self.skipped.update(batch.skipped)
+        self.positions[batch.worker] = batch.position
+        self.batches_taken += 1
+        self.epoch = batch.epoch
+
+    def state_dict(self) -> dict:
+        return {
+            "batches_taken": self.batches_taken,
+            "positions": {w: list(p) for w, p in self.positions.items()},
+            "skipped": dict(self.skipped),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, epoch: int) -> Cursor:
+        positions = {int(w): (int(e), int(n)) for w, (e, n) in state["positions"].items()}
+        return cls(epoch, int(state["batches_taken"]), positions, Counter(state["skipped"]))
+
+
+class TrainStream:
+    """This rank's endless training batches, from where ``cursor`` stands; taking a batch moves the cursor.
+
+    ``stream_options`` are ``ShardStream``'s (batch size, tokenizer, seed, rank, ...).
+    """
+
+    def __init__(self, shards: list[Shard], cursor: Cursor, workers: int, **stream_options):
+        logical = max(1, workers)  # logical workers (see ShardStream): at least the main process
+        stream = ShardStream(
+            shards,
+            repeat=True,
+            start_epoch=cursor.epoch,
+            start_positions=tuple(cursor.positions.get(w, (0, 0)) for w in range(logical)) if cursor.positions else (),
+            worker_offset=cursor.batches_taken % logical,
+            **stream_options,
+        )
+        self.cursor = cursor
+        self.wait_s = 0.0  # seconds spent waiting for batches
+        self._batches = iter(make_loader(stream, workers))
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        began = time.perf_counter()
+        batch = next(self._batches)
+        self.wait_s += time.perf_counter() - began
+        self.cursor.advance(batch)
+        return batch

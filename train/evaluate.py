@@ -31,56 +31,72 @@ class EvalPlan:
     """What to evaluate, loaded once at start (every rank holds the zero-shot images)."""
 
     zeroshot_set: zeroshot.EvalSet | None
-    prompts: list[list[str]] | None  # per class; None = the demo's own prompts
-    demo: bool  # demo metrics (seen / unseen) rather than top-1 / top-5
+    classes: zeroshot.Classes | None
     retrieval_shards: list[data_mod.Shard] | None
     max_samples: int
     batch_size: int
 
 
+@dataclass
+class Evaluation:
+    zeroshot: zeroshot.TopKResult | None
+    scores: torch.Tensor | None  # (N, classes): every zero-shot image against every class, in image order
+    retrieval: dict | None
+
+    def record(self, step: int) -> dict:
+        """The log record of this evaluation."""
+        record: dict = {"step": step}
+        if self.zeroshot is not None:
+            record["zeroshot"] = self.zeroshot.figures()
+        if self.retrieval is not None:
+            record["retrieval"] = self.retrieval
+        return record
+
+    def lines(self) -> list[str]:
+        """What the trainer prints at the end; the zero-shot summary last."""
+        lines = [retrieval_line(self.retrieval)] if self.retrieval is not None else []
+        if self.zeroshot is not None:
+            lines += [self.zeroshot.details(), self.zeroshot.line()]
+        return lines
+
+
 def plan(config, image_size: int) -> EvalPlan | None:
-    """Read class names, templates and the zero-shot tar named by ``config.data``; None if nothing to do."""
+    """Read class names, templates and the zero-shot images named by ``config.data``; None if nothing to do."""
     d = config.data
     if not d.eval_tar and not d.eval_shards:
         return None
-    templates = zeroshot.read_lines(d.eval_templates) if d.eval_templates else None
-    zeroshot_set, prompts, demo = None, None, True
+    zeroshot_set, classes = None, None
     if d.eval_tar:
-        if d.eval_classnames:
-            classnames = zeroshot.read_lines(d.eval_classnames)
-            prompts, demo = zeroshot.file_prompts(classnames, templates), False
-            zeroshot_set = zeroshot.load_eval_set(d.eval_tar, image_size, num_classes=len(classnames))
-        else:
-            prompts = None if templates is None else zeroshot.demo_prompts(templates)
-            zeroshot_set = zeroshot.load_eval_set(d.eval_tar, image_size)
+        classes = zeroshot.find_classes(d.eval_tar, d.eval_classnames, d.eval_templates)
+        zeroshot_set = zeroshot.load_eval_set(d.eval_tar, image_size, len(classes.names))
     shards = data_mod.list_shards(d.eval_shards) if d.eval_shards else None
-    return EvalPlan(zeroshot_set, prompts, demo, shards, d.eval_max_samples, config.eval_batch_size)
+    return EvalPlan(zeroshot_set, classes, shards, d.eval_max_samples, config.eval_batch_size)
 
 
 @torch.no_grad()
-def run(model, tokenizer, eval_plan: EvalPlan, world, autocast=contextlib.nullcontext()):
-    """All ranks call this together. Returns (zero-shot result or None, retrieval figures or None)."""
+def run(model, tokenizer, eval_plan: EvalPlan, world, autocast=contextlib.nullcontext()) -> Evaluation:
+    """All ranks call this together; every rank gets the whole result."""
     was_training = model.training
     model.eval()
     try:
         with autocast:
-            result = _zeroshot(model, tokenizer, eval_plan, world) if eval_plan.zeroshot_set is not None else None
+            result, scores = None, None
+            if eval_plan.zeroshot_set is not None:
+                result, scores = _zeroshot(model, tokenizer, eval_plan, world)
             retrieval = _retrieval(model, tokenizer, eval_plan, world) if eval_plan.retrieval_shards else None
     finally:
         model.train(was_training)
-    return result, retrieval
+    return Evaluation(result, scores, retrieval)
 
 
 def _zeroshot(model, tokenizer, eval_plan: EvalPlan, world):
     eval_set = eval_plan.zeroshot_set
-    classifier = zeroshot.class_embeddings(model, tokenizer, world.device, eval_plan.prompts)
+    classifier = zeroshot.class_embeddings(model, tokenizer, world.device, eval_plan.classes.prompts())
     n = len(eval_set.images)
     lo, hi = n * world.rank // world.world_size, n * (world.rank + 1) // world.world_size
     mine = zeroshot.score_images(model, eval_set.images[lo:hi], classifier, world.device, eval_plan.batch_size)
     scores = torch.cat(distributed.all_gather_objects(mine, world))  # rank order = image order
-    if eval_plan.demo:
-        return zeroshot.metrics(scores, eval_set.labels, eval_set.seen)
-    return zeroshot.topk_metrics(scores, eval_set.labels)
+    return zeroshot.topk_metrics(scores, eval_set.labels), scores
 
 
 def _retrieval(model, tokenizer, eval_plan: EvalPlan, world) -> dict:
@@ -141,3 +157,14 @@ def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, ks=RE
         for k in ks:
             figures[f"{direction}_R@{k}"] = round(float((rank < k).float().mean()), 4)
     return figures
+
+
+def retrieval_line(figures: dict) -> str:
+    def f(key: str) -> str:
+        return "n/a" if figures.get(key) is None else f"{figures[key]:.2f}"
+
+    return (
+        f"retrieval R@1/5/10: image->text {f('image_to_text_R@1')}/{f('image_to_text_R@5')}/"
+        f"{f('image_to_text_R@10')}, text->image {f('text_to_image_R@1')}/{f('text_to_image_R@5')}/"
+        f"{f('text_to_image_R@10')} (n={figures['n']})"
+    )

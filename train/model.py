@@ -6,14 +6,9 @@ tool (``create_model_and_transforms(name, pretrained=path)``, ``get_tokenizer(na
 knows them by name. Weights are never downloaded: models start from random init.
 
 ``webclip-tiny`` is sized for the 2-core CPU demo: open_clip's ModifiedResNet image
-tower (width 16, one bottleneck per stage, 1.4 M parameters) at 48 px, and a 2-layer,
-128-wide text transformer with a 16-token context (the demo captions are at most 13
-tokens; open_clip's tokenizer takes the context length from ``text_cfg``). Why not a
-ViT: on the demo data, ViTs of the same cost (patch 8 or 16 at 64 px) learned colour in
-a few hundred steps but stayed near chance on shape within the 9-minute budget, while
-the conv tower learns shape several times faster per sample; 48 px learned shape
-faster per sample than 64 px and is 1.8x cheaper. Most of the 8.1 M parameters are
-the text token embedding (49408 x 128), which costs memory, not compute.
+tower (width 16, one bottleneck per stage) at 48 px, and a 2-layer, 128-wide text
+transformer with a 16-token context (open_clip's tokenizer takes the context length
+from ``text_cfg``); why this and not a ViT: BENCHMARKS.md, "Training on the demo corpus".
 
 Images travel as uint8 from the shard to here; ``normalise`` turns them into the
 model's input on the device (4x fewer bytes through the DataLoader and to the GPU).

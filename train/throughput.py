@@ -1,4 +1,4 @@
-"""Honest speed figures: samples/s, samples/s per device, model FLOP utilisation (MFU).
+"""Honest speed figures: samples/s, samples/s per device, model FLOP utilisation (MFU); ``Meter`` times a run.
 
 MFU is the model's own FLOPs per sample times samples per second, over the devices'
 peak. Model FLOPs are counted once at start with ``torch.utils.flop_counter`` on one
@@ -14,7 +14,9 @@ logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -82,3 +84,39 @@ def speed_record(
         "tflops_per_s": None if flops is None else round(flops / 1e12, 4),
         "mfu": None if flops is None or not peak else round(flops / (peak * world_size), 4),
     }
+
+
+class Meter:
+    """Training time and speed of a run; time spent paused (evaluation, checkpoints) is not training time."""
+
+    def __init__(self, samples: int, world_size: int, flops_per_sample: float | None, peak: float | None):
+        self.world_size, self.flops_per_sample, self.peak = world_size, flops_per_sample, peak
+        self.first_samples = self.last_samples = samples
+        self.start = self.last_time = time.perf_counter()
+        self.paused_s = self.last_paused_s = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - began
+
+    def speed(self, samples: int, seconds: float) -> dict[str, float | None]:
+        """``speed_record`` of the samples trained since the start, in ``seconds`` of training time."""
+        return speed_record(samples - self.first_samples, seconds, self.world_size, self.flops_per_sample, self.peak)
+
+    def interval(self, samples: int) -> dict[str, float | None]:
+        """``speed_record`` since the previous call (or the start); ``samples`` is the run's count now."""
+        now = time.perf_counter()
+        seconds = now - self.last_time - (self.paused_s - self.last_paused_s)
+        record = speed_record(samples - self.last_samples, seconds, self.world_size, self.flops_per_sample, self.peak)
+        self.last_time, self.last_samples, self.last_paused_s = now, samples, self.paused_s
+        return record
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused_s

@@ -6,6 +6,7 @@
     filter   decide keep / reject for every pool row → decisions (eval look-alikes dropped too)
     shards   kept samples → train shards + manifest.json; report; verify
     train    train a small CLIP from scratch on the CPU, then zero-shot evaluation
+    figures  the demo's own zero-shot figures (seen / unseen pairs, colour / shape)
 
 Each stage runs as the same command a user would type (printed before it runs), so
 the demo doubles as a worked example. Everything is seeded and the web server's
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from infra.local import composition
 from infra.local.webserver import serve
 
 DATA = "data/demo"
@@ -71,21 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo finished in {time.time() - start:.0f}s")
     print(f"  dataset report:  {DATA}/train/index.html (and report.json, datasheet.md, manifest.json)")
     if not args.skip_train:
-        print(f"  model and logs:  {RUN}/ (zero-shot figures in {RUN}/zeroshot.json)")
-        print(_zero_shot_line(f"{RUN}/zeroshot.json"), flush=True)  # the demo's last line
+        result = composition.figures(RUN, f"{DATA}/eval")
+        composition.write(f"{RUN}/{composition.RESULT_FILE}", result)
+        print(f"  model and logs:  {RUN}/ (zero-shot figures in {RUN}/zeroshot.json and "
+              f"{RUN}/{composition.RESULT_FILE})")
+        print(result.details())
+        print(result.line(), flush=True)  # the demo's last line
     return 0
-
-
-def _zero_shot_line(path: str) -> str:
-    """The trainer's summary line again, so it is the last thing the demo prints."""
-    import dataclasses
-
-    from core import storage
-    from train.zeroshot import ZeroShotResult
-
-    figures = storage.read_json(path)
-    names = {f.name for f in dataclasses.fields(ZeroShotResult)}
-    return ZeroShotResult(**{k: v for k, v in figures.items() if k in names}).line()
 
 
 if __name__ == "__main__":

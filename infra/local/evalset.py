@@ -10,7 +10,11 @@ The output is a WebDataset-style tar with members ``{i:06d}.jpg``, ``{i:06d}.txt
 (a true caption) and ``{i:06d}.json`` (colour, shape, class_index into
 ``scenes.CLASSES``, seen). Its bytes are a pure function of the arguments: the seed
 stream ``eval:{seed}:{i}`` is disjoint from the corpus's ``{seed}:{item}``, and tar
-headers carry fixed owners and times.
+headers carry fixed owners and times. Beside it, as CLIP_benchmark lays out an eval
+set (the trainer's zero-shot reads them): ``classnames.txt`` ("red circle", in
+``scenes.CLASSES`` order), ``zeroshot_classification_templates.txt`` (the demo's
+prompts, ``{c}`` for the class name) and ``held_out.txt`` (the held-out classes, for the
+demo's own figures, ``infra/local/composition.py``).
 
     python -m infra.local.evalset --out eval.tar --per-class 20 --seed 0 \\
         --image-size 128 --resize-mode border
@@ -36,6 +40,27 @@ from infra.local import scenes
 from ingest.resizer import RESIZE_MODES, ResizeConfig, resize_image
 
 SOURCE_JPEG_QUALITY = 90  # the "web" encoding before the ingest resize
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+HELD_OUT_FILE = "held_out.txt"
+
+
+def class_name(pair: tuple[str, str]) -> str:
+    """``("red", "circle")`` -> ``"red circle"``."""
+    return " ".join(pair)
+
+
+def write_class_files(folder: str | os.PathLike) -> None:
+    """``classnames.txt``, the prompt templates and ``held_out.txt``, into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    templates = [t.replace("{colour} {shape}", "{c}") for t in scenes.PROMPT_TEMPLATES]
+    for name, lines in (
+        (CLASSNAMES_FILE, [class_name(pair) for pair in scenes.CLASSES]),
+        (TEMPLATES_FILE, templates),
+        (HELD_OUT_FILE, [class_name(pair) for pair in scenes.UNSEEN_CLASSES]),
+    ):
+        (folder / name).write_text("".join(f"{line}\n" for line in lines))
 
 
 @dataclass(frozen=True)
@@ -74,7 +99,7 @@ def write_evalset(
     workers: int | None = None,
     progress: bool = True,
 ) -> int:
-    """Write the tar (atomically: readers never see half of it); returns the sample count."""
+    """Write the tar (atomically: readers never see half of it) and the class files beside it; returns the count."""
     if per_class < 1:
         raise ValueError(f"per_class={per_class}: must be at least 1")
     ResizeConfig(image_size=image_size, resize_mode=resize_mode)  # checks both, with a clear message
@@ -102,6 +127,7 @@ def write_evalset(
             with multiprocessing.get_context().Pool(workers) as pool:
                 for sample in pool.imap(make, range(total), chunksize=8):  # in order: deterministic tar
                     add(sample)
+    write_class_files(target.parent)
     os.replace(partial_path, target)
     return total
 
