@@ -117,12 +117,24 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _unalias(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keys spelled as in ``cls.ALIASES`` (e.g. img2dataset's ``processes_count``) under their own names."""
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = aliases.get(key, key)
+        if name in out:
+            raise ConfigError(f"{source}: {key!r} and {name!r} are the same option; give one")
+        out[name] = value
+    return out
+
+
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     """Build ``cls`` from a mapping, refusing unknown keys with a suggestion."""
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs = {}
-    for key, value in values.items():
+    for key, value in _unalias(cls, values, source).items():
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -155,14 +167,19 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
     )
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of option: value; flags override it")
     hints = _hints(cls)
+    metavars = {}
     for f in dataclasses.fields(cls):
         base, _ = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, list):
             default = ",".join(map(str, default)) or "(none)"
-        metavar = {bool: "BOOL", int: "N", float: "X"}.get(base, "LIST" if typing.get_origin(base) is list else "STR")
+        metavar = metavars[f.name] = {bool: "BOOL", int: "N", float: "X"}.get(
+            base, "LIST" if typing.get_origin(base) is list else "STR")
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         parser.add_argument(f"--{f.name}", dest=f.name, metavar=metavar, default=argparse.SUPPRESS, help=help_text)
+    for alias, name in getattr(cls, "ALIASES", {}).items():
+        parser.add_argument(f"--{alias}", dest=name, metavar=metavars[name], default=argparse.SUPPRESS,
+                            help=f"the same as --{name}")
     return parser
 
 
@@ -172,7 +189,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str, descriptio
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
     try:
-        values = load_yaml(config_path) if config_path else {}
+        values = _unalias(cls, load_yaml(config_path), config_path) if config_path else {}
         values.update(args)
         return from_dict(cls, values, source=config_path or "command line")
     except ConfigError as exc:
