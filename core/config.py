@@ -121,11 +121,12 @@ def _unalias(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     """Keys spelled as in ``cls.ALIASES`` (e.g. img2dataset's ``processes_count``) under their own names."""
     aliases: dict[str, str] = getattr(cls, "ALIASES", {})
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for key, value in values.items():
         name = aliases.get(key, key)
         if name in out:
-            raise ConfigError(f"{source}: {key!r} and {name!r} are the same option; give one")
-        out[name] = value
+            raise ConfigError(f"{source}: {given[name]!r} and {key!r} are the same option; give one")
+        out[name], given[name] = value, key
     return out
 
 

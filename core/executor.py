@@ -44,7 +44,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from core.config import ConfigError, at_least, one_of, option
+from core.config import at_least, one_of, option
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,9 @@ def _setup_state(setup: Callable[[], Any] | None) -> Any:
     try:
         return setup()
     except Exception as exc:  # noqa: BLE001 - reported with each unit, never retried
-        return SetupFailed(f"worker set-up {getattr(setup, '__name__', setup)!r} failed: {type(exc).__name__}: {exc}")
+        failed = SetupFailed(f"worker set-up failed: {type(exc).__name__}: {exc}")
+        failed.add_note(traceback.format_exc())
+        return failed
 
 
 # -- the progress bar -----------------------------------------------------------------------------
@@ -306,13 +308,18 @@ class _Processes:
         return self.size - len(self.busy)
 
     def submit(self, index: int, unit: Any) -> None:
-        if self.idle:
+        while self.idle:
             conn, process = self.idle.pop()
-        else:
-            conn, child = self.context.Pipe()
-            process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
-            process.start()
-            child.close()
+            try:
+                conn.send((index, self.fn, unit, self.live))
+                self.busy[conn] = (process, index)
+                return
+            except OSError:  # it died while idle
+                process.join()
+        conn, child = self.context.Pipe()
+        process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
+        process.start()
+        child.close()
         conn.send((index, self.fn, unit, self.live))
         self.busy[conn] = (process, index)
 
@@ -344,8 +351,11 @@ class _Processes:
 
     def close(self, abort: bool) -> None:
         processes = [p for _, p in self.idle] + [p for p, _ in self.busy.values()]
-        for conn, _ in self.idle:
-            conn.send(None)
+        for conn, process in self.idle:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
         for process in processes:
             if abort:
                 process.terminate()

@@ -23,7 +23,7 @@ from PIL import Image
 
 from _ingest_web import HostileWeb
 from core import storage
-from core.config import ConfigError, from_dict, parse_config
+from core.config import ConfigError, build_parser, from_dict, parse_config
 from core.executor import Progress
 from core.reasons import Reason
 from ingest import reader
@@ -246,6 +246,20 @@ def test_an_img2dataset_command_line_parses_with_its_meanings():
     assert cfg.fetch_config().disallowed_header_directives == () and cfg.max_aspect_ratio == 3.5
     assert parse_config(IngestConfig, ["--url_list", "x", "--output_folder", "y", "--compute_hash", "None"],
                         "ingest", "").hash_columns() == []
+
+
+def test_img2dataset_names_of_the_execution_options_are_aliases(tmp_path):
+    """processes_count, max_shard_retry, max_shards_in_flight: the shared workers, max_retries, max_in_flight."""
+    argv = ["--url_list", "x", "--output_folder", "y", "--processes_count", "16", "--max_shard_retry", "1",
+            "--max_shards_in_flight", "40", "--distributor", "multiprocessing"]
+    cfg = parse_config(IngestConfig, argv, "ingest", "")
+    assert (cfg.workers, cfg.max_retries, cfg.max_in_flight) == (16, 1, 40)
+    (tmp_path / "c.yaml").write_text("url_list: x\noutput_folder: y\nprocesses_count: 3\n")
+    assert parse_config(IngestConfig, ["--config", str(tmp_path / "c.yaml")], "ingest", "").workers == 3
+    assert parse_config(IngestConfig, ["--config", str(tmp_path / "c.yaml"), "--workers", "5"], "ingest", "").workers == 5
+    with pytest.raises(ConfigError, match="'processes_count' and 'workers' are the same option"):
+        from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "processes_count": 2, "workers": 3})
+    assert "--processes_count N" in build_parser(IngestConfig, "ingest", "").format_help()
 
 
 @pytest.mark.parametrize("option, value, message", [
