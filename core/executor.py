@@ -380,10 +380,13 @@ class _ProgressBoard:
         return latest
 
 
+def _to_board(board, index: int) -> Callable[[dict], None] | None:
+    return (lambda counts: board.report.remote(index, counts)) if board is not None else None
+
+
 def _ray_task(fn, unit, index, board):
     """One unit as a Ray task (Ray titles its process ``ray::_ray_task``)."""
-    send = (lambda counts: board.report.remote(index, counts)) if board is not None else None
-    return _run_unit(fn, unit, _NO_STATE, send)
+    return _run_unit(fn, unit, _NO_STATE, _to_board(board, index))
 
 
 class _RayWorker:
@@ -395,8 +398,7 @@ class _RayWorker:
     def run(self, fn, unit, index, board):
         if isinstance(self.state, SetupFailed):
             raise self.state
-        send = (lambda counts: board.report.remote(index, counts)) if board is not None else None
-        return _run_unit(fn, unit, self.state, send)
+        return _run_unit(fn, unit, self.state, _to_board(board, index))
 
 
 class _Ray:
@@ -561,7 +563,9 @@ class Executor:
         return _Ray(size, fn, setup, on_progress, self.show, ray_options, self.execution.max_retries)
 
     def _map(self, fn, units, setup, ordered, keep_going, workers, ray_options, desc) -> Iterator[Any]:
-        total = self.total if self.total is not None or self.item else (len(units) if isinstance(units, Sized) else None)
+        total = self.total
+        if total is None and not self.item and isinstance(units, Sized):
+            total = len(units)
         progress = self._progress = Progress(desc or self.desc, self.unit, self.item, total, self.show, self.postfix)
         for counts in self._skipped:
             progress.add(counts)
