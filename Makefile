@@ -58,7 +58,7 @@ demo-web: $(STAMP) ## serve the demo web on 127.0.0.1:8765 (for running `make in
 crawl: $(STAMP) ## seed pages and/or WARC/WAT archives -> a URL list for ingest, on Ray (CONFIG=, ARGS=)
 	$(STAGE) crawl --config $(if $(CONFIG),$(CONFIG),$(CRAWL_CONFIG)) $(ARGS)
 
-ingest: $(STAMP) ## download a URL list into pool shards on Ray (CONFIG=, ARGS=)
+ingest: $(STAMP) ## download a URL list into pool shards: local processes, or Ray on a cluster (CONFIG=, ARGS=)
 	$(STAGE) ingest --config $(if $(CONFIG),$(CONFIG),$(INGEST_CONFIG)) $(ARGS)
 
 filter: $(STAMP) ## decide keep/reject with a reason for every pool row (CONFIG=, ARGS=)

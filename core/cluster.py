@@ -1,34 +1,19 @@
-"""Joining Ray, and running a stage's tasks: one place for how every stage finds its cluster."""
+"""What crawl/ and filter/ still use until they run on ``core.executor``; then this module goes.
+
+``init_ray`` lives in ``core.executor`` (re-exported here); the runners below are the
+filter's until it moves onto the executor.
+"""
 
 from __future__ import annotations
 
-import logging
-import multiprocessing
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
 
+from core.executor import init_ray
 
-def init_ray(address: str | None, num_cpus: int = 0) -> bool:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance.
-
-    Returns whether this call started Ray (the caller then shuts it down); a Ray
-    already initialised in this process is reused as it is.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
-    if address is None and num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(address=address, **kwargs)
-    return True
+__all__ = ["init_ray", "open_runner", "InlineRunner", "RayRunner", "DISTRIBUTORS"]
 
 
 # -- running a list of tasks: in this process, or as Ray tasks ------------------------------
@@ -103,28 +88,3 @@ def open_runner(distributor: str, address: str | None = None, workers: int = 0) 
     if distributor == "inline":
         return InlineRunner()
     raise ValueError(f"distributor={distributor!r}: choose one of {', '.join(DISTRIBUTORS)}")
-
-
-def map_processes(fn: Callable, tasks: list[tuple], workers: int, desc: str, progress: bool) -> Iterator[Any]:
-    """``fn(*task)`` for each task, in local processes, results yielded in task order.
-
-    For work that reads storage and wants no cluster (verify, report): ``workers`` 0
-    means one per CPU; one worker (or one task) runs here, without a pool. Processes
-    are spawned, not forked, so no S3 session or thread is copied into a child. Every
-    task is submitted at once: results that finish early wait their turn in memory.
-    """
-    workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
-    bar = tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress)
-    try:
-        if workers == 1:
-            for task in tasks:
-                yield fn(*task)
-                bar.update(1)
-            return
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for result in pool.map(fn, *zip(*tasks)):
-                yield result
-                bar.update(1)
-    finally:
-        bar.close()
-

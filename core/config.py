@@ -203,6 +203,9 @@ def _build(cls: type, values: Any, prefix: str, errors: list[str]) -> Any:
     fields = _fields(cls)
     aliases = _aliases(cls)
     kwargs: dict[str, Any] = {}
+    for old, new in aliases.items():
+        if old in values and new in values:
+            errors.append(f"{prefix}{old!r} and {prefix}{new!r} are the same option: give one of them")
     for key, value in values.items():
         name = aliases.get(key, key)
         if name not in fields:
@@ -276,11 +279,23 @@ def parse_override(text: str) -> tuple[str, str]:
 
 def load(cls: type[T], path: str | None = None, overrides: Sequence[str] | dict[str, Any] = ()) -> T:
     """Defaults, then the YAML file at ``path``, then ``overrides`` (``KEY=VALUE`` or a mapping)."""
-    values = _nest(load_yaml(path)) if path else {}
+    values = _flatten(_nest(load_yaml(path))) if path else {}
+    values = {_canonical(cls, key): value for key, value in values.items()}
     pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
     for key, value in pairs:
-        values = _nest({**_flatten(values), key: value})
-    return from_dict(cls, values)
+        values[_canonical(cls, key)] = value
+    return from_dict(cls, _nest(values))
+
+
+def _canonical(cls: type, key: str) -> str:
+    """``key`` with every alias along its dotted path replaced by the option's own name."""
+    parts = []
+    for part in key.split("."):
+        part = _aliases(cls).get(part, part) if cls is not None else part
+        parts.append(part)
+        field = _fields(cls).get(part) if cls is not None else None
+        cls = field[1] if field is not None and _is_section(field[1]) else None
+    return ".".join(parts)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -328,23 +343,21 @@ def build_parser(cls: type, prog: str, description: str, epilog: str | None = No
                         help="set one option, e.g. --set section.key=value (repeatable; same as --KEY VALUE)")
     parser.add_argument("--print_config", "--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
-    renamed: dict[str, list[str]] = {}
-    for old, new in _aliases(cls).items():
-        renamed.setdefault(new, []).append(old)
     groups: dict[str, Any] = {"": parser}
+    metavars: dict[str, str] = {}
     for name, f, annotation, default in _leaves(cls):
         section = name.rpartition(".")[0]
         if section not in groups:
             groups[section] = parser.add_argument_group(f"{section} options")
         base, _ = _base_type(annotation)
         metavar = {bool: "BOOL", int: "N", float: "X"}.get(base, "LIST" if typing.get_origin(base) is list else "STR")
+        metavars[name] = metavar
         help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})".replace("%", "%%")
-        if name in renamed:
-            help_text += f" [also --{', --'.join(renamed[name])}]"
         groups[section].add_argument(f"--{name}", dest=name, metavar=metavar, default=argparse.SUPPRESS,
                                      help=help_text)
     for old, new in _aliases(cls).items():
-        parser.add_argument(f"--{old}", dest=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(f"--{old}", dest=new, metavar=metavars.get(new),
+                            default=argparse.SUPPRESS, help=f"the same as --{new}")
     return parser
 
 

@@ -17,9 +17,14 @@ written last and commits the shard: rerun the same command after a crash and onl
 uncommitted shards are redone.
 
 Option names and meanings follow img2dataset, so its command lines work unchanged
-(list options take '["a","b"]' or a,b). Defaults that differ: output_format
-webdataset (img2dataset: files), distributor ray (img2dataset: multiprocessing,
-also accepted here), thread_count 64, processes_count 0 (one per CPU).
+(list options take '["a","b"]' or a,b). Where shards run are the options every
+stage shares (--distributor, --workers, --max_retries, --max_in_flight,
+--ray_address, --progress); img2dataset's --processes_count, --max_shard_retry and
+--max_shards_in_flight are the same as --workers, --max_retries and --max_in_flight,
+and its --distributor multiprocessing is our processes. Defaults that differ:
+output_format webdataset (img2dataset: files), distributor auto (local processes,
+or Ray tasks when --ray_address or RAY_ADDRESS names a cluster), thread_count 64,
+workers 0 (one per CPU).
 
 Safe by default: http(s) only; private, loopback, link-local and metadata
 addresses are refused, after DNS and on every redirect, unless listed in
@@ -30,6 +35,7 @@ examples:
   python -m ingest --url_list urls.parquet --input_format parquet \\
       --url_col url --caption_col caption --output_folder s3://bucket/pool
   python -m ingest --config configs/demo/ingest.yaml --processes_count 8
+  python -m ingest --config my.yaml --distributor ray --ray_address auto      (a running cluster)
 """
 
 

@@ -6,9 +6,15 @@ meanings follow img2dataset's ``download()`` (list options also take its
 limits) use the same style. Where we differ, on purpose:
 
 * defaults: ``output_format`` webdataset (what filter/ and shards/ read; img2dataset:
-  files), ``distributor`` ray (img2dataset: multiprocessing, also offered here as a
-  local process pool), ``thread_count`` 64 async requests per shard (img2dataset:
-  256 threads), ``processes_count`` 0 = one per CPU (img2dataset: 1);
+  files), ``distributor`` auto (local processes, or Ray given a cluster address;
+  img2dataset: multiprocessing, accepted here as processes), ``thread_count`` 64 async
+  requests per shard (img2dataset: 256 threads), ``processes_count`` 0 = one per CPU
+  (img2dataset: 1);
+* where shards run is ``core.executor.Execution``, the options every stage shares
+  (``distributor``, ``workers``, ``max_retries``, ``max_in_flight``, ``ray_address``,
+  ``progress``); img2dataset's names for them are accepted too (``ALIASES``):
+  ``processes_count`` = workers, ``max_shard_retry`` = max_retries,
+  ``max_shards_in_flight`` = max_in_flight;
 * ``compute_hash``: sha256 is always stored (exact dedupe in filter/ needs it); md5
   or sha512 adds a column of that name, as img2dataset's does;
 * ``enable_wandb`` is accepted so command lines run, but nothing is sent anywhere;
@@ -25,8 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from core.config import ConfigError, at_least, one_of, option, require
+from core.executor import Execution
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
@@ -35,13 +43,17 @@ from ingest.reader import INPUT_FORMATS
 from ingest.resizer import ENCODE_FORMATS, ResizeConfig
 from ingest.safety import NetworkPolicy
 
-DISTRIBUTORS = ("ray", "multiprocessing", "inline")
 HASHES = ("sha256", "md5", "sha512", "none")
 _GZ_FORMATS = tuple(f"{f}.gz" for f in INPUT_FORMATS if f != "parquet")
 
 
 @dataclass
-class IngestConfig:
+class IngestConfig(Execution):
+    # img2dataset's names for the shared execution options: its command lines run unchanged
+    ALIASES: ClassVar[dict[str, str]] = {
+        "processes_count": "workers", "max_shard_retry": "max_retries", "max_shards_in_flight": "max_in_flight",
+    }
+
     url_list: str = option("", "input file, or folder of files, of URLs (local or s3://)")
     output_folder: str = option("", "where shards go (local or s3://); created if missing")
     input_format: str = option(
@@ -91,9 +103,6 @@ class IngestConfig:
     max_image_area: float = option(float("inf"), "refuse images with more pixels (width x height) than this")
     max_aspect_ratio: float = option(float("inf"), "refuse images whose long side / short side is larger than this")
     number_sample_per_shard: int = option(10000, "input rows per shard (the unit of work, of retry and of resume)")
-    processes_count: int = option(
-        0, "shards downloaded at once, one per process/Ray task (0: one per CPU of this machine or Ray cluster)"
-    )
     thread_count: int = option(64, "concurrent downloads within each shard (async requests, not OS threads)")
     per_host_limit: int = option(16, "concurrent connections to one host, per shard")
     timeout: float = option(10.0, "overall deadline per request in seconds: connection, redirects and body included")
@@ -123,16 +132,6 @@ class IngestConfig:
     incremental_mode: str = option(
         "incremental", "incremental: skip shards already committed (resume); overwrite: delete the output first"
     )
-    distributor: str = option(
-        "ray",
-        "ray: Ray tasks, on a local instance or the cluster at ray_address; multiprocessing: a pool of "
-        "processes_count local processes (img2dataset's default; on one machine it is faster: no Ray start-up or "
-        "daemons); inline: this process, one shard at a time",
-    )
-    ray_address: str | None = option(None, "Ray cluster address (none: RAY_ADDRESS if set, else a local instance)")
-    max_shards_in_flight: int = option(0, "shards submitted but unfinished, bounding memory (0: 2 x processes_count)")
-    max_shard_retry: int = option(3, "times a shard whose worker died or failed is redone (Ray: the task's max_retries)")
-    progress: bool | None = option(None, "live progress bar on stderr (none: only when stderr is a terminal)")
     enable_wandb: bool = option(False, "accepted for img2dataset compatibility; Weights & Biases logging is not supported")
 
     def __post_init__(self) -> None:
@@ -143,7 +142,7 @@ class IngestConfig:
         one_of(self, "output_format", OUTPUT_FORMATS)
         if self.distributor == "pyspark":
             raise ConfigError("distributor='pyspark': not supported; use ray (a cluster via --ray_address)")
-        one_of(self, "distributor", DISTRIBUTORS)
+        super().__post_init__()
         if self.incremental_mode not in ("incremental", "overwrite"):
             raise ConfigError(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
         self.compute_hash = (self.compute_hash or "none").lower()
@@ -155,8 +154,7 @@ class IngestConfig:
                 f"({', '.join(POOL_SCHEMA.names)}); rename them in the input"
             )
         at_least(self, 1, "number_sample_per_shard", "thread_count", "per_host_limit", "max_bytes", "max_pixels")
-        at_least(self, 0, "processes_count", "retries", "max_redirects", "max_shards_in_flight", "min_image_size",
-                 "max_shard_retry", "min_caption_chars", "min_caption_words")
+        at_least(self, 0, "retries", "max_redirects", "min_image_size", "min_caption_chars", "min_caption_words")
         if not self.timeout > 0:
             raise ConfigError(f"timeout={self.timeout}: must be a positive number of seconds")
         # Build the parts once so their own checks run now, before any work.

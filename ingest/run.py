@@ -2,8 +2,9 @@
 
 Plan the shards from the input stream (``ingest.plan`` marks the rows not worth a
 download: repeats across the whole job, junk captions), skip the ones already
-committed (their ``_stats.json`` exists), hand the rest to a distributor, and keep
-the user informed.
+committed (their ``_stats.json`` exists), and hand the rest, one unit per shard, to
+``core.executor`` (local processes, Ray tasks, or inline), whose progress bar shows
+samples/s and the success rate while shards are still in flight.
 Rerunning the same command after a crash redoes only the unfinished shards; a
 half-written shard is never visible (see ``core.shard_writer``).
 """
@@ -13,19 +14,20 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from core import storage
 from core.config import to_dict
+from core.executor import Executor, progress_enabled, report
 from core.layout import STATS_SUFFIX, committed_shards
 from core.shard_writer import clean_stale_staging
 from ingest.config import IngestConfig
-from ingest.distributor import DISTRIBUTORS
 from ingest.plan import Planner
-from ingest.progress import Progress, progress_enabled
-from ingest.reader import input_files, read_shards
+from ingest.reader import ShardInput, input_files, read_shards
+from ingest.shard_worker import download_shard
 
 SUMMARY_FILE = "_ingest_summary.json"
 
@@ -70,6 +72,17 @@ def _total_rows(cfg: IngestConfig) -> int | None:
     return total
 
 
+def download_unit(cfg: IngestConfig, shard: ShardInput) -> dict[str, Any]:
+    """One unit of the job: a shard, its running (rows, successes) reported to the progress bar."""
+    stats = download_shard(shard, cfg, lambda _shard, rows, successes: report(rows, successes=successes))
+    report(stats["count"], successes=stats["successes"])  # the final counts (running ones are throttled)
+    return stats
+
+
+def _success_rate(totals: dict[str, int]) -> dict[str, str]:
+    return {"ok": f"{totals.get('successes', 0) / max(totals.get('items', 0), 1):.1%}"}
+
+
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     start = time.time()
     if cfg.incremental_mode == "overwrite":
@@ -82,12 +95,8 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     if cfg.enable_wandb:
         print("ingest: enable_wandb is accepted but ignored; progress goes to stderr, stats to *_stats.json",
               file=sys.stderr)
-    progress = Progress(_total_rows(cfg), progress_enabled(cfg.progress))
-
-    def on_done(stats: dict[str, Any]) -> None:
-        summary.add(stats)
-        progress.shard_done(stats)
-
+    total = _total_rows(cfg) if progress_enabled(cfg.progress) else None
+    executor = Executor(cfg, desc="ingest", unit="shard", item="sample", total=total, postfix=_success_rate)
     planner = Planner(cfg.plan_rules())
 
     def pending_shards():
@@ -103,16 +112,16 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             # count as duplicates of must not depend on where the last run stopped.
             shard = planner.plan(shard)
             if shard.shard_id in done:
+                stats = storage.read_json(storage.join(cfg.output_folder, f"{shard.shard_id:05d}{STATS_SUFFIX}"))
                 summary.shards_skipped += 1
-                on_done(storage.read_json(storage.join(cfg.output_folder, f"{shard.shard_id:05d}{STATS_SUFFIX}")))
+                summary.add(stats)
+                executor.skipped(stats["count"], successes=stats["successes"])
                 continue
             yield shard
 
-    try:
-        on_progress = progress.shard_progress if progress.enabled else None
-        DISTRIBUTORS[cfg.distributor](pending_shards(), cfg, on_done, on_progress)
-    finally:
-        progress.close()
+    with executor:
+        for stats in executor.map(partial(download_unit, cfg), pending_shards()):
+            summary.add(stats)
     summary.duration = time.time() - start
     storage.write_json(
         storage.join(cfg.output_folder, SUMMARY_FILE),

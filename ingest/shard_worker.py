@@ -7,9 +7,10 @@ every row reaches the writer in one place, ``record``; results are written in ro
 order through a small reorder buffer, so keys, tar order and bytes do not depend on
 which download finished first.
 
-Live progress: when the distributor passes ``report``, the worker calls it with the
-shard's running (rows, successes) at most twice a second — absolute counts, so a
-lost or repeated report cannot skew the total.
+Live progress: when the caller passes ``report`` (``ingest.run`` hands it on to the
+executor's progress bar), the worker calls it with the shard's running (rows,
+successes) at most twice a second — absolute counts, so a lost or repeated report
+cannot skew the total.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ sample count, bytes and sha256, the totals, the config, the code version and the
 fingerprints of the pool, the decisions and the URL lists. Then (unless --report
 false) the statistics report: report.json, index.html and datasheet.md.
 
-Runs on Ray (or --distributor inline); resumable: a killed run, rerun with the same
-command, writes only the train shards that are missing. Check the result with
+Runs in local processes, or on Ray given a cluster (--ray_address, RAY_ADDRESS or
+--distributor ray); resumable: a killed run, rerun with the same command, writes
+only the train shards that are missing. Check the result with
 `python -m shards.verify --folder OUTPUT_FOLDER`.
 """
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"manifest: {storage.join(cfg.output_folder, MANIFEST)}")
     if cfg.report:
         report = build_report(ReportConfig(pool=cfg.pool, decisions=cfg.decisions, train=cfg.output_folder,
-                                           output_folder=cfg.output_folder, progress=cfg.progress))
+                                           output_folder=cfg.output_folder, **cfg.execution_options()))
         paths = write_report(cfg.output_folder, report)
         print(" → ".join(f"{s['label'].split(' (')[0]} {s['count']:,}" for s in report["funnel"]))
         print(f"report:   {paths['html']}")

@@ -11,19 +11,21 @@ files to the output folder:
 * ``datasheet.md`` — a datasheet after "Datasheets for Datasets" (Gebru et al.),
                      filled with what the pipeline knows, the rest marked as unknown.
 
-Pool shards are summarised in parallel processes (``shards/stats.py``), one shard at a
-time each, so memory stays bounded whatever the dataset's size.
+Pool shards are summarised in parallel (``shards/stats.py``), one shard at a time per
+worker, by ``core.executor``: local processes, or Ray tasks on a cluster (a big pool's
+metadata read by many machines); memory stays bounded whatever the dataset's size.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from core import storage
-from core.cluster import map_processes
 from core.config import parse_config
+from core.executor import Executor
 from core.layout import committed_shards
 from core.reasons import Reason
 from shards.config import ReportConfig
@@ -58,11 +60,11 @@ STEP_LABELS = {
 
 
 def summarize(cfg: ReportConfig, shard_ids: list[int]) -> Summary:
-    """Every pool shard's summary, merged (in parallel processes when there are several)."""
+    """Every pool shard's summary, merged in shard order (the capped tables depend on the order)."""
     total = Summary()
-    tasks = [(cfg.pool, cfg.decisions, i) for i in shard_ids]
-    for part in map_processes(summarize_shard, tasks, cfg.workers, "report", cfg.progress):
-        total.merge(part)  # merged as they come (summaries are small: counts and histograms)
+    with Executor(cfg, desc="report", unit="shard") as ex:
+        for part in ex.map(partial(summarize_shard, cfg.pool, cfg.decisions), shard_ids, ordered=True):
+            total.merge(part)  # merged as they come (summaries are small: counts and histograms)
     return total
 
 

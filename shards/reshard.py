@@ -2,7 +2,8 @@
 
 The driver counts the kept samples of every pool shard (decisions only), builds the
 plan (``shards/plan.py``: which global position goes to which train shard) and hands
-ranges of train shards to tasks (Ray, or inline). A task opens the pool shards its
+ranges of train shards to ``core.executor`` as units (local processes, Ray tasks, or
+inline). A unit opens the pool shards its
 positions come from, streams each tar once — skipping the kept samples that belong to
 earlier train shards — and copies the members of its samples byte for byte (images
 are not re-encoded; nothing is unpickled) into train shards written by the same
@@ -21,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -28,8 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import storage
-from core.cluster import open_runner
 from core.config import to_dict
+from core.executor import Executor
 from core.layout import (
     POOL_SCHEMA,
     STATS_SUFFIX,
@@ -152,6 +154,12 @@ def write_train_shards(cfg: ShardsConfig, plan: ReshardPlan, first: int, last: i
     return written
 
 
+def write_unit(cfg: ShardsConfig, plan: ReshardPlan, done: set[int], extra_columns: list[str],
+               unit: tuple[int, int]) -> list[int]:
+    """One unit of the executor: the train shards ``unit = (first, last)``."""
+    return write_train_shards(cfg, plan, *unit, done, extra_columns)
+
+
 def _next(stream: Iterator, segment) -> tuple[dict[str, Any], PoolSample]:
     try:
         return next(stream)
@@ -221,12 +229,9 @@ def reshard(cfg: ShardsConfig) -> dict[str, Any]:
     # Markers beyond the plan cannot exist (same plan); a marker without its files would be a bug.
     units = [(a, b) for a, b in plan.units(cfg.max_shards_per_task) if not set(range(a, b)) <= done]
     if units:
-        runner = open_runner(cfg.distributor, cfg.ray_address, cfg.workers)
-        try:
-            runner.map(write_train_shards, [(cfg, plan, a, b, done, extra_columns) for a, b in units],
-                       f"shards: {plan.train_shards - len(done)} train shards", cfg.progress)
-        finally:
-            runner.close()
+        with Executor(cfg, desc=f"shards: {plan.train_shards - len(done)} train shards", unit="task") as ex:
+            for _ in ex.map(partial(write_unit, cfg, plan, done, extra_columns), units):
+                pass
     entries = []
     for t in range(plan.train_shards):
         marker = storage.read_json(storage.join(cfg.output_folder, shard_name(t) + STATS_SUFFIX))

@@ -14,7 +14,8 @@ files' sha256; img2dataset's hold counts only). Every finding is one of:
                    vs the parquet, a sample without its image or metadata member.
 
 Exit status: 0 when nothing was found, 1 otherwise (2 for a bad command line).
-Shards are checked in parallel processes; each streams its tar once.
+Shards are checked in parallel by ``core.executor`` (local processes, or Ray tasks on
+a cluster: a big pool checked by many machines); each streams its tar once.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from core import storage
-from core.cluster import map_processes
 from core.config import parse_config
+from core.executor import Executor
 from core.layout import IMAGE_EXTENSIONS, STATS_SUFFIX, shard_id_of, shard_name
 from core.tarreader import TarStreamError, iter_tar_files
 from shards.config import VerifyConfig
@@ -323,6 +324,11 @@ def plan_checks(folder: str) -> tuple[list[tuple], list[Finding], dict[str, Any]
     return tasks, findings, {"records": f"{{shard}}{STATS_SUFFIX} (no {MANIFEST})"}
 
 
+def check_task(task: tuple) -> ShardCheck:
+    """One unit of the executor: ``check_shard(*task)``."""
+    return check_shard(*task)
+
+
 def verify(cfg: VerifyConfig) -> dict[str, Any]:
     """Check the folder; return the findings and totals (``ok`` says whether all is well)."""
     if not storage.exists(cfg.folder):
@@ -330,7 +336,8 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
     tasks, findings, described = plan_checks(cfg.folder)
     if not tasks and not findings and described.get("manifest_samples") != 0:  # an empty dataset may be empty
         findings.append(Finding("missing", ".", "no shards here (no {shard}.tar, .parquet or _stats.json)"))
-    checks = list(map_processes(check_shard, tasks, cfg.workers, "verify", cfg.progress))
+    with Executor(cfg, desc="verify", unit="shard") as ex:
+        checks = list(ex.map(check_task, tasks, ordered=True))
     for check in checks:
         findings.extend(check.findings)
     counts = {kind: sum(1 for f in findings if f.kind == kind) for kind in KINDS}

@@ -23,11 +23,11 @@ from PIL import Image
 
 from _ingest_web import HostileWeb
 from core import storage
-from core.config import ConfigError, DataError, from_dict, parse_config
+from core.config import ConfigError, DataError, build_parser, from_dict, parse_config
+from core.executor import Progress
 from core.reasons import Reason
 from ingest import reader
 from ingest.config import IngestConfig
-from ingest.progress import Progress
 from ingest.reader import read_shards
 from ingest.run import run_ingest
 from ingest.shard_worker import download_shard
@@ -121,7 +121,7 @@ def test_webdataset_output_and_extra_hash_column(tmp_path, web):
 def test_multiprocessing_distributor_matches_inline(tmp_path, web, capfd):
     urls = url_list(tmp_path, web.base, rows=20)
     run_ingest(config(urls, str(tmp_path / "inline")))
-    summary = run_ingest(config(urls, str(tmp_path / "mp"), distributor="multiprocessing", processes_count=2,
+    summary = run_ingest(config(urls, str(tmp_path / "mp"), distributor="multiprocessing", workers=2,
                                 progress=True))
     assert summary.count == 20 and summary.shards_total == 4
     for shard in range(4):
@@ -140,12 +140,13 @@ def test_workers_report_progress_while_a_shard_is_in_flight(tmp_path, web):
     stats = download_shard(shard, cfg, lambda *counts: reports.append(counts))
     assert any(0 < count < 24 for _, count, _ in reports)  # reported before the shard finished
     assert [count for _, count, _ in reports] == sorted(count for _, count, _ in reports)
-    progress = Progress(total=24, enabled=False)
-    progress.shard_progress(*reports[0])
-    assert progress.counts == reports[0][1:]
-    progress.shard_done(stats)
-    progress.shard_progress(*reports[-1])  # a late report after the commit changes nothing
-    assert progress.counts == (24, 23)
+    # What ingest.run hands them to: the executor's bar, counting absolute counts per shard.
+    progress = Progress("ingest", unit="shard", item="sample", total=24, enabled=False)
+    progress.running(shard.shard_id, {"items": reports[0][1], "successes": reports[0][2]})
+    assert tuple(progress.totals.values()) == reports[0][1:]
+    progress.finished(shard.shard_id, {"items": stats["count"], "successes": stats["successes"]})
+    progress.running(shard.shard_id, {"items": reports[-1][1], "successes": reports[-1][2]})  # a late report
+    assert tuple(progress.totals.values()) == (24, 23)  # after the commit changes nothing
 
 
 # -- input formats ----------------------------------------------------------------------
@@ -245,6 +246,20 @@ def test_an_img2dataset_command_line_parses_with_its_meanings():
     assert cfg.fetch_config().disallowed_header_directives == () and cfg.max_aspect_ratio == 3.5
     assert parse_config(IngestConfig, ["--url_list", "x", "--output_folder", "y", "--compute_hash", "None"],
                         "ingest", "").hash_columns() == []
+
+
+def test_img2dataset_names_of_the_execution_options_are_aliases(tmp_path):
+    """processes_count, max_shard_retry, max_shards_in_flight: the shared workers, max_retries, max_in_flight."""
+    argv = ["--url_list", "x", "--output_folder", "y", "--processes_count", "16", "--max_shard_retry", "1",
+            "--max_shards_in_flight", "40", "--distributor", "multiprocessing"]
+    cfg = parse_config(IngestConfig, argv, "ingest", "")
+    assert (cfg.workers, cfg.max_retries, cfg.max_in_flight) == (16, 1, 40)
+    (tmp_path / "c.yaml").write_text("url_list: x\noutput_folder: y\nprocesses_count: 3\n")
+    assert parse_config(IngestConfig, ["--config", str(tmp_path / "c.yaml")], "ingest", "").workers == 3
+    assert parse_config(IngestConfig, ["--config", str(tmp_path / "c.yaml"), "--workers", "5"], "ingest", "").workers == 5
+    with pytest.raises(ConfigError, match="'processes_count' and 'workers' are the same option"):
+        from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "processes_count": 2, "workers": 3})
+    assert "--processes_count N" in build_parser(IngestConfig, "ingest", "").format_help()
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -424,7 +424,7 @@ def test_a_resumed_run_marks_the_same_rows(planned_run, web):
         if not path.name.startswith("00000") and not path.name.startswith("_"):
             path.unlink()
     before = len(web.paths())
-    summary = run_ingest(config(tmp / "lists", resumed, distributor="multiprocessing", processes_count=2))
+    summary = run_ingest(config(tmp / "lists", resumed, distributor="multiprocessing", workers=2))
     assert summary.shards_skipped == 1 and summary.count == len(planned_run["rows"])
     strip = ("duration", "start_time", "end_time")
     original, again = pool(tmp / "pool"), pool(resumed)

@@ -41,9 +41,9 @@ pytestmark = pytest.mark.integration
 def ingest_config(corpus_dir, output_folder, **overrides) -> IngestConfig:
     values = dict(
         url_list=str(corpus_dir / "urls.parquet"), input_format="parquet", url_col="url", caption_col="caption",
-        output_folder=output_folder, image_size=64, number_sample_per_shard=ROWS_PER_SHARD, processes_count=2,
+        output_folder=output_folder, image_size=64, number_sample_per_shard=ROWS_PER_SHARD, workers=2,
         thread_count=32, per_host_limit=32, timeout=INGEST_TIMEOUT_S, allow_networks=["127.0.0.1/32"],
-        progress=False,
+        progress=False, distributor="ray",
     )
     values.update(overrides)
     return IngestConfig(**values)
@@ -77,7 +77,8 @@ def s3_pipeline(small_corpus, s3_env):
     summary = run_ingest(ingest_config(corpus_dir, paths["pool"]))
     run_filter(FilterConfig(pool=paths["pool"], output_folder=paths["decisions"], progress=False))
     manifest = reshard(ShardsConfig(pool=paths["pool"], decisions=paths["decisions"],
-                                    output_folder=paths["train"], samples_per_shard=64, progress=False))
+                                    output_folder=paths["train"], samples_per_shard=64, distributor="ray",
+                                    progress=False))
     return {**paths, "summary": summary, "manifest": manifest}
 
 

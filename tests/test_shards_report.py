@@ -183,3 +183,26 @@ def test_an_img2dataset_folder_is_reported(tmp_path):
 def test_missing_inputs_are_named(tmp_path):
     with pytest.raises(SystemExit, match="no committed shards"):
         build_report(ReportConfig(pool=str(tmp_path), output_folder=str(tmp_path / "o"), progress=False))
+
+
+def test_report_and_verify_run_on_ray_with_the_same_results(built):
+    """The same numbers from Ray tasks as from local processes (a big pool is read by many machines)."""
+    import ray
+
+    from core.executor import init_ray
+    from shards.config import VerifyConfig
+    from shards.verify import verify
+
+    spec, root, report = built
+    started = init_ray(None, 2)  # one local instance for both
+    try:
+        on_ray = build_report(ReportConfig(pool=spec.pool, decisions=spec.decisions, train=str(root / "train"),
+                                           output_folder="/unused", distributor="ray", workers=2, progress=False))
+        checked = verify(VerifyConfig(folder=str(root / "train"), distributor="ray", progress=False))
+    finally:
+        if started:
+            ray.shutdown()
+    varying = ("generated_at", "duration_s", "datasheet")  # the datasheet: from the same numbers, dated
+    assert {k: v for k, v in on_ray.items() if k not in varying} == \
+        {k: v for k, v in report.items() if k not in varying}
+    assert checked["ok"] and checked["samples"] == report["funnel"][-1]["count"]
