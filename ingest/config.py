@@ -33,7 +33,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from core.config import ConfigError, at_least, one_of, option, require
+from core.config import ConfigError, at_least, one_of, option, problem, require
 from core.executor import Execution
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
@@ -136,27 +136,27 @@ class IngestConfig(Execution):
 
     def __post_init__(self) -> None:
         if not self.url_list:
-            raise ConfigError("url_list: required (a file or folder of URL lists)")
+            problem("url_list: required (a file or folder of URL lists)")
         require(self, "output_folder")
         one_of(self, "input_format", INPUT_FORMATS + _GZ_FORMATS)
         one_of(self, "output_format", OUTPUT_FORMATS)
         if self.distributor == "pyspark":
-            raise ConfigError("distributor='pyspark': not supported; use ray (a cluster via --ray_address)")
+            problem("distributor='pyspark': not supported; use ray (a cluster via --ray_address)")
         super().__post_init__()
         if self.incremental_mode not in ("incremental", "overwrite"):
-            raise ConfigError(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
+            problem(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
         self.compute_hash = (self.compute_hash or "none").lower()
         one_of(self, "compute_hash", HASHES)
         clashes = sorted(set(self.save_additional_columns) & set(POOL_SCHEMA.names + self.hash_columns()))
         if clashes:
-            raise ConfigError(
+            problem(
                 f"save_additional_columns: {clashes} clash with the pool's own columns "
                 f"({', '.join(POOL_SCHEMA.names)}); rename them in the input"
             )
         at_least(self, 1, "number_sample_per_shard", "thread_count", "per_host_limit", "max_bytes", "max_pixels")
         at_least(self, 0, "retries", "max_redirects", "min_image_size", "min_caption_chars", "min_caption_words")
         if not self.timeout > 0:
-            raise ConfigError(f"timeout={self.timeout}: must be a positive number of seconds")
+            problem(f"timeout={self.timeout}: must be a positive number of seconds")
         # Build the parts once so their own checks run now, before any work.
         self.resize_config()
         self.network_policy()
