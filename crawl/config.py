@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from core.config import ConfigError, at_least, one_of, option
+from core.config import ConfigError, at_least, one_of, option, problem
 from ingest.fetcher import FetchConfig
 from ingest.safety import NetworkPolicy
 
@@ -69,23 +69,23 @@ class CrawlConfig:
 
     def __post_init__(self) -> None:
         if not self.output_folder:
-            raise ConfigError("output_folder: required")
+            problem("output_folder: required")
         if not (self.seeds or self.seed_file or self.warc):
-            raise ConfigError("nothing to crawl: give --seeds, --seed_file and/or --warc")
+            problem("nothing to crawl: give --seeds, --seed_file and/or --warc")
         for seed in self.seeds:
             parts = urlsplit(seed)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"seeds: {seed!r} is not an absolute http(s) URL")
+                problem(f"seeds: {seed!r} is not an absolute http(s) URL")
         one_of(self, "distributor", DISTRIBUTORS)
         if self.incremental_mode not in ("incremental", "overwrite"):
-            raise ConfigError(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
+            problem(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
         at_least(self, 1, "max_pages", "concurrency", "max_page_bytes")
         at_least(self, 0, "max_depth", "retries", "max_redirects", "processes_count", "max_unit_retry")
         for name in ("delay", "max_crawl_delay"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)}: must be zero or more seconds")
+                problem(f"{name}={getattr(self, name)}: must be zero or more seconds")
         if not self.timeout > 0:
-            raise ConfigError(f"timeout={self.timeout}: must be a positive number of seconds")
+            problem(f"timeout={self.timeout}: must be a positive number of seconds")
         self.allowed_domains = [d.strip().lower().strip(".") for d in self.allowed_domains if d.strip()]
         self.network_policy()  # its own check, now
 

@@ -58,7 +58,7 @@ from tqdm import tqdm
 
 from core import storage
 from core.cluster import init_ray
-from core.config import ConfigError, at_least, option, parse_config, require, to_dict
+from core.config import ConfigError, at_least, option, parse_config, problem, require, to_dict
 from core.layout import committed_shards, shard_id_of, shard_name
 from train import checkpoint as ckpt
 from train import data as data_mod
@@ -115,20 +115,20 @@ class ClipScoreConfig:
     def __post_init__(self) -> None:
         require(self, "pool", "checkpoint", "output_folder")
         if _same_folder(self.pool, self.output_folder):
-            raise ConfigError(f"output_folder={self.output_folder!r}: is the pool; score files would replace "
+            problem(f"output_folder={self.output_folder!r}: is the pool; score files would replace "
                               "the pool's parquet files")  # fmt: skip
         if self.device not in DEVICES:
-            raise ConfigError(f"device={self.device!r}: use one of {', '.join(DEVICES)}")
+            problem(f"device={self.device!r}: use one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+            problem(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.device == "cpu" and self.precision in ("bf16", "fp16"):
-            raise ConfigError(f"precision={self.precision}: autocast is for GPUs; on CPU use fp32 (or auto)")
+            problem(f"precision={self.precision}: autocast is for GPUs; on CPU use fp32 (or auto)")
         if self.actors < -1:
-            raise ConfigError(f"actors={self.actors}: -1 (automatic), 0 (no Ray) or a positive count")
+            problem(f"actors={self.actors}: -1 (automatic), 0 (no Ray) or a positive count")
         if self.threads_per_actor < 0:
-            raise ConfigError(f"threads_per_actor={self.threads_per_actor}: 0 (automatic) or a positive count")
+            problem(f"threads_per_actor={self.threads_per_actor}: 0 (automatic) or a positive count")
         if not self.gpus_per_actor > 0:
-            raise ConfigError(f"gpus_per_actor={self.gpus_per_actor}: must be positive")
+            problem(f"gpus_per_actor={self.gpus_per_actor}: must be positive")
         at_least(self, 1, "batch_size", "max_image_pixels")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.cluster import DISTRIBUTORS
-from core.config import ConfigError, at_least, one_of, option, require
+from core.config import at_least, one_of, option, problem, require
 
 
 @dataclass
@@ -69,28 +69,28 @@ class FilterConfig:
 
     def __post_init__(self) -> None:
         if not self.pool:
-            raise ConfigError("pool: required (the folder ingest wrote)")
+            problem("pool: required (the folder ingest wrote)")
         require(self, "output_folder")
         one_of(self, "distributor", DISTRIBUTORS)
         at_least(self, 0, "min_image_size", "min_caption_chars", "min_caption_words", "workers", "near_dup_bands",
                  "near_dup_band_bits")
         if not self.max_aspect_ratio >= 1:
-            raise ConfigError(f"max_aspect_ratio={self.max_aspect_ratio}: must be at least 1")
+            problem(f"max_aspect_ratio={self.max_aspect_ratio}: must be at least 1")
         if not 0 <= self.near_dup_threshold < 64:
-            raise ConfigError(f"near_dup_threshold={self.near_dup_threshold}: must be in 0..63 (of 64 bits)")
+            problem(f"near_dup_threshold={self.near_dup_threshold}: must be in 0..63 (of 64 bits)")
         if self.near_dup_band_bits > 32:
-            raise ConfigError(f"near_dup_band_bits={self.near_dup_band_bits}: at most 32")
+            problem(f"near_dup_band_bits={self.near_dup_band_bits}: at most 32")
         if not 0 < self.near_dup_recall < 1:
-            raise ConfigError(f"near_dup_recall={self.near_dup_recall}: must be between 0 and 1")
+            problem(f"near_dup_recall={self.near_dup_recall}: must be between 0 and 1")
         if self.partition_rows < 1000:
-            raise ConfigError(f"partition_rows={self.partition_rows}: at least 1000")
+            problem(f"partition_rows={self.partition_rows}: at least 1000")
         if not 0 <= self.clip_top_fraction <= 1:
-            raise ConfigError(f"clip_top_fraction={self.clip_top_fraction}: must be in 0..1")
+            problem(f"clip_top_fraction={self.clip_top_fraction}: must be in 0..1")
         if (self.clip_top_fraction or self.clip_threshold is not None) and not self.clip_scores:
-            raise ConfigError("clip_threshold / clip_top_fraction need clip_scores "
+            problem("clip_threshold / clip_top_fraction need clip_scores "
                               "(run `python -m filter.clipscore` first)")
         if not 0 <= self.min_language_confidence <= 1:
-            raise ConfigError(f"min_language_confidence={self.min_language_confidence}: must be in 0..1")
+            problem(f"min_language_confidence={self.min_language_confidence}: must be in 0..1")
         self.languages = [code.strip().lower() for code in self.languages if code.strip()]
         if self.decontaminate_threshold < 0:
             self.decontaminate_threshold = self.near_dup_threshold

@@ -112,7 +112,7 @@ class IngestConfig(Execution):
     decode_margin: float = option(
         1.0,
         "decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) giving at least this many times the output "
-        "size: 1 is fastest; 1.5 costs ~50%% more decode CPU for a worst case on a par with a full decode; "
+        "size: 1 is fastest; 1.5 costs ~50% more decode CPU for a worst case on a par with a full decode; "
         "0 always decodes at full size",
     )
     max_redirects: int = option(5, "redirects followed per request; more is too_many_redirects")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from core import storage
-from core.config import ConfigError
+from core.errors import DataError
 from core.reasons import Reason
 
 INPUT_FORMATS = ("parquet", "csv", "tsv", "json", "jsonl", "txt")
@@ -67,12 +67,12 @@ def input_files(url_list: str, input_format: str) -> list[str]:
     fmt = input_format.removesuffix(".gz")
     fs, path = storage.filesystem(url_list)
     if not fs.exists(path):
-        raise ConfigError(f"url_list={url_list!r}: no such file or folder")
+        raise DataError(f"url_list={url_list!r}: no such file or folder")
     if not fs.isdir(path):
         return [url_list]
     files = [f for f in storage.list_files(url_list) if f.endswith(SUFFIXES[fmt])]
     if not files:
-        raise ConfigError(f"url_list={url_list!r}: no {fmt} files in this folder")
+        raise DataError(f"url_list={url_list!r}: no {fmt} files in this folder")
     return files
 
 
@@ -83,7 +83,7 @@ def _parquet_batches(path: str, columns: list[str]) -> Iterator[Batch]:
         names = parquet.schema_arrow.names
         missing = [c for c in columns if c not in names]
         if missing:
-            raise ConfigError(f"{path}: no column(s) {missing}; columns are {names}")
+            raise DataError(f"{path}: no column(s) {missing}; columns are {names}")
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(dict.fromkeys(columns))):
             yield {c: batch.column(c).to_pylist() for c in dict.fromkeys(columns)}
 
@@ -119,7 +119,7 @@ def _csv_rows(text: io.TextIOBase, path: str, columns: list[str], delimiter: str
     reader = csv.DictReader(text, delimiter=delimiter)
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
-        raise ConfigError(f"{path}: no column(s) {missing}; columns are {reader.fieldnames}")
+        raise DataError(f"{path}: no column(s) {missing}; columns are {reader.fieldnames}")
     yield from reader
 
 
@@ -162,8 +162,8 @@ def _json_array_rows(text: io.TextIOBase, path: str) -> Iterator[dict]:
         except json.JSONDecodeError as exc:
             if eof:
                 if position >= len(buffer):
-                    raise ConfigError(f"{path}: the JSON array is not closed with ']'") from None
-                raise ConfigError(f"{path}: not a valid JSON array near character {exc.pos}: {exc.msg}") from None
+                    raise DataError(f"{path}: the JSON array is not closed with ']'") from None
+                raise DataError(f"{path}: not a valid JSON array near character {exc.pos}: {exc.msg}") from None
             chunk = text.read(_JSON_CHUNK)
             eof = not chunk
             buffer = buffer[position:] + chunk

@@ -23,7 +23,7 @@ from PIL import Image
 
 from _ingest_web import HostileWeb
 from core import storage
-from core.config import ConfigError, from_dict, parse_config
+from core.config import ConfigError, DataError, from_dict, parse_config
 from core.executor import Progress
 from core.reasons import Reason
 from ingest import reader
@@ -191,7 +191,7 @@ def test_a_folder_mixing_plain_and_gz_files_reads_both(tmp_path):
 
 def test_broken_json_array_is_a_clear_error(tmp_path):
     (tmp_path / "list.json").write_text('[{"url": "http://a/1.jpg"}, {"url": ')
-    with pytest.raises(ConfigError, match="list.json"):
+    with pytest.raises(DataError, match="list.json"):
         list(read_shards(str(tmp_path / "list.json"), "json", "url", None, [], 10))
 
 

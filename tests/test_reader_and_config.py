@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core.config import ConfigError, from_dict, parse_config
+from core.config import ConfigError, DataError, from_dict, parse_config
 from core.layout import sample_key, shard_id_of
 from ingest.config import IngestConfig
 from ingest.reader import read_shards
@@ -44,7 +44,7 @@ def test_every_format_gives_the_same_shards(tmp_path, name, fmt):
 
 def test_missing_column_is_a_clear_error(tmp_path):
     write_inputs(tmp_path, [("http://a/1.jpg", "x y")])
-    with pytest.raises(ConfigError, match="no column.*'image_url'"):
+    with pytest.raises(DataError, match="no column.*'image_url'"):
         list(read_shards(str(tmp_path / "list.parquet"), "parquet", "image_url", None, [], 10))
 
 
@@ -65,7 +65,7 @@ def test_keys_are_deterministic_and_sortable():
 def test_config_errors_name_the_value(tmp_path, capsys):
     with pytest.raises(ConfigError, match="thread_count=0"):
         from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "thread_count": 0})
-    with pytest.raises(ConfigError, match="unknown option 'thread_cont'; did you mean 'thread_count'"):
+    with pytest.raises(ConfigError, match="unknown setting thread_cont; did you mean thread_count"):
         from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "thread_cont": 3})
     with pytest.raises(ConfigError, match="allow_networks"):
         from_dict(IngestConfig, {"url_list": "x", "output_folder": "y", "allow_networks": "300.1.1.1/8"})

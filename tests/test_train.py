@@ -124,10 +124,11 @@ def test_cli_reports_bad_values_before_any_work(tmp_path, capsys, shards_dir):
 
 
 def test_flat_flags_and_resume_flag_become_settings():
-    from train.__main__ import parse_args
+    from core.config import load_cli
+    from train.config import TrainConfig
 
-    args = parse_args(["--steps", "7", "--optim.lr=2e-3", "--data.resampled", "true", "--resume", "latest"])
-    config = load_config(None, args.overrides)
+    config, _ = load_cli(TrainConfig, ["--steps", "7", "--optim.lr=2e-3", "--data.resampled", "true", "--resume",
+                                       "latest"], "python -m train", "")
     assert (config.steps, config.optim.lr, config.data.resampled, config.resume) == (7, 2e-3, True, "latest")
 
 
