@@ -116,7 +116,7 @@ def config(pool: str, checkpoint: str, output: str, **overrides) -> ClipScoreCon
 def ray_scores(pool, checkpoint, tmp_path_factory) -> tuple[str, object]:
     """Scores from the Ray actor path, on a local Ray instance: 2 actors of 1 thread each."""
     output = str(tmp_path_factory.mktemp("scores") / "ray")
-    summary = run_clipscore(config(pool, checkpoint, output, actors=2, threads_per_actor=1))
+    summary = run_clipscore(config(pool, checkpoint, output, actors=2, threads_per_actor=1, distributor="ray"))
     return output, summary
 
 
@@ -185,13 +185,13 @@ def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ra
     assert summary.shards_scored_now == 0 and summary.samples == ray_scores[1].samples
     assert {p: os.stat(p).st_mtime_ns for p in paths} == before
 
-    os.remove(paths[1])
-    summary = run_clipscore(config(pool, checkpoint, output))
+    os.remove(paths[1])  # rescored in a local process of its own (the model loaded there)
+    summary = run_clipscore(config(pool, checkpoint, output, actors=None, distributor="processes"))
     assert summary.shards_scored_now == 1
     assert {p: os.stat(p).st_mtime_ns for p in paths if p != paths[1]} == {p: before[p] for p in paths if p != paths[1]}
     fresh, reference = read_all_scores(output), read_all_scores(ray_scores[0])
     assert fresh.keys() == reference.keys()
-    for k, (score, error) in reference.items():  # in-process, batch 4 == Ray actors, batch 4
+    for k, (score, error) in reference.items():  # a local process, batch 4 == Ray actors, batch 4
         assert fresh[k][1] == error
         assert (fresh[k][0] is None) == (score is None)
         if score is not None:
