@@ -38,7 +38,7 @@ from crawl.config import CrawlConfig
 from crawl.extract import resolve
 from crawl.output import STATS_FILE, CrawlStats, PairWriter, write_unit_stats
 from crawl.warc import warc_files
-from crawl.worker import Assignment, CrawlWorker, Frontier, Link, Outcome, host_of, owner_of
+from crawl.worker import Assignment, Budget, CrawlWorker, Frontier, Link, Outcome, host_of, owner_of
 
 SEEDS_MARKER = "seeds_stats.json"
 
@@ -106,36 +106,34 @@ def crawl_seeds(seeds: list[str], cfg: CrawlConfig) -> CrawlStats:
     domains = cfg.allowed_domains or sorted({host_of(url) for url in seeds})
     hosts = {host_of(url) for url in seeds}
     total = CrawlStats()
-    frontier = Frontier(cfg.max_pages, stats=total)  # crawl-wide: every URL scheduled, the budget left
+    budget = Budget(cfg.max_pages)  # the crawl's; each unit gets a share of what is left
     executor = Executor(cfg, desc="crawl", unit="unit", item="page", postfix=lambda t: {"pairs": t.get("pairs", 0)})
     with executor as ex:
         partitions = max(1, min(ex.workers, len(hosts)))
-        scheduled: list[set[str]] = [set() for _ in range(partitions)]  # by partition, for its units
-        robots: list[dict] = [{} for _ in range(partitions)]
+        frontiers = [Frontier(budget, set(), total) for _ in range(partitions)]  # every URL scheduled, by partition
+        robots: list[dict] = [{} for _ in range(partitions)]  # origin -> robots.txt policy, by partition
         handed_back, parts, rounds = [Link(url, 0) for url in seeds], 0, 0
         while handed_back:
             routed: dict[int, list[Link]] = {}
             for link in handed_back:
-                admitted = frontier.admit(link)
+                owner = owner_of(host_of(link.url), partitions)
+                admitted = frontiers[owner].admit(link)
                 if admitted:
-                    owner = owner_of(host_of(link.url), partitions)
                     routed.setdefault(owner, []).append(link)
-                    scheduled[owner].add(link.url)
                 elif admitted is None:  # the budget is spent, for good
                     total.count(Reason.PAGE_LIMIT.value)
             if not routed:
                 break
-            shares = _shares(frontier.budget, sorted(routed))
-            units = [Assignment(parts + i, p, partitions, routed[p], shares[p], set(scheduled[p]), dict(robots[p]))
+            shares = _shares(budget.left, sorted(routed))
+            units = [Assignment(parts + i, p, partitions, routed[p], shares[p], frontiers[p].scheduled, robots[p])
                      for i, p in enumerate(sorted(routed))]
             parts, rounds, handed_back = parts + len(units), rounds + 1, []
             run = ex.map(partial(crawl_seed_unit, cfg, domains), units, ordered=True, desc=f"crawl: round {rounds}")
             for outcome in run:  # in unit order: which links the budget admits next does not depend on timing
                 total.add(outcome.stats)
                 handed_back += outcome.links
-                frontier.scheduled.update(outcome.scheduled)
-                frontier.budget -= len(outcome.scheduled)
-                scheduled[outcome.partition].update(outcome.scheduled)
+                frontiers[outcome.partition].scheduled.update(outcome.scheduled)
+                budget.left -= len(outcome.scheduled)
                 robots[outcome.partition].update(outcome.robots)
     write_unit_stats(marker, total, seeds=seeds, domains=domains, workers=partitions, units=parts, rounds=rounds,
                      settings=output_settings(cfg))

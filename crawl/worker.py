@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -88,13 +87,19 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-class Frontier:
-    """Which URLs are scheduled, and how many more may be: the one rule, in the driver and in a unit."""
+@dataclass
+class Budget:
+    """URLs that may still be scheduled: one for the whole crawl in the driver, a share in a unit."""
 
-    def __init__(self, budget: int, scheduled: Iterable[str] = (), stats: CrawlStats | None = None):
-        self.budget = budget
-        self.scheduled = set(scheduled)
-        self.stats = stats if stats is not None else CrawlStats()
+    left: int
+
+
+class Frontier:
+    """Which URLs of a partition's hosts are scheduled, and whether the budget takes another:
+    the one rule, in the driver and in a unit. ``scheduled`` is the set it adds to."""
+
+    def __init__(self, budget: Budget, scheduled: set[str], stats: CrawlStats):
+        self.budget, self.scheduled, self.stats = budget, scheduled, stats
 
     def admit(self, link: Link) -> bool | None:
         """True: scheduled now; False: scheduled before; None: over the budget (nothing counted).
@@ -107,10 +112,10 @@ class Frontier:
                 self.stats.pages += 1
                 self.stats.count(Reason.DUP_URL.value)
             return False
-        if self.budget <= 0:
+        if self.budget.left <= 0:
             return None
         self.scheduled.add(link.url)
-        self.budget -= 1
+        self.budget.left -= 1
         self.stats.links_followed += 1
         return True
 
@@ -123,7 +128,7 @@ class CrawlWorker:
         self.assignment = assignment
         self.domains = tuple(domains)
         self.stats = CrawlStats()
-        self._frontier = Frontier(assignment.budget, assignment.scheduled, self.stats)
+        self._frontier = Frontier(Budget(assignment.budget), set(assignment.scheduled), self.stats)
         self._new: list[str] = []  # URLs scheduled here
         self._out: list[Link] = []  # links for the driver
         self._part_path = part_path
