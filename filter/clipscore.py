@@ -529,7 +529,8 @@ def _score(cfg: ClipScoreConfig, model_path: str, pending: list[int], skipped: i
                     failed[result.unit] = f"{type(result.error).__name__}: {result.error}"
                     log.error("shard %s: %s", shard_name(result.unit), failed[result.unit])
                     continue
-                info = info or result.pop("scorer")
+                scorer = result.pop("scorer")
+                info = info or scorer
                 totals.add(result)
         except SetupFailed as exc:  # the checkpoint, the model, the device
             raise ClipScoreError(f"the scoring workers could not start: {exc}") from None

@@ -91,7 +91,7 @@ def test_ray_crawl_of_two_hosts_and_an_archive_in_one_run(small_corpus, tmp_path
     token = f"crawl-ray-{uuid.uuid4().hex[:8]}"
     seeds = [base_url + START_PAGE, f"http://localhost:{port}/web/g4.html"]  # two host names: two workers
     stats = crawl(tmp_path / "out", seeds=seeds, warc=[str(tmp_path / "pages.warc.gz")], distributor="ray",
-                  processes_count=2, max_depth=1, delay=DELAY_S, user_agent_token=token)
+                  workers=2, max_depth=1, delay=DELAY_S, user_agent_token=token)
     from_ip, _, _ = expected(corpus_dir, "127.0.0.1", max_depth=1)
     from_name, _, _ = expected(corpus_dir, "localhost", max_depth=1, start="/web/g4.html", start_depth=1)
     parts = sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
@@ -305,6 +305,12 @@ def test_a_unit_waits_the_delay_before_its_first_request_to_a_host():
     clock["now"] = 200.0
     scheduler.push("c", "c1")  # a host first met long after the unit started: no wait
     assert scheduler.pop_ready() == ("c", "c1")
+
+
+def test_the_former_option_names_still_run(tmp_path):
+    cfg = from_dict(CrawlConfig, {"output_folder": str(tmp_path), "seeds": ["http://x/"], "processes_count": 3,
+                                  "max_unit_retry": 1})
+    assert (cfg.workers, cfg.max_retries, cfg.distributor) == (3, 1, "auto")
 
 
 def test_config_errors_name_the_option(tmp_path):
