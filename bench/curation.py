@@ -5,7 +5,7 @@ first), each step as the command a user would type:
 
     1. basic filter     every rule but the CLIP score → decisions, train shards
     2. bootstrap model  trained on the basic-filtered shards
-    3. CLIP scores      of every pool sample under the bootstrap model (Ray actors)
+    3. CLIP scores      of every pool sample under the bootstrap model (a worker pool, the model loaded once per worker)
     4. full filter      basic + CLIP score (top fraction) → decisions, graded against the
                         corpus's ground truth: mismatched captions removed, correct kept,
                         near duplicates found

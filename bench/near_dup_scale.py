@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from bench.measure import save_result, tree_pids
 from filter.config import FilterConfig
 from filter.facts import FACT_SCHEMA
-from filter.run import _OnRay, near_duplicate_pass
+from core.executor import Executor
+from filter.run import near_duplicate_pass
 
 
 def write_facts(work: str, rows: int, shards: int, planted_share: float, threshold: int, seed: int) -> tuple[list[int], dict]:
@@ -109,17 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         shard_ids, planted = write_facts(work, args.rows, args.shards, args.planted, args.threshold, args.seed)
         print(f"wrote {args.rows:,} fact rows ({len(planted):,} planted copies) in {time.time() - start:.0f}s",
               flush=True)
-        cfg = FilterConfig(pool="-", output_folder="-", workers=args.workers, partition_rows=args.partition_rows,
-                           near_dup_threshold=args.threshold, progress=sys.stderr.isatty())
-        runner = _OnRay(cfg)
-        try:
+        cfg = FilterConfig(pool="-", output_folder="-", distributor="ray", workers=args.workers,
+                           partition_rows=args.partition_rows, near_dup_threshold=args.threshold)
+        with Executor(cfg, desc="filter") as ex:
             with PeakMemory() as memory:
                 start = time.time()
-                (rejected, keepers), info = near_duplicate_pass(cfg, runner, work, shard_ids,
+                (rejected, keepers), info = near_duplicate_pass(cfg, ex, work, shard_ids,
                                                                 np.empty(0, np.int64), args.rows)
                 seconds = time.time() - start
-        finally:
-            runner.close()
         caught = set(rejected.tolist())
         recall = sum(1 for r in planted if r in caught) / max(1, len(planted))
         result = {

@@ -269,8 +269,8 @@ class _Inline:
         pass
 
 
-def _process_main(conn, setup) -> None:
-    """A worker process: set up once, then run the units it is sent until told to stop."""
+def _process_main(conn, fn, setup) -> None:
+    """A worker process: set up once, then run ``fn`` on the units it is sent until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
     state = _setup_state(setup)
     while True:
@@ -280,7 +280,7 @@ def _process_main(conn, setup) -> None:
             return
         if message is None:
             return
-        index, fn, unit, live = message
+        index, unit, live = message
         send = (lambda counts: conn.send(("progress", index, counts))) if live else None
         try:
             if isinstance(state, SetupFailed):
@@ -296,7 +296,11 @@ def _process_main(conn, setup) -> None:
 
 
 class _Processes:
-    """Up to ``size`` spawned processes (no fork of a driver holding threads), one unit each at a time."""
+    """Up to ``size`` spawned processes (no fork of a driver holding threads), one unit each at a time.
+
+    ``fn`` travels once to each process, at its start, not with every unit: a large value
+    bound into it (``functools.partial``) is pickled once per process.
+    """
 
     def __init__(self, size: int, fn, setup, on_progress, live: bool):
         self.size, self.fn, self.setup, self.on_progress, self.live = size, fn, setup, on_progress, live
@@ -311,16 +315,16 @@ class _Processes:
         while self.idle:
             conn, process = self.idle.pop()
             try:
-                conn.send((index, self.fn, unit, self.live))
+                conn.send((index, unit, self.live))
                 self.busy[conn] = (process, index)
                 return
             except OSError:  # it died while idle
                 process.join()
         conn, child = self.context.Pipe()
-        process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
+        process = self.context.Process(target=_process_main, args=(child, self.fn, self.setup), daemon=True)
         process.start()
         child.close()
-        conn.send((index, self.fn, unit, self.live))
+        conn.send((index, unit, self.live))
         self.busy[conn] = (process, index)
 
     def wait(self, timeout: float) -> list:
@@ -553,10 +557,15 @@ class Executor:
         self._open.append(running)
         return running
 
+    def runs_inline(self, units: Iterable | None = None, workers: int = 0) -> bool:
+        """Whether ``map(fn, units, workers=workers)`` runs in this process: distributor inline, or
+        auto with one worker or one unit (a process would only cost its start)."""
+        one = (workers or self.workers) == 1 or (isinstance(units, Sized) and len(units) <= 1)
+        return self.distributor == "inline" or (self.auto and self.distributor == "processes" and one)
+
     def _backend(self, fn, units, setup, workers: int, ray_options, on_progress):
         size = workers or self.workers
-        one_unit = isinstance(units, Sized) and len(units) <= 1
-        if self.distributor == "inline" or (self.auto and self.distributor == "processes" and one_unit):
+        if self.runs_inline(units, workers):
             return _Inline(fn, setup, on_progress)
         if self.distributor == "processes":
             return _Processes(size, fn, setup, on_progress, self.show)
@@ -565,7 +574,7 @@ class Executor:
     def _map(self, fn, units, setup, ordered, keep_going, workers, ray_options, desc) -> Iterator[Any]:
         total = self.total
         if total is None and not self.item and isinstance(units, Sized):
-            total = len(units)
+            total = len(units) + len(self._skipped)  # units found done count as done
         progress = self._progress = Progress(desc or self.desc, self.unit, self.item, total, self.show, self.postfix)
         for counts in self._skipped:
             progress.add(counts)

@@ -17,7 +17,8 @@ page and its <base>. data: URIs, meaningless alt texts ("", "image", "logo",
 
 Inputs, either or both:
   --warc FILES/FOLDERS   WARC or WAT archives (.gz too), local or s3://, streamed;
-                         one Ray task per file, each file resumable on its own
+                         one unit per file (a local process, or a Ray task on a
+                         cluster), each file resumable on its own
   --seeds URLS / --seed_file FILE
                          a polite crawl: robots.txt fetched once per host and
                          honoured, --delay seconds between requests to a host (a
@@ -40,6 +41,12 @@ examples:
   python -m crawl --seeds https://example.org/ --max_depth 2 --delay 2 \\
       --user_agent_token "mylab (mailto:me@example.org)" --output_folder urls/
   python -m crawl --config configs/demo/crawl.yaml
+
+Where units run are the options every stage shares (--distributor, --workers,
+--max_retries, --max_in_flight, --ray_address, --progress): local processes on one
+machine, Ray tasks given a cluster (--ray_address, RAY_ADDRESS or --distributor ray);
+--processes_count and --max_unit_retry are still accepted for --workers and
+--max_retries.
 """
 
 

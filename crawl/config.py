@@ -2,27 +2,37 @@
 
 Names follow ingest where the meaning is the same (``output_folder``,
 ``allow_networks``, ``user_agent_token``, ``timeout``, ``retries``,
-``max_redirects``, ``processes_count``, ``distributor``, ``ray_address``,
-``incremental_mode``, ``progress``), so one habit serves both stages.
+``max_redirects``, ``incremental_mode``), so one habit serves both stages; where
+units run is ``core.executor.Execution``, the options every stage shares
+(``distributor``, ``workers``, ``max_retries``, ``max_in_flight``, ``ray_address``,
+``progress``), with the crawl's former names for two of them accepted (``ALIASES``):
+``processes_count`` = workers, ``max_unit_retry`` = max_retries.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import urlsplit
 
-from core.config import ConfigError, at_least, one_of, option, problem
+from core.config import ConfigError, at_least, option, problem
+from core.executor import Execution
 from ingest.fetcher import FetchConfig
 from ingest.safety import NetworkPolicy
 
-DISTRIBUTORS = ("ray", "inline")
 DEFAULT_DIRECTIVES = ["noai", "noimageai", "noindex", "noimageindex"]
 ROBOTS_MAX_BYTES = 512 * 1024  # RFC 9309 asks crawlers to read at least 500 KiB
 
 
 @dataclass
-class CrawlConfig:
+class CrawlConfig(Execution):
+    ALIASES: ClassVar[dict[str, str]] = {"processes_count": "workers", "max_unit_retry": "max_retries"}
+
+    workers: int = option(
+        0, "units run at once, one CPU each: WARC files read, and partitions of the seed crawl's hosts "
+        "(0: one per CPU of this machine, or of the Ray cluster)"
+    )
     seeds: list[str] = option([], "seed page URLs to crawl from (comma-separated or '[\"u1\",\"u2\"]')")
     seed_file: str = option("", "a text file of seed URLs, one per line (local or s3://); added to --seeds")
     warc: list[str] = option(
@@ -56,18 +66,12 @@ class CrawlConfig:
         DEFAULT_DIRECTIVES,
         "X-Robots-Tag and <meta name=robots> directives that opt a page's images out; '[]' honours none",
     )
-    processes_count: int = option(
-        0, "crawl workers (seeds) and WARC files read at once, one CPU each (0: one per CPU)"
-    )
-    distributor: str = option("ray", "ray: Ray tasks and actors (local instance or ray_address); inline: this process")
-    ray_address: str | None = option(None, "Ray cluster address (none: RAY_ADDRESS if set, else a local instance)")
-    max_unit_retry: int = option(3, "times a WARC file whose worker died or failed is read again")
     incremental_mode: str = option(
         "incremental", "incremental: skip WARC files (and a seed crawl) already committed; overwrite: start afresh"
     )
-    progress: bool | None = option(None, "progress bar on stderr (none: only when stderr is a terminal)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.output_folder:
             problem("output_folder: required")
         if not (self.seeds or self.seed_file or self.warc):
@@ -76,11 +80,10 @@ class CrawlConfig:
             parts = urlsplit(seed)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 problem(f"seeds: {seed!r} is not an absolute http(s) URL")
-        one_of(self, "distributor", DISTRIBUTORS)
         if self.incremental_mode not in ("incremental", "overwrite"):
             problem(f"incremental_mode={self.incremental_mode!r}: choose incremental or overwrite")
         at_least(self, 1, "max_pages", "concurrency", "max_page_bytes")
-        at_least(self, 0, "max_depth", "retries", "max_redirects", "processes_count", "max_unit_retry")
+        at_least(self, 0, "max_depth", "retries", "max_redirects")
         for name in ("delay", "max_crawl_delay"):
             if getattr(self, name) < 0:
                 problem(f"{name}={getattr(self, name)}: must be zero or more seconds")

@@ -1,6 +1,6 @@
 """The crawl's output: parquet part files of pairs, and counts that explain the rest.
 
-Each unit of work (one WARC file, or one crawl worker's share of a seed crawl)
+Each unit of work (one WARC file, or one partition's round of a seed crawl)
 writes one part file, streamed a row group at a time (memory: one row group,
 whatever the archive's size) and visible only once complete (``atomic_write``:
 rename locally, one completed upload on S3). A unit's ``*_stats.json`` is written

@@ -10,6 +10,11 @@ and cost no pause.
 Hosts wait in a heap by the time they become ready, so picking the next URL costs
 O(log hosts) whatever the number of hosts. Pure and synchronous, with the clock
 passed in: the async worker drives it, and tests drive it with a fake clock.
+
+A scheduler that cannot know when a host was last requested (a crawl unit: the one
+before it, or a failed try of itself, may have just requested it) is made with
+``since``, the time it took over: each host's first request then waits its delay from
+``since``, as if a request had just ended.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ class _Host(Generic[T]):
 
 
 class HostScheduler(Generic[T]):
-    def __init__(self, delay: float, clock: Callable[[], float]):
+    def __init__(self, delay: float, clock: Callable[[], float], since: float | None = None):
         self.default_delay = delay
         self._clock = clock
+        self._since = since
         self._hosts: dict[str, _Host[T]] = {}
         self._heap: list[tuple[float, int, str]] = []
         self._order = itertools.count()
@@ -46,7 +52,12 @@ class HostScheduler(Generic[T]):
         state = self._hosts.get(host)
         if state is None:
             state = self._hosts[host] = _Host(delay=self.default_delay)
+            self._rest(state)
         return state
+
+    def _rest(self, state: _Host[T]) -> None:
+        if self._since is not None:
+            state.ready_at = max(state.ready_at, self._since + state.delay)
 
     def _schedule(self, host: str, state: _Host[T]) -> None:
         if state.queue and not state.busy and not state.in_heap:
@@ -60,7 +71,11 @@ class HostScheduler(Generic[T]):
         self._schedule(host, state)
 
     def set_delay(self, host: str, delay: float) -> None:
-        self._host(host).delay = delay
+        """From the host's next pause on (before its first request, with ``since``: from its first)."""
+        state = self._host(host)
+        state.delay = delay
+        if not state.in_heap:  # a host waiting in the heap keeps its turn
+            self._rest(state)
 
     def pop_ready(self) -> tuple[str, T] | None:
         """A URL of a host that may be contacted now (the host is then busy), or None."""

@@ -1,19 +1,23 @@
-"""A crawl worker: the hosts it owns, crawled politely, pairs into its own part file.
+"""A seed-crawl unit: one partition's hosts, crawled politely until nothing is left to do.
 
-Every host belongs to exactly one worker (``owner_of``: a stable hash of the host
-name), so its queue, its robots.txt and the time of its last request live in one
-place, and the per-host delay holds however many workers run. Inline it runs in the
-driver's event loop; on Ray it is an async actor (one CPU): the same class, the same
-methods.
-
-The driver talks to it in ``step`` calls: hand over the URLs it routed here, get
-back the links found since the last call (already checked for scope and depth) and
-whether the worker has gone idle. Between calls the worker keeps crawling.
+Every host belongs to exactly one partition (``owner_of``: a stable hash of the host
+name), and a partition to one unit at a time, so the host's queue and the pause
+between its requests live in one place, and the per-host delay holds however many
+units run. crawl/run.py runs a seed crawl in rounds of such units on ``core.executor``
+(inline, local processes or Ray tasks): a unit is handed the links of its partition
+that the driver admitted (``Assignment``), crawls them and, at once, the links it
+finds to its own hosts, up to its share of the page budget; what it cannot take — links
+to other partitions' hosts, links over its budget — goes back to the driver
+(``Outcome``), which routes them into the next round. What a partition learnt (the
+URLs it scheduled, its origins' robots.txt) travels with its next assignment, so
+robots.txt is fetched once per origin and a URL scheduled once per crawl.
 
 For each URL, in order: robots.txt of its origin (fetched once, as the host's first
 request; its Crawl-delay raises the host's delay), the robots rules, then the page
-through ``fetch.PageClient``; a redirect target goes back to the driver as a new
-link of the same depth, one hop further.
+through ``fetch.PageClient``; a redirect target is routed like a found link, of the
+same depth, one hop further. A unit's first request to a host waits the host's delay
+(``HostScheduler(since=...)``): the request before it may have been the previous
+round's, or a failed try's of this very unit.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from core.executor import report
 from core.reasons import Reason, SampleError
 from crawl.config import CrawlConfig
 from crawl.fetch import PageClient
@@ -31,9 +36,6 @@ from crawl.output import CrawlStats, PairWriter
 from crawl.page import read_page
 from crawl.politeness import HostScheduler
 from crawl.robots import ALLOW_ALL, RobotsPolicy
-
-STEP_SECONDS = 0.5  # longest a step call waits for news before answering
-STEP_LINKS = 500  # a step answers early once this many links are waiting
 
 
 @dataclass(frozen=True)
@@ -43,21 +45,37 @@ class Link:
     hops: int = 0  # redirect hops that led to this URL
 
 
-@dataclass(frozen=True)
-class StepReport:
-    links: list[Link]
-    idle: bool  # nothing queued, nothing in flight
-    pages: int  # pages decided so far (fetched or refused), for progress
-    pairs: int
+@dataclass
+class Assignment:
+    """One unit of a seed crawl: a partition's links for this round, and what it learnt before."""
+
+    part: int  # the unit's number: its part file is seeds-{part:05d}.parquet
+    partition: int
+    partitions: int
+    links: list[Link]  # admitted by the driver: each is crawled
+    budget: int  # URLs this unit may schedule itself, beyond ``links``
+    scheduled: set[str] = field(default_factory=set)  # its hosts' URLs scheduled before (``links`` included)
+    robots: dict[str, RobotsPolicy] = field(default_factory=dict)  # origin -> policy, fetched before
+
+
+@dataclass
+class Outcome:
+    """What a unit hands back: its counts, the links for the driver, and what it learnt."""
+
+    partition: int
+    stats: dict
+    links: list[Link]  # to other partitions' hosts, or over this unit's budget
+    scheduled: list[str]  # URLs this unit scheduled itself
+    robots: dict[str, RobotsPolicy]  # policies it fetched
 
 
 def host_of(url: str) -> str:
     return (urlsplit(url).hostname or "").lower()
 
 
-def owner_of(host: str, workers: int) -> int:
-    """The worker that owns ``host``: stable across processes and runs (not Python's salted hash)."""
-    return zlib.crc32(host.encode("utf-8", "replace")) % workers
+def owner_of(host: str, partitions: int) -> int:
+    """The partition that owns ``host``: stable across processes and runs (not Python's salted hash)."""
+    return zlib.crc32(host.encode("utf-8", "replace")) % partitions
 
 
 def in_scope(host: str, domains: tuple[str, ...]) -> bool:
@@ -69,93 +87,113 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+@dataclass
+class Budget:
+    """URLs that may still be scheduled: one for the whole crawl in the driver, a share in a unit."""
+
+    left: int
+
+
+class Frontier:
+    """Which URLs of a partition's hosts are scheduled, and whether the budget takes another:
+    the one rule, in the driver and in a unit. ``scheduled`` is the set it adds to."""
+
+    def __init__(self, budget: Budget, scheduled: set[str], stats: CrawlStats):
+        self.budget, self.scheduled, self.stats = budget, scheduled, stats
+
+    def admit(self, link: Link) -> bool | None:
+        """True: scheduled now; False: scheduled before; None: over the budget (nothing counted).
+
+        A redirect whose target was already scheduled ends its page as ``dup_url``: the
+        target is (or was) crawled on its own, and a redirect loop ends at its first repeat.
+        """
+        if link.url in self.scheduled:
+            if link.hops:  # a redirect to a URL already scheduled (a loop, or a known page): its page ends here
+                self.stats.pages += 1
+                self.stats.count(Reason.DUP_URL.value)
+            return False
+        if self.budget.left <= 0:
+            return None
+        self.scheduled.add(link.url)
+        self.budget.left -= 1
+        self.stats.links_followed += 1
+        return True
+
+
 class CrawlWorker:
-    def __init__(self, cfg: CrawlConfig, worker_id: int, part_path: str, domains: list[str]):
+    """Crawls one ``Assignment`` into its part file: ``Outcome = await CrawlWorker(...).crawl()``."""
+
+    def __init__(self, cfg: CrawlConfig, assignment: Assignment, part_path: str, domains: list[str]):
         self.cfg = cfg
-        self.worker_id = worker_id
+        self.assignment = assignment
         self.domains = tuple(domains)
         self.stats = CrawlStats()
-        self._writer = PairWriter(part_path)
-        self._scheduler: HostScheduler[Link] = HostScheduler(cfg.delay, time.monotonic)
+        self._frontier = Frontier(Budget(assignment.budget), set(assignment.scheduled), self.stats)
+        self._new: list[str] = []  # URLs scheduled here
+        self._out: list[Link] = []  # links for the driver
+        self._part_path = part_path
+        self._scheduler: HostScheduler[Link] = HostScheduler(cfg.delay, time.monotonic, since=time.monotonic())
         self._robots: dict[str, RobotsPolicy] = {}
+        for origin, policy in assignment.robots.items():
+            self._learn(origin, policy)
         self._client: PageClient | None = None
-        self._outbox: list[Link] = []
+        self._writer: PairWriter | None = None
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
-        self._runner: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None  # made in the running loop
-        self._news: asyncio.Event | None = None
         self._failure: BaseException | None = None
 
-    # -- the driver's side -----------------------------------------------------------
-
-    async def step(self, links: list[Link]) -> StepReport:
-        """Take ``links``, crawl for up to STEP_SECONDS, report what was found."""
-        if self._runner is None:
-            self._wake, self._news = asyncio.Event(), asyncio.Event()
-            self._client = await PageClient(self.cfg).__aenter__()
-            self._runner = asyncio.create_task(self._run())
-        for link in links:
-            self._scheduler.push(host_of(link.url), link)
-        self._wake.set()
-        deadline = asyncio.get_running_loop().time() + STEP_SECONDS
-        while self._failure is None and not self._idle() and len(self._outbox) < STEP_LINKS:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                break
-            self._news.clear()
-            try:
-                await asyncio.wait_for(self._news.wait(), remaining)
-            except TimeoutError:
-                break
-        if self._failure is not None:
-            raise RuntimeError(f"crawl worker {self.worker_id} failed") from self._failure
-        links, self._outbox = self._outbox, []
-        return StepReport(links, self._idle(), self.stats.pages, self.stats.pairs)
-
-    async def finish(self, commit: bool = True) -> dict:
-        """Stop, commit the part file (or drop it), and hand back this worker's counts."""
-        if self._runner is not None:
-            self._runner.cancel()
+    async def crawl(self) -> Outcome:
+        """Crawl until nothing is queued or in flight; commit the part file (or leave none) and report."""
+        self._wake = asyncio.Event()
+        self._writer = PairWriter(self._part_path)
+        try:
+            async with PageClient(self.cfg) as self._client:
+                for link in self.assignment.links:
+                    self._scheduler.push(host_of(link.url), link)
+                await self._run()
+        except BaseException:
             for task in list(self._tasks):
                 task.cancel()
-            await asyncio.gather(self._runner, *self._tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.__aexit__(None, None, None)
-        if commit and self._failure is None:
-            self._writer.close()
-        else:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             self._writer.abort()
-        return self.stats.to_dict()
+            raise
+        self._writer.close()
+        report(self.stats.pages, pairs=self.stats.pairs)
+        learnt = {o: p for o, p in self._robots.items() if o not in self.assignment.robots}
+        return Outcome(self.assignment.partition, self.stats.to_dict(), self._out, self._new, learnt)
 
     def _idle(self) -> bool:
         return self._scheduler.queued == 0 and self._in_flight == 0
 
+    def _learn(self, origin: str, policy: RobotsPolicy) -> None:
+        """An origin's robots.txt policy; its Crawl-delay, when honoured, raises the host's delay."""
+        self._robots[origin] = policy
+        if policy.crawl_delay is not None and policy.crawl_delay <= self.cfg.max_crawl_delay:
+            self._scheduler.set_delay(host_of(origin), max(self.cfg.delay, policy.crawl_delay))
+
     # -- the crawl loop ----------------------------------------------------------------
 
     async def _run(self) -> None:
-        try:
-            while True:
-                timeout = None
-                if self._in_flight < self.cfg.concurrency:
-                    ready = self._scheduler.pop_ready()
-                    if ready is not None:
-                        self._in_flight += 1
-                        task = asyncio.create_task(self._visit(*ready))
-                        self._tasks.add(task)
-                        task.add_done_callback(self._tasks.discard)
-                        continue
-                    timeout = self._scheduler.seconds_until_ready()
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
-                except TimeoutError:
-                    pass
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # a bug: surface it at the next step, never hang
-            self._failure = exc
-            self._news.set()
+        while self._failure is None:
+            timeout = None
+            if self._in_flight < self.cfg.concurrency:
+                ready = self._scheduler.pop_ready()
+                if ready is not None:
+                    self._in_flight += 1
+                    task = asyncio.create_task(self._visit(*ready))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    continue
+                if self._idle():
+                    return
+                timeout = self._scheduler.seconds_until_ready()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+        raise RuntimeError(f"crawl unit {self.assignment.part} failed") from self._failure
 
     async def _visit(self, host: str, link: Link) -> None:
         requested = False
@@ -164,9 +202,7 @@ class CrawlWorker:
             if policy is None:  # this host's first request is its robots.txt; the page waits its turn
                 requested = True
                 self.stats.requests += 1
-                policy = self._robots[_origin(link.url)] = await self._client.robots(link.url)
-                if policy.crawl_delay is not None and policy.crawl_delay <= self.cfg.max_crawl_delay:
-                    self._scheduler.set_delay(host, max(self.cfg.delay, policy.crawl_delay))
+                self._learn(_origin(link.url), await self._client.robots(link.url))
                 self._scheduler.push(host, link, front=True)
                 return
             refusal = self._refusal(policy, link)
@@ -197,13 +233,13 @@ class CrawlWorker:
             self.stats.count(error.reason.value)
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:
+        except BaseException as exc:  # a bug: the unit fails (and is retried), never hangs
             self._failure = exc
         finally:
             self._scheduler.release(host, requested=requested)
             self._in_flight -= 1
             self._wake.set()
-            self._news.set()
+            report(self.stats.pages, pairs=self.stats.pairs)
 
     def _refusal(self, policy: RobotsPolicy, link: Link) -> SampleError | None:
         if policy.blocked is not None:
@@ -220,13 +256,23 @@ class CrawlWorker:
         self._offer(location, link.depth, link.hops + 1, redirect=True)
 
     def _offer(self, url: str, depth: int, hops: int = 0, *, redirect: bool = False) -> None:
-        """A link found (or a redirect target): checked here for scope and depth, routed by the driver."""
+        """A link found (or a redirect target): checked for scope and depth, then crawled here or handed back."""
         if not in_scope(host_of(url), self.domains):
             if redirect:  # the page itself ends here
                 raise SampleError(Reason.OUT_OF_SCOPE, url)
             self.stats.count(Reason.OUT_OF_SCOPE.value)
-        elif depth > self.cfg.max_depth:
+            return
+        if depth > self.cfg.max_depth:
             self.stats.count(Reason.DEPTH_LIMIT.value)
-        else:
-            self._outbox.append(Link(url, depth, hops))
-            self._news.set()
+            return
+        link = Link(url, depth, hops)
+        host = host_of(url)
+        if owner_of(host, self.assignment.partitions) != self.assignment.partition:
+            self._out.append(link)  # another partition's host
+            return
+        admitted = self._frontier.admit(link)
+        if admitted:
+            self._new.append(url)
+            self._scheduler.push(host, link)
+        elif admitted is None:
+            self._out.append(link)  # over this unit's share of the budget: another unit's may be left

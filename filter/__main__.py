@@ -11,12 +11,12 @@ from filter.run import run_filter
 DESCRIPTION = """\
 Decide keep / reject for every pool row, with the first failing reason (see
 filter/rules.py for the order), from the pool's parquet metadata only — no image is
-decoded. Runs on Ray (a local instance, or the cluster at --ray_address /
-RAY_ADDRESS): per-shard rules, then global passes over all shards — URL dedupe,
-the CLIP-score rule (scores from `python -m filter.clipscore`), exact dedupe by
-sha256 and near-duplicate dedupe by pHash (banded LSH, Hamming threshold) — each
-keeping the first acceptable copy in key order, so decisions do not depend on the
-number of workers. Writes {shard}.parquet (key, keep, reason, dup_of, scores) in
+decoded. Runs in local processes, or as Ray tasks given a cluster (--ray_address,
+RAY_ADDRESS or --distributor ray): per-shard rules, then global passes over all
+shards — URL dedupe, the CLIP-score rule (scores from `python -m filter.clipscore`),
+exact dedupe by sha256 and near-duplicate dedupe by pHash (banded LSH, Hamming
+threshold) — each keeping the first acceptable copy in key order, so decisions do
+not depend on the number of workers. Writes {shard}.parquet (key, keep, reason, dup_of, scores) in
 --output_folder and _filter_stats.json (counts per reason, the LSH plan) last.
 """
 

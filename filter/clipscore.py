@@ -24,10 +24,12 @@ Why it is built this way:
   mean and std, captions read by ``train.data.decode_caption`` and tokenised by the
   model's tokenizer: a score measures what the model saw in training, and the two
   cannot drift apart.
-* **A pool of Ray actors, the shard as the unit of work.** Each actor loads the model
-  once and scores whole shards, one at a time: one actor per GPU (bf16 autocast) when
-  the cluster has GPUs, else one per CPU less one, each with its share of torch threads.
-  Within an actor the next batch is read and decoded while the model runs on this one.
+* **A pool of workers, the shard as the unit of work.** ``core.executor``'s actor pool:
+  each worker (a Ray actor, a local process, or this process) loads the model once
+  (``setup``) and scores whole shards, one at a time: one per GPU (bf16 autocast) when
+  there are GPUs, else one per CPU less one, each with its share of torch threads; a
+  worker that dies is replaced and its shard scored again. Within a worker the next
+  batch is read and decoded while the model runs on this one.
 * **Resumable, and never mixed.** Each score file is written atomically and names the
   checkpoint that produced it in its parquet metadata; a rerun skips the files it
   finds, recomputes missing ones, and refuses a folder holding another checkpoint's.
@@ -43,10 +45,11 @@ import logging
 import os
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from typing import Any, NamedTuple
 
@@ -54,12 +57,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from core import storage
-from core.cluster import init_ray
 from core.config import ConfigError, at_least, option, parse_config, problem, require, to_dict
 from core.device import prepare as prepare_device
+from core.executor import Execution, Executor, Failed, SetupFailed
 from core.layout import committed_shards, shard_id_of, shard_name
 from train import checkpoint as ckpt
 from train import data as data_mod
@@ -85,7 +87,13 @@ def score_path(output_folder: str, shard_id: int) -> str:
 
 
 @dataclass
-class ClipScoreConfig:
+class ClipScoreConfig(Execution):
+    """The scorer's options, and where it runs (``Execution``'s options, ``workers`` sized for a model)."""
+
+    workers: int = option(
+        0, "scoring workers, each loading the model once: 0 = one per GPU (/ gpus_per_actor) when there are "
+        "GPUs and device allows, else one per CPU less one"
+    )  # fmt: skip
     pool: str = option("", "pool folder written by ingest, webdataset layout (local or s3://)")
     checkpoint: str = option(
         "", "webclip checkpoint: a step_*.pt model file, or a checkpoint folder whose latest.json is "
@@ -100,20 +108,20 @@ class ClipScoreConfig:
         "", "extra open_clip model JSON to register, for an architecture outside train/model_configs "
         "whose run config.yaml is not beside the checkpoint folder"
     )  # fmt: skip
-    actors: int = option(
-        -1, "scoring actors: -1 = one per GPU (/ gpus_per_actor) when the Ray cluster has GPUs and "
-        "device allows, else one per CPU less one; 0 = score in this process, without Ray (debugging)"
+    actors: int | None = option(
+        None, "the old name of workers, kept for its command lines: -1 = --workers 0 (automatic), "
+        "0 = --distributor inline (in this process), N = --workers N"
     )  # fmt: skip
-    threads_per_actor: int = option(0, "torch and decode threads per actor; 0 = the cluster's CPUs / actors")
+    threads_per_actor: int = option(0, "torch and decode threads per worker; 0 = the CPUs / workers")
     gpus_per_actor: float = option(1.0, "GPUs each GPU actor holds; 0.5 puts two actors on one GPU")
     batch_size: int = option(256, "samples per forward pass")
     device: str = option("auto", "auto (cuda when GPUs are there), cpu or cuda")
     precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only)")
     max_image_pixels: int = option(1 << 26, "images announcing more pixels get too_many_pixels, undecoded")
-    progress: bool = option(True, "show a progress bar")
-    ray_address: str = option("", "Ray cluster to join; empty = RAY_ADDRESS, else a new local instance")
 
     def __post_init__(self) -> None:
+        self._take_actors()
+        super().__post_init__()
         require(self, "pool", "checkpoint", "output_folder")
         if _same_folder(self.pool, self.output_folder):
             problem(f"output_folder={self.output_folder!r}: is the pool; score files would replace "
@@ -124,13 +132,25 @@ class ClipScoreConfig:
             problem(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.device == "cpu" and self.precision in ("bf16", "fp16"):
             problem(f"precision={self.precision}: autocast is for GPUs; on CPU use fp32 (or auto)")
-        if self.actors < -1:
-            problem(f"actors={self.actors}: -1 (automatic), 0 (no Ray) or a positive count")
         if self.threads_per_actor < 0:
             problem(f"threads_per_actor={self.threads_per_actor}: 0 (automatic) or a positive count")
         if not self.gpus_per_actor > 0:
             problem(f"gpus_per_actor={self.gpus_per_actor}: must be positive")
         at_least(self, 1, "batch_size", "max_image_pixels")
+
+    def _take_actors(self) -> None:
+        """``actors`` said as the execution options (then it is None): it never means anything else."""
+        if self.actors is None:
+            return
+        if self.actors < -1:
+            problem(f"actors={self.actors}: -1 (automatic), 0 (in this process) or a positive count")
+        elif self.workers and self.actors != -1:
+            problem(f"actors={self.actors} and workers={self.workers}: give one (actors is the old name of workers)")
+        elif self.actors == 0:
+            self.distributor = "inline"
+        elif self.actors > 0:
+            self.workers = self.actors
+        self.actors = None
 
 
 def _same_folder(a: str, b: str) -> bool:
@@ -196,8 +216,8 @@ def summarise(scores: pa.Array, errors: pa.Array) -> dict[str, Any]:
 class ClipScorer:
     """Scores whole pool shards with one model, loaded once.
 
-    A plain class: ``run_clipscore`` makes it a Ray actor (``ray.remote(...)(ClipScorer)``);
-    with ``actors=0``, and in tests, it runs in the calling process.
+    A plain class: ``run_clipscore`` has the executor make one in each worker (its ``setup``:
+    a Ray actor, a local process, or the calling process when inline).
     """
 
     def __init__(self, cfg: ClipScoreConfig, model_path: str, device: str, threads: int):
@@ -418,23 +438,9 @@ def run_clipscore(cfg: ClipScoreConfig) -> ClipScoreSummary:
     for summary in done.values():
         totals.add(summary, now=False)
     failed: dict[int, str] = {}
-    bar = tqdm(total=len(shards), initial=len(done), unit="shard", desc="clipscore", disable=not cfg.progress,
-               dynamic_ncols=True, file=sys.stderr)  # fmt: skip
-
-    def on_done(summary: dict[str, Any]) -> None:
-        totals.add(summary)
-        bar.update(1)
-        bar.set_postfix(samples_per_s=f"{totals.samples_now / max(time.time() - start, 1e-9):.0f}", refresh=False)
-
-    def on_failed(shard_id: int, error: str) -> None:
-        failed[shard_id] = error
-        log.error("shard %s: %s", shard_name(shard_id), error)
-
     scorer: dict[str, Any] = {}
     if pending:
-        score = _score_inline if cfg.actors == 0 else _score_on_ray
-        scorer = score(cfg, model_path, pending, on_done, on_failed)
-    bar.close()
+        scorer = _score(cfg, model_path, pending, len(done), totals, failed)
     if failed:
         names = ", ".join(map(shard_name, sorted(failed)[:5])) + (", ..." if len(failed) > 5 else "")
         raise ClipScoreError(f"{len(failed)} of {len(pending)} shard(s) failed ({names}); the others are "
@@ -456,7 +462,7 @@ def _stats(cfg, shards: int, totals: _Totals, checkpoint: str, scorer: dict, dur
         "quantiles": totals.quantiles(),
         "histogram": totals.sparse_histogram(),
         "checkpoint": checkpoint,
-        "scorer": scorer,  # model, image size, device, precision, actors: from the first actor
+        "scorer": scorer,  # model, image size, device, precision, actors: from the first worker
         "this_run": {
             "shards": totals.shards_now,
             "samples": totals.samples_now,
@@ -470,32 +476,90 @@ def _stats(cfg, shards: int, totals: _Totals, checkpoint: str, scorer: dict, dur
     }
 
 
-def _score_inline(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any]:
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda: no GPU visible to this process")
-    scorer = ClipScorer(cfg, model_path, device, cfg.threads_per_actor or os.cpu_count() or 1)
-    for shard_id in pending:
+def _score_shard(scorer: ClipScorer, shard_id: int) -> dict[str, Any]:
+    """One unit: a shard scored by this worker's model; its summary, and who scored it."""
+    return {**scorer.score_shard(shard_id), "scorer": scorer.describe()}
+
+
+def _score(cfg: ClipScoreConfig, model_path: str, pending: list[int], skipped: int, totals: _Totals,
+           failed: dict[int, str]) -> dict[str, Any]:
+    """Score ``pending`` on the executor's pool of workers, each with the model loaded once; returns
+    the scorer's description. Failed shards go to ``failed``, the others' summaries to ``totals``."""
+    # Set before torch loads OpenMP in a worker's process (as train/__main__.py does): idle OpenMP
+    # threads sleep instead of spinning on cores the decode threads and other jobs need. Local
+    # processes and a local Ray instance inherit our environment; on a cluster it is said explicitly
+    # (a runtime_env costs seconds of actor start, so only there).
+    omp = {"OMP_WAIT_POLICY": os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")}
+    joins = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")) or _ray_running()
+    with Executor(_where(cfg), desc="clipscore", unit="shard") as ex:
+        for _ in range(skipped):
+            ex.skipped()  # counted in the bar
+        if ex.distributor == "ray":
+            import ray
+
+            cluster, where = ray.cluster_resources(), "the Ray cluster"
+            cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+        else:
+            cpus, gpus, where = float(os.cpu_count() or 1), float(_local_gpus(cfg)), "this machine"
+        actors, threads, resources = _actor_plan(cfg, cpus, gpus, where)
+        actors = min(actors, len(pending))
+        inline = ex.runs_inline(pending, workers=actors)
+        if inline:
+            threads = cfg.threads_per_actor or int(cpus)
+        elif ex.distributor == "processes" and "num_gpus" in resources and actors > 1:
+            raise ConfigError(f"distributor={cfg.distributor}: {actors} GPU workers would share one GPU as local "
+                              "processes; use distributor ray (or auto), which gives each its own")
+        device = "cuda" if "num_gpus" in resources else "cpu"
+        options = {**resources, **({"runtime_env": {"env_vars": omp}} if joins else {})}
+        info: dict[str, Any] = {}
         try:
-            on_done(scorer.score_shard(shard_id))
-        except Exception as exc:  # noqa: BLE001 - reported per shard; the run goes on
-            on_failed(shard_id, f"{type(exc).__name__}: {exc}")
-    return {**scorer.describe(), "actors": 0}
+            for result in ex.map(_score_shard, pending, setup=partial(ClipScorer, cfg, model_path, device, threads),
+                                 keep_going=True, workers=actors, ray_options=options):
+                if isinstance(result, Failed):
+                    failed[result.unit] = f"{type(result.error).__name__}: {result.error}"
+                    log.error("shard %s: %s", shard_name(result.unit), failed[result.unit])
+                    continue
+                scorer = result.pop("scorer")
+                info = info or scorer
+                totals.add(result)
+        except SetupFailed as exc:  # the checkpoint, the model, the device
+            raise ClipScoreError(f"the scoring workers could not start: {exc}") from None
+        placement = {"actors": 0} if inline else {"actors": actors, "distributor": ex.distributor}
+        if ex.distributor == "ray" and not inline:
+            placement["actor_resources"] = resources
+    return {**info, **placement}
 
 
-def _actor_plan(cfg: ClipScoreConfig, cpus: float, gpus: float) -> tuple[int, int, dict[str, float]]:
-    """(actors, threads per actor, Ray resources per actor) for a cluster of ``cpus`` and ``gpus``."""
+def _where(cfg: ClipScoreConfig) -> Execution:
+    """``cfg``'s execution options; ``auto`` on a machine of several GPUs becomes Ray (one GPU per actor)."""
+    execution = Execution(**cfg.execution_options())
+    if cfg.distributor == "auto" and Executor(execution).distributor == "processes" and _local_gpus(cfg) > 1:
+        execution.distributor = "ray"
+    return execution
+
+
+def _local_gpus(cfg: ClipScoreConfig) -> int:
+    return torch.cuda.device_count() if cfg.device != "cpu" else 0
+
+
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def _actor_plan(cfg: ClipScoreConfig, cpus: float, gpus: float,
+                where: str = "the Ray cluster") -> tuple[int, int, dict[str, float]]:
+    """(workers, threads per worker, Ray resources per worker) for ``cpus`` and ``gpus`` (of ``where``)."""
     on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
     if on_gpu and gpus <= 0:
-        raise ConfigError("device=cuda: the Ray cluster has no GPU")
-    if cfg.actors > 0:
-        actors = cfg.actors
+        raise ConfigError(f"device=cuda: {where} has no GPU")
+    if cfg.workers > 0:
+        actors = cfg.workers
     elif on_gpu:
         actors = max(1, int(gpus / cfg.gpus_per_actor))
     else:
-        actors = max(1, int(cpus) - 1)  # one core for the driver, raylet and object store
+        actors = max(1, int(cpus) - 1)  # one core for the driver (and on Ray, the raylet and object store)
     if not on_gpu and cfg.precision in ("bf16", "fp16"):
-        raise ConfigError(f"precision={cfg.precision}: autocast is for GPUs, and the Ray cluster has none")
+        raise ConfigError(f"precision={cfg.precision}: autocast is for GPUs, and {where} has none")
     threads = cfg.threads_per_actor or max(1, int(cpus) // actors)
     resources = {"num_cpus": min(float(threads), cpus / actors)}  # never more than the cluster has
     if on_gpu:
@@ -503,71 +567,18 @@ def _actor_plan(cfg: ClipScoreConfig, cpus: float, gpus: float) -> tuple[int, in
     return actors, threads, resources
 
 
-def _score_on_ray(cfg, model_path, pending, on_done, on_failed) -> dict[str, Any]:
-    import ray
-    from ray.exceptions import RayActorError
-
-    # Set before torch loads OpenMP in an actor's process (as train/__main__.py does): idle OpenMP
-    # threads sleep instead of spinning on cores the decode threads and other jobs need. A local
-    # instance started here passes our environment to its workers; on a cluster it is said explicitly
-    # (a runtime_env costs seconds of actor start, so only there).
-    omp = {"OMP_WAIT_POLICY": os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")}
-    joins = bool(cfg.ray_address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
-    started_here = init_ray(cfg.ray_address or None)
-    options = {"runtime_env": {"env_vars": omp}} if joins else {}
-    pool: list = []
-    try:
-        cluster = ray.cluster_resources()
-        actors, threads, resources = _actor_plan(cfg, cluster.get("CPU", 1.0), cluster.get("GPU", 0.0))
-        actors = min(actors, len(pending))
-        device = "cuda" if "num_gpus" in resources else "cpu"
-        # An actor that dies (OOM, lost node) is restarted once and its shard retried; a score
-        # file is written whole or not at all, so a retry cannot leave half a file behind.
-        remote = ray.remote(max_restarts=1, max_task_retries=1, **options, **resources)(ClipScorer)
-        pool = [remote.remote(cfg, model_path, device, threads) for _ in range(actors)]
-        try:
-            info = ray.get(pool[0].describe.remote())
-        except RayActorError as exc:  # its constructor failed: the checkpoint, the model, the device
-            raise ClipScoreError(f"the scoring actors could not start: {exc}") from None
-        queue, idle, in_flight = deque(pending), list(pool), {}
-        while queue or in_flight:
-            while queue and idle:
-                actor, shard_id = idle.pop(), queue.popleft()
-                in_flight[actor.score_shard.remote(shard_id)] = (actor, shard_id)
-            if not in_flight:  # every actor is gone
-                for shard_id in queue:
-                    on_failed(shard_id, "no scoring actor left")
-                break
-            (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-            actor, shard_id = in_flight.pop(ref)
-            try:
-                summary = ray.get(ref)
-            except RayActorError as exc:  # dead for good: its restarts are spent
-                on_failed(shard_id, f"actor died: {exc}")
-                continue
-            except Exception as exc:  # noqa: BLE001 - the shard's own error; the actor is fine
-                on_failed(shard_id, f"{type(exc).__name__}: {exc}")
-            else:
-                on_done(summary)
-            idle.append(actor)
-        return {**info, "actors": actors, "actor_resources": resources}
-    finally:
-        for actor in pool:  # their models hold memory (a GPU's, perhaps) on a cluster that lives on
-            ray.kill(actor)
-        if started_here:
-            ray.shutdown()
-
-
 # -- command line --------------------------------------------------------------------------------
 
 DESCRIPTION = """\
 CLIP score of every sample of a pool: the cosine similarity of the image and caption
-embeddings of a webclip checkpoint, computed by a pool of Ray actors (one per GPU when
-there are GPUs, else one per CPU less one), with the trainer's own image decoding and
-normalisation. Writes {shard}.parquet (key, clip_score, score_error) per committed pool
-shard into --output_folder, then _clipscore_stats.json (counts per reason, score
-quantiles) once all are there. A rerun skips the shards already scored. The filter turns
-the scores into keep / reject (low_clip_score).
+embeddings of a webclip checkpoint, computed by a pool of workers that each load the
+model once (one per GPU when there are GPUs, else one per CPU less one: local
+processes, or Ray actors given a cluster or --distributor ray), with the trainer's
+own image decoding and normalisation. Writes {shard}.parquet (key, clip_score,
+score_error) per committed pool shard into --output_folder, then
+_clipscore_stats.json (counts per reason, score quantiles) once all are there. A
+rerun skips the shards already scored. The filter turns the scores into keep /
+reject (low_clip_score).
 
   python -m filter.clipscore --pool data/demo/pool --checkpoint runs/demo/checkpoints \\
       --output_folder data/demo/clipscore
@@ -591,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the importable module, so Ray workers unpickle ``filter.clipscore.ClipScorer``
+    # Run through the importable module, so workers unpickle ``filter.clipscore.ClipScorer``
     # (a class defined in ``__main__`` would travel by value, and its module globals with it).
     from filter.clipscore import main as _main
 

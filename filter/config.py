@@ -2,26 +2,24 @@
 
 The defaults are the ones the demo's ground truth was checked against
 (BENCHMARKS.md, curation): change one and the decisions change, so a run's config
-is stored with its decisions in ``_filter_stats.json``.
+is stored with its decisions in ``_filter_stats.json``. Where the passes' tasks run
+is ``core.executor.Execution``, the options every stage shares (``--distributor``,
+``--workers``, ``--max_retries``, ``--max_in_flight``, ``--ray_address``,
+``--progress``); the decisions do not depend on them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.cluster import DISTRIBUTORS
-from core.config import at_least, one_of, option, problem, require
+from core.config import at_least, option, problem, require
+from core.executor import Execution
 
 
 @dataclass
-class FilterConfig:
+class FilterConfig(Execution):
     pool: str = option("", "pool folder written by ingest (local or s3://)")
     output_folder: str = option("", "where decisions go: {shard}.parquet + _filter_stats.json (local or s3://)")
-    # -- where it runs ------------------------------------------------------------
-    distributor: str = option("ray", "ray: tasks on a local Ray instance or the cluster at ray_address / "
-                                     "RAY_ADDRESS; inline: this process (debugging, tests)")
-    ray_address: str = option("", "a Ray cluster to join (empty: RAY_ADDRESS, else a local instance)")
-    workers: int = option(0, "parallel tasks per pass (0: one per CPU of the Ray cluster)")
     partition_rows: int = option(4_000_000, "entries per dedupe partition: bounds one worker's memory "
                                             "(about 40 bytes per entry)")
     # -- captions -----------------------------------------------------------------
@@ -65,14 +63,13 @@ class FilterConfig:
     decontaminate: str = option("", "evaluation images (a .tar of images, a folder of images, or a parquet "
                                     "with a phash column) whose near duplicates are dropped from the pool")
     decontaminate_threshold: int = option(-1, "Hamming distance for decontamination (-1: near_dup_threshold)")
-    progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.pool:
             problem("pool: required (the folder ingest wrote)")
         require(self, "output_folder")
-        one_of(self, "distributor", DISTRIBUTORS)
-        at_least(self, 0, "min_image_size", "min_caption_chars", "min_caption_words", "workers", "near_dup_bands",
+        at_least(self, 0, "min_image_size", "min_caption_chars", "min_caption_words", "near_dup_bands",
                  "near_dup_band_bits")
         if not self.max_aspect_ratio >= 1:
             problem(f"max_aspect_ratio={self.max_aspect_ratio}: must be at least 1")

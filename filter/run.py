@@ -1,6 +1,7 @@
-"""The filter job: pool metadata → one decision per pool row, on Ray.
+"""The filter job: pool metadata → one decision per pool row.
 
-Five passes, each a set of independent tasks (Ray, or inline for debugging):
+Five passes, each a set of independent tasks run by ``core.executor`` (local
+processes, Ray tasks, or inline; ``FilterConfig``'s execution options):
 
     1. facts      one task per pool shard: per-row rules → ``_work/{shard}.parquet``
     2. dup_url    one task per partition of URL fingerprints: first successful copy kept
@@ -13,8 +14,9 @@ Five passes, each a set of independent tasks (Ray, or inline for debugging):
 Partitions route whole groups (by group key), so a partition task sees every member
 of its groups and the rule "smallest row id wins" gives the same answer for any
 number of partitions or workers. A partition holds at most ``partition_rows``
-entries, which bounds each task's memory whatever the pool size. ``_filter_stats.json``
-is written last: its presence means every decision file is complete.
+entries, which bounds each task's memory whatever the pool size. A task writes whole
+files or nothing, so a retried one changes nothing. ``_filter_stats.json`` is written
+last: its presence means every decision file is complete.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import storage
-from core.cluster import open_runner
 from core.config import to_dict
+from core.executor import Executor
 from core.layout import committed_shards, shard_name
 from core.reasons import Reason
 from filter.config import FilterConfig
@@ -76,10 +79,10 @@ class FilterSummary:
     skipped_checks: list[str] = field(default_factory=list)
 
 
-# -- task bodies (module level, so Ray can ship them) --------------------------------------
+# -- task bodies: module level, so processes and Ray can ship them; the unit comes last ------
 
 
-def _facts_task(cfg: FilterConfig, shard_id: int, eval_hashes, work: str) -> dict:
+def _facts_task(cfg: FilterConfig, eval_hashes, work: str, shard_id: int) -> dict:
     table, notes = shard_facts(cfg.pool, shard_id, cfg, eval_hashes)
     with storage.atomic_write(storage.join(work, f"{shard_name(shard_id)}.parquet")) as handle:
         pq.write_table(table, handle, compression="zstd")
@@ -125,12 +128,13 @@ def _exact_partition_task(work: str, shard_ids: list[int], exclude, partitions: 
 
 
 def _near_partition_task(work: str, shard_ids: list[int], exclude, plan: BandPlan, guard: NearGuard,
-                         bands: list[int], subparts: int, part: int) -> tuple:
+                         task: tuple[list[int], int, int]) -> tuple:
     """Verified pairs among rows sharing a key in one of ``bands``, sub-partition ``part``.
 
     Fact files are read one at a time and only this task's entries are kept, so its
     memory is one band's share of the rows (``partition_rows`` at most), not the pool.
     """
+    bands, subparts, part = task
     positions = plan.positions()
     entries: dict[str, list[np.ndarray]] = {"key": [], "id": [], "hash": [], "aspect": [], "luma": []}
     for shard_id in shard_ids:
@@ -163,7 +167,8 @@ def near_tasks(plan: BandPlan, rows: int, partition_rows: int) -> list[tuple[lis
     return [(group, subparts, part) for group in groups for part in range(subparts)]
 
 
-def _decisions_task(cfg: FilterConfig, work: str, shard_id: int, rejected: dict[str, tuple]) -> dict:
+def _decisions_task(cfg: FilterConfig, work: str, unit: tuple[int, dict[str, tuple]]) -> dict:
+    shard_id, rejected = unit
     table = _read_facts(work, shard_id, ["row_id", "key", "pre_reason", "clip_score", "language",
                                          "language_score", "luma_std"])
     ids = table.column("row_id").to_numpy()
@@ -227,11 +232,8 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
 
         eval_hashes = load_eval_hashes(cfg.decontaminate)
     summary = FilterSummary()
-    runner = open_runner(cfg.distributor, cfg.ray_address, cfg.workers)
-    try:
-        _passes(cfg, runner, shard_ids, work, eval_hashes, summary)
-    finally:
-        runner.close()
+    with Executor(cfg, desc="filter", unit="task") as ex:
+        _passes(cfg, ex, shard_ids, work, eval_hashes, summary)
     storage.remove(work)
     summary.duration = time.time() - start
     storage.write_json(stats_path, {
@@ -272,11 +274,19 @@ def _join(results: Iterable[tuple]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
 
-def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_hashes, summary: FilterSummary) -> None:
-    show = cfg.progress
-    eval_ref = runner.put(eval_hashes)
+def _run(ex: Executor, name: str, fn, units: list) -> list:
+    """One pass: ``fn`` on every unit, the results in the units' order.
+
+    What the units share is bound into ``fn`` (``partial``): it travels to each worker
+    once per pass, not with every unit.
+    """
+    return list(ex.map(fn, units, ordered=True, desc=f"filter: {name}"))
+
+
+def _passes(cfg: FilterConfig, ex: Executor, shard_ids: list[int], work: str, eval_hashes,
+            summary: FilterSummary) -> None:
     with _timed(summary, "facts"):
-        facts = runner.map(_facts_task, [(cfg, s, eval_ref, work) for s in shard_ids], "filter: facts", show)
+        facts = _run(ex, "facts", partial(_facts_task, cfg, eval_hashes, work), shard_ids)
     skipped = sorted({note for f in facts for note in f.get("skipped_checks", [])})
     summary.skipped_checks = skipped
     open_rows = sum(f["open"] for f in facts)
@@ -287,8 +297,8 @@ def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_has
     if cfg.dedupe_url:
         with _timed(summary, "dup_url"):
             n = _partitions(success_rows, cfg)
-            rejected[Reason.DUP_URL.value] = _join(runner.map(
-                _url_partition_task, [(work, shard_ids, n, p) for p in range(n)], "filter: dup_url", show))
+            rejected[Reason.DUP_URL.value] = _join(_run(
+                ex, "dup_url", partial(_url_partition_task, work, shard_ids, n), list(range(n))))
         excluded = np.union1d(excluded, rejected[Reason.DUP_URL.value][0])
 
     if cfg.uses_clip:
@@ -301,20 +311,18 @@ def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_has
     if cfg.dedupe_exact:
         with _timed(summary, "dup_exact"):
             n = _partitions(open_rows, cfg)
-            ref = runner.put(excluded)
-            rejected[Reason.DUP_EXACT.value] = _join(runner.map(
-                _exact_partition_task, [(work, shard_ids, ref, n, p) for p in range(n)], "filter: dup_exact", show))
+            rejected[Reason.DUP_EXACT.value] = _join(_run(
+                ex, "dup_exact", partial(_exact_partition_task, work, shard_ids, excluded, n), list(range(n))))
         excluded = np.union1d(excluded, rejected[Reason.DUP_EXACT.value][0])
 
     if cfg.dedupe_near:
         with _timed(summary, "dup_near"):
             rejected[Reason.DUP_NEAR.value], summary.near_dup_plan = near_duplicate_pass(
-                cfg, runner, work, shard_ids, excluded, open_rows)
+                cfg, ex, work, shard_ids, excluded, open_rows)
 
     with _timed(summary, "decisions"):
         per_shard = _split_by_shard(rejected, shard_ids)
-        results = runner.map(_decisions_task, [(cfg, work, s, per_shard[s]) for s in shard_ids],
-                             "filter: decisions", show)
+        results = _run(ex, "decisions", partial(_decisions_task, cfg, work), [(s, per_shard[s]) for s in shard_ids])
     for result in results:
         summary.rows += result["rows"]
         summary.kept += result["kept"]
@@ -323,16 +331,15 @@ def _passes(cfg: FilterConfig, runner, shard_ids: list[int], work: str, eval_has
     summary.shards = len(shard_ids)
 
 
-def near_duplicate_pass(cfg: FilterConfig, runner, work: str, shard_ids: list[int], excluded: np.ndarray,
+def near_duplicate_pass(cfg: FilterConfig, ex: Executor, work: str, shard_ids: list[int], excluded: np.ndarray,
                         open_rows: int) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
     """((rejected row ids, keeper row ids), what was done) for the pHash clusters."""
     plan = plan_bands(open_rows, cfg.near_dup_threshold, cfg.near_dup_recall, cfg.near_dup_bands,
                       cfg.near_dup_band_bits)
     guard = NearGuard(cfg.near_dup_max_aspect_change, cfg.near_dup_max_luma_change)
     tasks = near_tasks(plan, open_rows, cfg.partition_rows)
-    ref = runner.put(excluded)
-    left, right = _join(runner.map(_near_partition_task, [(work, shard_ids, ref, plan, guard, *t) for t in tasks],
-                                   "filter: dup_near", cfg.progress))
+    left, right = _join(_run(ex, "dup_near", partial(_near_partition_task, work, shard_ids, excluded, plan, guard),
+                             tasks))
     left, right = unique_edges(left, right)
     info = {
         "bands": plan.bands, "bits_per_band": plan.bits, "threshold": plan.threshold, "tasks": len(tasks),

@@ -22,7 +22,7 @@ import torch
 
 from _train_fixtures import train_sample, write_tiny_model_config
 from core import storage
-from core.config import ConfigError
+from core.config import ConfigError, load_cli
 from core.layout import committed_shards, sample_key
 from core.shard_writer import ShardWriter
 from filter import clipscore
@@ -108,7 +108,8 @@ def checkpoint(tmp_path_factory) -> str:
 
 
 def config(pool: str, checkpoint: str, output: str, **overrides) -> ClipScoreConfig:
-    values = dict(pool=pool, checkpoint=checkpoint, output_folder=output, actors=0, batch_size=4, progress=False)
+    values = dict(pool=pool, checkpoint=checkpoint, output_folder=output, distributor="inline", batch_size=4,
+                  progress=False)
     return ClipScoreConfig(**{**values, **overrides})
 
 
@@ -116,7 +117,7 @@ def config(pool: str, checkpoint: str, output: str, **overrides) -> ClipScoreCon
 def ray_scores(pool, checkpoint, tmp_path_factory) -> tuple[str, object]:
     """Scores from the Ray actor path, on a local Ray instance: 2 actors of 1 thread each."""
     output = str(tmp_path_factory.mktemp("scores") / "ray")
-    summary = run_clipscore(config(pool, checkpoint, output, actors=2, threads_per_actor=1))
+    summary = run_clipscore(config(pool, checkpoint, output, workers=2, threads_per_actor=1, distributor="ray"))
     return output, summary
 
 
@@ -185,13 +186,13 @@ def test_rerun_skips_scored_shards_and_redoes_a_deleted_one(pool, checkpoint, ra
     assert summary.shards_scored_now == 0 and summary.samples == ray_scores[1].samples
     assert {p: os.stat(p).st_mtime_ns for p in paths} == before
 
-    os.remove(paths[1])
-    summary = run_clipscore(config(pool, checkpoint, output))
+    os.remove(paths[1])  # rescored in a local process of its own (the model loaded there)
+    summary = run_clipscore(config(pool, checkpoint, output, distributor="processes"))
     assert summary.shards_scored_now == 1
     assert {p: os.stat(p).st_mtime_ns for p in paths if p != paths[1]} == {p: before[p] for p in paths if p != paths[1]}
     fresh, reference = read_all_scores(output), read_all_scores(ray_scores[0])
     assert fresh.keys() == reference.keys()
-    for k, (score, error) in reference.items():  # in-process, batch 4 == Ray actors, batch 4
+    for k, (score, error) in reference.items():  # a local process, batch 4 == Ray actors, batch 4
         assert fresh[k][1] == error
         assert (fresh[k][0] is None) == (score is None)
         if score is not None:
@@ -261,18 +262,27 @@ def test_config_errors_name_the_option(pool, checkpoint, tmp_path):
 
 def test_actor_plan_per_cluster():
     def plan(cpus, gpus, **overrides):
-        return clipscore._actor_plan(config("p", "c", "o", **{"actors": -1, **overrides}), cpus, gpus)
+        return clipscore._actor_plan(config("p", "c", "o", **overrides), cpus, gpus)
 
     assert plan(2, 0) == (1, 2, {"num_cpus": 2.0})  # one actor, both cores as torch threads
     assert plan(16, 0) == (15, 1, {"num_cpus": 1.0})
     assert plan(16, 4) == (4, 4, {"num_cpus": 4.0, "num_gpus": 1.0})
     assert plan(16, 4, gpus_per_actor=0.5) == (8, 2, {"num_cpus": 2.0, "num_gpus": 0.5})
     assert plan(16, 4, device="cpu") == (15, 1, {"num_cpus": 1.0})
-    assert plan(2, 0, actors=4) == (4, 1, {"num_cpus": 0.5})  # more actors than cores still fit
+    assert plan(2, 0, workers=4) == (4, 1, {"num_cpus": 0.5})  # more actors than cores still fit
     with pytest.raises(ConfigError, match="no GPU"):
         plan(16, 0, device="cuda")
     with pytest.raises(ConfigError, match="precision"):
         plan(16, 0, precision="fp16")
+
+
+def test_actors_is_the_old_name_of_workers():
+    for actors, (distributor, workers) in (("0", ("inline", 0)), ("3", ("auto", 3)), ("-1", ("auto", 0))):
+        argv = ["--pool", "p", "--checkpoint", "c", "--output_folder", "o", "--actors", actors]
+        cfg, _ = load_cli(ClipScoreConfig, argv, "python -m filter.clipscore", "")
+        assert (cfg.distributor, cfg.workers, cfg.actors) == (distributor, workers, None)
+    with pytest.raises(ConfigError, match="actors=3 and workers=2"):
+        config("p", "c", "o", actors=3, workers=2)
 
 
 def test_help_explains_the_options(capsys):

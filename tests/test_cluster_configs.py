@@ -202,15 +202,14 @@ def parse_torchrun_and_train(argv: list[str]):
     """torchrun's own parser, then the trainer's: returns (torchrun args, train config)."""
     from torch.distributed.run import get_args_parser
 
-    from train.__main__ import parse_args
-    from train.config import load_config
+    from core.config import load_cli
+    from train.config import TrainConfig
 
     launcher = get_args_parser().parse_args(argv)
     assert launcher.module and launcher.training_script == "train", "torchrun must run `-m train`"
     assert launcher.rdzv_backend == "c10d" and launcher.rdzv_endpoint and launcher.rdzv_id != "none"
     assert launcher.max_restarts >= 1, "no restarts: a lost worker would end the job"
-    train_args = parse_args(launcher.training_script_args)
-    config = load_config(train_args.config, train_args.overrides)
+    config, _ = load_cli(TrainConfig, launcher.training_script_args, "python -m train", "")
     assert config.resume == "latest", "each start must resume (--resume latest)"
     assert config.checkpoint_dir.startswith("s3://"), "checkpoints must go to object storage"
     return launcher, config

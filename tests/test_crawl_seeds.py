@@ -23,6 +23,7 @@ from aiohttp import web
 
 from core.config import ConfigError, from_dict
 from crawl.config import CrawlConfig
+from crawl.politeness import HostScheduler
 from crawl.run import run_crawl
 from infra.local.pages import START_PAGE, load_truth, write_warc
 
@@ -90,7 +91,7 @@ def test_ray_crawl_of_two_hosts_and_an_archive_in_one_run(small_corpus, tmp_path
     token = f"crawl-ray-{uuid.uuid4().hex[:8]}"
     seeds = [base_url + START_PAGE, f"http://localhost:{port}/web/g4.html"]  # two host names: two workers
     stats = crawl(tmp_path / "out", seeds=seeds, warc=[str(tmp_path / "pages.warc.gz")], distributor="ray",
-                  processes_count=2, max_depth=1, delay=DELAY_S, user_agent_token=token)
+                  workers=2, max_depth=1, delay=DELAY_S, user_agent_token=token)
     from_ip, _, _ = expected(corpus_dir, "127.0.0.1", max_depth=1)
     from_name, _, _ = expected(corpus_dir, "localhost", max_depth=1, start="/web/g4.html", start_depth=1)
     parts = sorted(p.name for p in (tmp_path / "out").glob("*.parquet"))
@@ -117,6 +118,7 @@ class Site:
 
     def __init__(self, routes: dict):
         self.log: list[tuple[float, str]] = []
+        self.hosts: list[str] = []  # the Host header of each request in ``log``
         self._routes = routes
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -139,6 +141,7 @@ class Site:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             self.log.append((time.time(), request.path_qs))
+            self.hosts.append(request.host.rsplit(":", 1)[0])
             handler = self._routes.get(request.path)
             return await handler(request) if handler else web.Response(status=404)
 
@@ -236,6 +239,78 @@ def test_the_page_budget_holds(tmp_path):
         stats = crawl(tmp_path / "out", seeds=[site.url + "/start.html"], delay=0, max_pages=5, max_depth=3)
     assert len(site.paths) == 1 + 5  # robots.txt and five pages
     assert stats.links_followed == 5 and stats.reasons == {"page_limit": 16}  # the seed and 4 of 20 links fit
+
+
+def linked_hosts(port: int) -> dict:
+    """Pages on two host names of one server (127.0.0.1 and localhost), linking across: a1 → a2, b2;
+    a2 → b1; b1 → a3, b2; b2 → a1; a3 → b3."""
+    a, b = f"http://127.0.0.1:{port}", f"http://localhost:{port}"
+    links = {"a1": [f"{a}/a2.html", f"{b}/b2.html"], "a2": [f"{b}/b1.html"], "b1": [f"{a}/a3.html", f"{b}/b2.html"],
+             "b2": [f"{a}/a1.html"], "a3": [f"{b}/b3.html"], "b3": []}
+
+    def page(name: str):
+        async def handler(request):
+            if request.host.startswith("localhost") != name.startswith("b"):  # a page lives on one host name
+                return web.Response(status=404)
+            body = f'<img src="/{name}.jpg" alt="the picture on page {name}">'
+            body += "".join(f'<a href="{url}">x</a>' for url in links[name])
+            return web.Response(text=body, content_type="text/html")
+        return handler
+
+    return {f"/{name}.html": page(name) for name in links}
+
+
+def test_two_partitions_crawl_in_rounds_politely_each_url_once(tmp_path):
+    with Site({}) as site:
+        port = int(site.url.rsplit(":", 1)[1])
+        site._routes.update(linked_hosts(port))
+        seeds = [f"http://127.0.0.1:{port}/a1.html", f"http://localhost:{port}/b1.html"]
+        stats = crawl(tmp_path / "out", seeds=seeds, distributor="processes", workers=2, delay=0.3, max_depth=3)
+        requests = [(host, path, t) for host, (t, path) in zip(site.hosts, site.log)]
+    assert stats.pairs == 6 and stats.pages_parsed == 6 and stats.links_followed == 6
+    seen = [(host, path) for host, path, _ in requests]
+    assert len(seen) == len(set(seen)) == 8  # six pages and two robots.txt, each once: across partitions, rounds
+    for host in ("127.0.0.1", "localhost"):
+        mine = [(path, t) for h, path, t in requests if h == host]
+        assert mine[0][0] == "/robots.txt"
+        assert min(b[1] - a[1] for a, b in zip(mine, mine[1:])) >= 0.3  # the delay holds across rounds too
+    marker = json.loads((tmp_path / "out" / "seeds_stats.json").read_text())
+    assert marker["workers"] == 2 and marker["rounds"] == 3 and marker["units"] == 4  # a1,b1 | a3 | b3
+    for part in sorted((tmp_path / "out").glob("seeds-*.parquet")):
+        assert len({urlsplit(r["page_url"]).hostname for r in pq.read_table(part).to_pylist()}) <= 1
+
+    with Site({}) as site:  # the page budget is the crawl's, shared by the partitions
+        port = int(site.url.rsplit(":", 1)[1])
+        site._routes.update(linked_hosts(port))
+        seeds = [f"http://127.0.0.1:{port}/a1.html", f"http://localhost:{port}/b1.html"]
+        stats = crawl(tmp_path / "budget", seeds=seeds, distributor="processes", workers=2, delay=0, max_depth=3,
+                      max_pages=4)
+        pages = [path for path in site.paths if path != "/robots.txt"]
+    assert sorted(pages) == ["/a1.html", "/a2.html", "/b1.html", "/b2.html"]
+    assert stats.links_followed == 4 and stats.reasons["page_limit"] == 1  # a3, found over the budget
+
+
+def test_a_unit_waits_the_delay_before_its_first_request_to_a_host():
+    clock = {"now": 100.0}
+    scheduler = HostScheduler(delay=1.0, clock=lambda: clock["now"], since=100.0)
+    scheduler.push("a", "a1")
+    assert scheduler.pop_ready() is None  # a request by another unit may have just ended
+    assert scheduler.seconds_until_ready() == 1.0
+    scheduler.set_delay("b", 3.0)  # a Crawl-delay learnt in an earlier round
+    scheduler.push("b", "b1")
+    clock["now"] = 101.0
+    assert scheduler.pop_ready() == ("a", "a1") and scheduler.pop_ready() is None
+    clock["now"] = 103.0
+    assert scheduler.pop_ready() == ("b", "b1")
+    clock["now"] = 200.0
+    scheduler.push("c", "c1")  # a host first met long after the unit started: no wait
+    assert scheduler.pop_ready() == ("c", "c1")
+
+
+def test_the_former_option_names_still_run(tmp_path):
+    cfg = from_dict(CrawlConfig, {"output_folder": str(tmp_path), "seeds": ["http://x/"], "processes_count": 3,
+                                  "max_unit_retry": 1})
+    assert (cfg.workers, cfg.max_retries, cfg.distributor) == (3, 1, "auto")
 
 
 def test_config_errors_name_the_option(tmp_path):

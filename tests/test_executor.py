@@ -79,6 +79,20 @@ def broken_setup() -> None:
     raise OSError("no such checkpoint")
 
 
+class CountedPickles:
+    """A unit function that leaves a file in ``tmp`` each time it is pickled (in the driver)."""
+
+    def __init__(self, tmp: str):
+        self.tmp = tmp
+
+    def __getstate__(self) -> dict:
+        Path(self.tmp, f"pickled-{time.monotonic_ns()}").write_text("")
+        return self.__dict__
+
+    def __call__(self, x: int) -> int:
+        return x * x
+
+
 def execution(distributor: str, **kw) -> Execution:
     return Execution(distributor=distributor, workers=2, progress=False, **kw)
 
@@ -164,6 +178,12 @@ def test_in_flight_units_are_bounded_with_a_lazy_iterator(distributor):
     assert done[0] == 12 and most[0] <= (1 if distributor == "inline" else 3)
 
 
+def test_the_unit_function_travels_once_per_process(tmp_path):
+    with Executor(execution("processes")) as ex:
+        assert sorted(ex.map(CountedPickles(str(tmp_path)), range(10))) == [x * x for x in range(10)]
+    assert len(list(tmp_path.glob("pickled-*"))) == 2  # two processes, ten units
+
+
 # -- set-up once per worker ---------------------------------------------------------------------
 
 
@@ -208,6 +228,14 @@ def test_units_report_items_to_one_bar(distributor, capfd):
     assert ex.totals == {"items": 5 + 4 * 3, "successes": 5 + 4 * 2}
     err = capfd.readouterr().err
     assert "demo" in err and "row/s" in err and "shards=5" in err and "ok=13" in err
+
+
+def test_a_bar_of_units_counts_the_units_found_done(capfd):
+    with Executor(Execution(distributor="inline", progress=True), desc="files", unit="file") as ex:
+        ex.skipped()
+        ex.skipped()
+        assert sorted(ex.map(square, range(3))) == [0, 1, 4]
+    assert "5/5" in capfd.readouterr().err  # not 5/3
 
 
 def test_progress_counts_are_absolute_per_unit():
@@ -288,6 +316,9 @@ def test_auto_is_processes_here_inline_for_one_worker_and_ray_given_an_address(m
     assert Executor(Execution(distributor="multiprocessing")).distributor == "processes"
     with Executor(Execution(workers=1)) as ex:
         assert ex.distributor == "inline"
+    with Executor(Execution(workers=2)) as ex:  # one worker or one unit in a map: no process either
+        assert ex.runs_inline([1, 2], workers=1) and ex.runs_inline([1]) and not ex.runs_inline([1, 2])
+        assert not Executor(Execution(distributor="processes", workers=2)).runs_inline([1], workers=1)
     assert Executor(Execution(ray_address="ray://somewhere:10001")).distributor == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert Executor(Execution()).distributor == "ray"

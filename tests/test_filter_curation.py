@@ -174,8 +174,11 @@ def test_decisions_do_not_depend_on_workers_or_partitions(planted_pool, tmp_path
     run_filter(FilterConfig(output_folder=str(tmp_path / "inline"), distributor="inline", **common))
     run_filter(FilterConfig(output_folder=str(tmp_path / "ray"), distributor="ray", workers=2,
                             partition_rows=1000, **common))  # several partitions per pass
+    run_filter(FilterConfig(output_folder=str(tmp_path / "processes"), distributor="processes", workers=2,
+                            partition_rows=1000, **common))  # the default on one machine (auto)
     a, b = decisions(tmp_path / "inline"), decisions(tmp_path / "ray")
     assert a == b
+    assert decisions(tmp_path / "processes") == a
     stats = json.loads((tmp_path / "ray" / "_filter_stats.json").read_text())
     assert stats["near_dup_plan"]["tasks"] > 1
 
