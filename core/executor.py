@@ -269,10 +269,11 @@ class _Inline:
         pass
 
 
-def _process_main(conn, fn, setup) -> None:
-    """A worker process: set up once, then run ``fn`` on the units it is sent until told to stop."""
+def _process_main(conn, setup) -> None:
+    """A worker process: set up once, then run units until told to stop; a ``("fn", fn)`` message
+    sets the function of the units that follow (once per map, not with every unit)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
-    state = _setup_state(setup)
+    state, fn = _setup_state(setup), None
     while True:
         try:
             message = conn.recv()
@@ -280,6 +281,9 @@ def _process_main(conn, fn, setup) -> None:
             return
         if message is None:
             return
+        if message[0] == "fn":
+            fn = message[1]
+            continue
         index, unit, live = message
         send = (lambda counts: conn.send(("progress", index, counts))) if live else None
         try:
@@ -298,15 +302,21 @@ def _process_main(conn, fn, setup) -> None:
 class _Processes:
     """Up to ``size`` spawned processes (no fork of a driver holding threads), one unit each at a time.
 
-    ``fn`` travels once to each process, at its start, not with every unit: a large value
-    bound into it (``functools.partial``) is pickled once per process.
+    ``fn`` travels once to each process per map (``use``), not with every unit: a large value
+    bound into it (``functools.partial``) is pickled once per process. Without ``setup`` the
+    executor keeps the processes for its next map: a stage of several passes starts them once.
     """
 
-    def __init__(self, size: int, fn, setup, on_progress, live: bool):
-        self.size, self.fn, self.setup, self.on_progress, self.live = size, fn, setup, on_progress, live
+    def __init__(self, size: int, setup, live: bool):
+        self.size, self.setup, self.live = size, setup, live
         self.context = multiprocessing.get_context("spawn")
         self.idle: list = []
         self.busy: dict = {}  # connection -> (process, unit index)
+        self.fn, self.on_progress, self.generation, self.has_fn = None, None, 0, {}
+
+    def use(self, fn, on_progress) -> None:
+        """The function (and progress sink) of the units that follow."""
+        self.fn, self.on_progress, self.generation = fn, on_progress, self.generation + 1
 
     def free(self) -> int:
         return self.size - len(self.busy)
@@ -315,17 +325,24 @@ class _Processes:
         while self.idle:
             conn, process = self.idle.pop()
             try:
-                conn.send((index, unit, self.live))
+                self._send(conn, index, unit)
                 self.busy[conn] = (process, index)
                 return
             except OSError:  # it died while idle
+                self.has_fn.pop(conn, None)
                 process.join()
         conn, child = self.context.Pipe()
-        process = self.context.Process(target=_process_main, args=(child, self.fn, self.setup), daemon=True)
+        process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
         process.start()
         child.close()
-        conn.send((index, unit, self.live))
+        self._send(conn, index, unit)
         self.busy[conn] = (process, index)
+
+    def _send(self, conn, index: int, unit: Any) -> None:
+        if self.has_fn.get(conn) != self.generation:
+            conn.send(("fn", self.fn))
+            self.has_fn[conn] = self.generation
+        conn.send((index, unit, self.live))
 
     def wait(self, timeout: float) -> list:
         sentinels = {process.sentinel: conn for conn, (process, _) in self.busy.items()}
@@ -347,6 +364,7 @@ class _Processes:
                 pass
             if conn in self.busy and not process.is_alive():  # killed outright: replaced on the next submit
                 del self.busy[conn]
+                self.has_fn.pop(conn, None)
                 conn.close()
                 process.join()
                 outcomes.append((index, RuntimeError(f"unit #{index}: its worker process died "
@@ -504,6 +522,7 @@ class Executor:
         self._progress: Progress | None = None
         self._skipped: list[dict] = []
         self._open: list[Iterator] = []
+        self._pool: _Processes | None = None  # kept between maps (without set-up): started once
         self.totals: dict[str, int] = {}
 
     def __enter__(self) -> Executor:
@@ -520,6 +539,9 @@ class Executor:
         try:
             for running in self._open:
                 running.close()  # its workers stop (an exception or Ctrl-C left the caller's loop)
+            if self._pool is not None:
+                self._pool.close(abort=exc_info[0] is not None)
+                self._pool = None
         finally:
             if self._started_ray:
                 import ray
@@ -568,7 +590,15 @@ class Executor:
         if self.runs_inline(units, workers):
             return _Inline(fn, setup, on_progress)
         if self.distributor == "processes":
-            return _Processes(size, fn, setup, on_progress, self.show)
+            pool = self._pool if setup is None and self._pool is not None and self._pool.size == size else None
+            if pool is None:
+                pool = _Processes(size, setup, self.show)
+                if setup is None:
+                    if self._pool is not None:
+                        self._pool.close(abort=False)
+                    self._pool = pool
+            pool.use(fn, on_progress)
+            return pool
         return _Ray(size, fn, setup, on_progress, self.show, ray_options, self.execution.max_retries)
 
     def _map(self, fn, units, setup, ordered, keep_going, workers, ray_options, desc) -> Iterator[Any]:
@@ -627,4 +657,9 @@ class Executor:
             self.totals = progress.totals
             self._progress = None
             progress.close()
-            backend.close(abort=not clean)
+            if backend is self._pool and clean:
+                pass  # kept for the next map; closed with the executor
+            else:
+                if backend is self._pool:
+                    self._pool = None
+                backend.close(abort=not clean)

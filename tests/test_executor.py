@@ -184,6 +184,21 @@ def test_the_unit_function_travels_once_per_process(tmp_path):
     assert len(list(tmp_path.glob("pickled-*"))) == 2  # two processes, ten units
 
 
+def worker_pid(x: int) -> int:
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def test_processes_are_started_once_for_every_map_of_an_executor():
+    """A stage of several passes (the filter's) pays the processes' start once, each map its own function."""
+    with Executor(execution("processes")) as ex:
+        first = set(ex.map(worker_pid, range(8)))
+        assert sorted(ex.map(square, range(6))) == [x * x for x in range(6)]
+        second = set(ex.map(worker_pid, range(8)))
+    assert first == second and len(first) == 2 and os.getpid() not in first
+    assert not (first & child_pids())  # closed with the executor
+
+
 # -- set-up once per worker ---------------------------------------------------------------------
 
 
