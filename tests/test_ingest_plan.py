@@ -144,7 +144,7 @@ def reference_is_boilerplate(caption: str) -> bool:
         return False
     if captions._LETTER.search(caption) is None:
         return True
-    if caption.rpartition(".")[2].lower() in captions.IMAGE_EXTENSIONS and captions._FILE_NAME.fullmatch(caption):
+    if caption.rpartition(".")[2].lower() in captions.FILE_NAME_EXTENSIONS and captions._FILE_NAME.fullmatch(caption):
         return True
     if " " not in caption and caption.lower().startswith(("http://", "https://", "www.")):
         return True
