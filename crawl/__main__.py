@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from core.config import ConfigError, parse_config
+from core.config import ConfigError, DataError, parse_config
 from crawl.config import CrawlConfig
 from crawl.run import run_crawl
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(CrawlConfig, argv, prog="python -m crawl", description=DESCRIPTION)
     try:
         stats = run_crawl(cfg)
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"python -m crawl: error: {exc}", file=sys.stderr)
         return 2
     for line in stats.lines():

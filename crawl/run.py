@@ -29,7 +29,7 @@ from functools import partial
 from typing import Any
 
 from core import storage
-from core.config import ConfigError, to_dict
+from core.config import DataError, to_dict
 from core.executor import Execution, Executor
 from core.reasons import Reason
 from crawl.archive import crawl_warc_file
@@ -53,12 +53,12 @@ def load_seeds(cfg: CrawlConfig) -> list[str]:
             with storage.open_file(cfg.seed_file, "r") as handle:
                 raw += [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
         except FileNotFoundError:
-            raise ConfigError(f"seed_file={cfg.seed_file!r}: no such file") from None
+            raise DataError(f"seed_file={cfg.seed_file!r}: no such file") from None
     seeds: list[str] = []
     for value in raw:
         url, problem = resolve(value, value)
         if url is None:
-            raise ConfigError(f"seed {value!r} is not an absolute http(s) URL ({problem.value})")
+            raise DataError(f"seed {value!r} is not an absolute http(s) URL ({problem.value})")
         if url not in seeds:
             seeds.append(url)
     return seeds
@@ -197,7 +197,7 @@ def run_crawl(cfg: CrawlConfig) -> CrawlStats:
     try:
         files = warc_files(cfg.warc) if cfg.warc else []
     except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
+        raise DataError(str(exc)) from None
     if cfg.incremental_mode == "overwrite":
         storage.remove(cfg.output_folder)
     storage.makedirs(cfg.output_folder)

@@ -59,7 +59,7 @@ import pyarrow.parquet as pq
 import torch
 
 from core import storage
-from core.config import ConfigError, at_least, option, parse_config, problem, require, to_dict
+from core.config import ConfigError, DataError, at_least, option, parse_config, problem, require, to_dict
 from core.device import prepare as prepare_device
 from core.executor import Execution, Executor, Failed, SetupFailed
 from core.layout import committed_shards, shard_id_of, shard_name
@@ -416,17 +416,17 @@ def run_clipscore(cfg: ClipScoreConfig) -> ClipScoreSummary:
     start = time.time()
     shards = sorted(committed_shards(cfg.pool))
     if not shards:
-        raise ConfigError(f"pool={cfg.pool!r}: no committed shard (no *_stats.json there)")
+        raise DataError(f"pool={cfg.pool!r}: no committed shard (no *_stats.json there)")
     tars = {shard_id_of(p) for p in storage.list_files(cfg.pool, ".tar")}
     if missing := [s for s in shards if s not in tars]:
-        raise ConfigError(
+        raise DataError(
             f"pool={cfg.pool!r}: shard {shard_name(missing[0])} (and {len(missing) - 1} more) has no tar; "
             "clip scoring reads webdataset pools (ingest --output_format webdataset)"
         )
     try:
         model_path = ckpt.model_file(cfg.checkpoint)
     except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
+        raise DataError(str(exc)) from None
     identity = checkpoint_identity(model_path)
     done = _existing_scores(cfg, shards, identity)
     pending = [s for s in shards if s not in done]
@@ -590,9 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ClipScoreConfig, argv, prog="python -m filter.clipscore", description=DESCRIPTION)
     try:
         summary = run_clipscore(cfg)
-    except (ConfigError, ClipScoreError) as exc:
+    except (ConfigError, DataError, ClipScoreError) as exc:
         print(f"python -m filter.clipscore: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return 1 if isinstance(exc, ClipScoreError) else 2
     print(f"{summary.samples} samples in {summary.shards} shards ({summary.shards_scored_now} scored now, "
           f"{summary.duration:.1f}s): {summary.scored} scored")  # fmt: skip
     for reason, n in sorted(summary.errors.items(), key=lambda kv: -kv[1]):

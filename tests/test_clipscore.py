@@ -22,7 +22,7 @@ import torch
 
 from _train_fixtures import train_sample, write_tiny_model_config
 from core import storage
-from core.config import ConfigError, load_cli
+from core.config import ConfigError, DataError, load_cli
 from core.layout import committed_shards, sample_key
 from core.shard_writer import ShardWriter
 from filter import clipscore
@@ -252,11 +252,11 @@ def test_config_errors_name_the_option(pool, checkpoint, tmp_path):
         config(pool, checkpoint, str(tmp_path), batch_size=0)
     with pytest.raises(ConfigError, match="precision"):
         config(pool, checkpoint, str(tmp_path), device="cpu", precision="bf16")
-    with pytest.raises(ConfigError, match="checkpoint"):
+    with pytest.raises(DataError, match="checkpoint"):
         run_clipscore(config(pool, str(tmp_path / "nothing"), str(tmp_path / "out")))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ConfigError, match="no committed shard"):
+    with pytest.raises(DataError, match="no committed shard"):
         run_clipscore(config(str(empty), checkpoint, str(tmp_path / "out")))
 
 

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from core.config import ConfigError, from_dict
+from core.config import ConfigError, DataError, from_dict
 from crawl.config import CrawlConfig
 from crawl.politeness import HostScheduler
 from crawl.run import run_crawl
@@ -320,6 +320,6 @@ def test_config_errors_name_the_option(tmp_path):
                            ({"seeds": ["http://x/"], "allow_networks": ["nonsense"]}, "allow_networks")):
         with pytest.raises(ConfigError, match=words):
             from_dict(CrawlConfig, {"output_folder": str(tmp_path), **options})
-    with pytest.raises(ConfigError, match="seed_file"):
+    with pytest.raises(DataError, match="seed_file"):
         crawl(tmp_path / "x", seed_file=str(tmp_path / "missing.txt"))
 
