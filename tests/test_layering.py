@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PRODUCT = ("core", "crawl", "ingest", "filter", "shards", "train")
+PRODUCT = ("core", "crawl", "ingest", "filter", "shards", "train", "apply")
 
 
 def _imported_modules(path: Path) -> list[tuple[int, str]]:
