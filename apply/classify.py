@@ -84,13 +84,13 @@ class ClassifyConfig(ModelOptions):
 
 
 def read_labels(cfg: ClassifyConfig) -> list[str]:
-    """The labels the options name, in order; ``DataError`` for a missing or empty file, duplicates."""
+    """The labels the options name, in order; ``DataError`` for a missing or empty file, or a label given twice."""
+    if cfg.labels.strip() == "imagenet":
+        return list(open_clip.IMAGENET_CLASSNAMES)  # as shipped: 1000 names, two of them twice (index = class)
     if cfg.labels_file:
         if not storage.exists(cfg.labels_file):
             raise DataError(f"--labels_file {cfg.labels_file}: no such file")
         labels = read_lines(cfg.labels_file)
-    elif cfg.labels.strip() == "imagenet":
-        labels = list(open_clip.IMAGENET_CLASSNAMES)
     else:
         labels = [label.strip() for label in cfg.labels.split(",") if label.strip()]
     where = f"--labels_file {cfg.labels_file}" if cfg.labels_file else f"--labels {cfg.labels!r}"
