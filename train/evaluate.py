@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apply.benchmark import RECALL_AT, recall_at_k  # noqa: F401 - one implementation, shared with apply.evaluate
+from apply.benchmark import recall_at_k  # one implementation, shared with apply.evaluate
 from train import data as data_mod
 from train import distributed, zeroshot
 from train import model as model_mod

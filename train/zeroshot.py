@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from apply.benchmark import (  # noqa: F401 - the trainer's zero-shot interface: train.zeroshot.X
-    CLASSNAMES_FILE, DEFAULT_TEMPLATES, TEMPLATES_FILE, Classes, EvalSet, TopKResult, class_embeddings, find_classes,
+    CLASSNAMES_FILE, TEMPLATES_FILE, Classes, EvalSet, TopKResult, class_embeddings, find_classes,
     load_eval_set, topk_metrics,
 )
 from core import storage
