@@ -31,6 +31,7 @@ STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_
 
 .DEFAULT_GOAL := help
 .PHONY: help venv browser demo demo-web crawl ingest filter shards report verify train test cluster-test bench bench-peers clean-demo
+.PHONY: classify eval export
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -75,6 +76,16 @@ verify: $(STAMP) ## recompute hashes and counts of train shards (or ARGS="--fold
 
 train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONFIG=, ARGS=)
 	$(PY) -m train --config $(if $(CONFIG),$(CONFIG),$(TRAIN_CONFIG)) $(ARGS)
+
+# -- using the model (apply/): ARGS="--checkpoint C ..."; `python -m apply.<command> --help` lists every option --
+classify: $(STAMP) ## zero-shot labels for images: ARGS="--checkpoint C --images DIR --labels 'a,b,c' --output_file F"
+	$(PY) -m apply.classify $(ARGS)
+
+eval: $(STAMP) ## benchmark figures (CLIP_benchmark layout, ImageFolder): ARGS="--checkpoint C --datasets D1,D2 --output_file F.json"
+	$(PY) -m apply.evaluate $(ARGS)
+
+export: $(STAMP) ## a checkpoint as an open_clip hub folder: ARGS="--checkpoint C --output_folder D [--push_to_hub ORG/NAME]"
+	$(PY) -m apply.export $(ARGS)
 
 browser: ## Debian's chromium for the report page's browser tests (installed once, needs root or sudo)
 	@bash infra/local/install_chromium.sh

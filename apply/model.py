@@ -12,7 +12,9 @@ centre crop) and normalised with the model's own mean and std.
   the model name and image size are read from the file;
 * any open_clip weights file (``.pt``, ``.bin``, ``.safetensors``) with ``model`` (an
   open_clip name), and ``model_config`` (an open_clip JSON) for an architecture open_clip
-  does not ship. Weights are read from the path given, never downloaded.
+  does not ship. Weights are read from the path given, never downloaded;
+* a folder in open_clip's hub format (``open_clip_config.json`` and weights, what
+  ``python -m apply.export`` writes), loaded as ``open_clip`` loads ``local-dir:`` folders.
 
 Paths may be local or ``s3://``.
 """
@@ -21,12 +23,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import posixpath
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import open_clip
 import torch
+from open_clip.constants import HF_CONFIG_NAME
 
 from core import storage
 from core.errors import ConfigError, DataError
@@ -91,6 +95,33 @@ def _is_webclip(path: str) -> bool:
     return isinstance(saved, dict) and "state_dict" in saved and "model_name" in saved
 
 
+def is_export(path: str) -> bool:
+    """A folder in open_clip's hub format (``open_clip_config.json`` beside its weights)."""
+    return not path.endswith(WEIGHT_SUFFIXES) and storage.exists(storage.join(path, HF_CONFIG_NAME))
+
+
+def _load_export(folder: str, device: torch.device) -> tuple[torch.nn.Module, Any, str, str, int | None]:
+    """(module, tokenizer, name, weights path, step) of an exported folder, read by open_clip's ``local-dir:``."""
+    names = [posixpath.basename(p) for p in storage.list_files(folder)]
+    weights = sorted(n for n in names if n.endswith((".safetensors", ".bin", ".pth")))
+    if not weights:
+        raise DataError(f"--checkpoint {folder}: {HF_CONFIG_NAME} but no weights (.safetensors, .bin) beside it")
+    meta = storage.read_json(storage.join(folder, HF_CONFIG_NAME)).get("webclip") or {}
+    with tempfile.TemporaryDirectory() as copy:
+        local = folder
+        if not storage.is_local(folder):  # open_clip reads a local folder: copy the files (tokenizer included)
+            local = copy
+            for name in names:
+                with storage.open_file(storage.join(folder, name), "rb") as src, open(os.path.join(copy, name), "wb") as dst:
+                    while chunk := src.read(1 << 24):
+                        dst.write(chunk)
+        module = open_clip.create_model(f"local-dir:{local}", device=device).eval()
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{local}")
+    step = meta.get("step")
+    name = meta.get("model_name") or f"local-dir:{folder}"
+    return module, tokenizer, name, storage.join(folder, weights[0]), step if isinstance(step, int) else None
+
+
 def _local_copy(path: str) -> tuple[str, bool]:
     """open_clip reads a local path; an ``s3://`` file is copied to a temporary one first."""
     if "://" not in path:
@@ -121,6 +152,13 @@ def load(
     if not storage.exists(checkpoint):
         raise DataError(f"--checkpoint {checkpoint}: no such file or folder")
     device = torch.device(device)
+    if is_export(checkpoint):
+        try:
+            module, tokenizer, name, path, step = _load_export(checkpoint, device)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise DataError(f"--checkpoint {checkpoint}: cannot load this open_clip folder: {exc}") from None
+        mean, std = model_mod.normaliser(module, device)
+        return Model(module, tokenizer, name, model_mod.image_size_of(module), path, step, device, mean, std)
     webclip = _is_webclip(checkpoint)
     if not webclip and not model:
         raise ConfigError(

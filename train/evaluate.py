@@ -8,7 +8,8 @@ process group's timeout), and the figures are the same whatever the world size.
 
 Retrieval: each held-out sample is one image and its caption; recall@k is the share of
 images whose own caption is among the k most similar captions (image->text), and the
-share of captions whose own image is among the k most similar images (text->image).
+share of captions whose own image is among the k most similar images (text->image)
+(``apply.benchmark.recall_at_k``, the figures of ``python -m apply.evaluate`` too).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from apply.benchmark import recall_at_k  # one implementation, shared with apply.evaluate
 from train import data as data_mod
 from train import distributed, zeroshot
 from train import model as model_mod
-
-RECALL_AT = (1, 5, 10)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,8 @@ def run(model, tokenizer, eval_plan: EvalPlan, world, autocast=contextlib.nullco
 
 def _zeroshot(model, tokenizer, eval_plan: EvalPlan, world):
     eval_set = eval_plan.zeroshot_set
-    classifier = zeroshot.class_embeddings(model, tokenizer, world.device, eval_plan.classes.prompts())
+    classifier = zeroshot.class_embeddings(zeroshot.text_encoder(model, tokenizer, world.device),
+                                          eval_plan.classes.prompts())
     n = len(eval_set.images)
     lo, hi = n * world.rank // world.world_size, n * (world.rank + 1) // world.world_size
     mine = zeroshot.score_images(model, eval_set.images[lo:hi], classifier, world.device, eval_plan.batch_size)
@@ -132,31 +133,6 @@ def _retrieval(model, tokenizer, eval_plan: EvalPlan, world) -> dict:
         total_skipped.update(counts)
     figures = recall_at_k(image_features, text_features)
     return {**figures, "n": len(image_features), "skipped": dict(total_skipped)}
-
-
-def recall_at_k(image_features: torch.Tensor, text_features: torch.Tensor, ks=RECALL_AT, chunk: int = 1024) -> dict:
-    """``image_to_text_R@k`` and ``text_to_image_R@k``; pair ``i`` is image ``i`` with text ``i``. Pure.
-
-    The similarity matrix is built ``chunk`` rows at a time, so memory is linear in N.
-    A tie with the true partner counts in the partner's favour.
-    """
-    n = len(image_features)
-    if n == 0:
-        return {f"{d}_R@{k}": None for d in ("image_to_text", "text_to_image") for k in ks}
-    figures = {}
-    for direction, queries, keys in (
-        ("image_to_text", image_features, text_features),
-        ("text_to_image", text_features, image_features),
-    ):
-        ranks = []
-        for start in range(0, n, chunk):
-            sims = queries[start : start + chunk] @ keys.T
-            own = sims[torch.arange(len(sims)), torch.arange(start, start + len(sims))]
-            ranks.append((sims > own[:, None]).sum(dim=1))
-        rank = torch.cat(ranks)
-        for k in ks:
-            figures[f"{direction}_R@{k}"] = round(float((rank < k).float().mean()), 4)
-    return figures
 
 
 def retrieval_line(figures: dict) -> str:

@@ -14,7 +14,9 @@ folder: CLIP_benchmark's layout, ``{root}/classnames.txt`` beside ``{root}/{spli
 The classifier is text only: per class, the normalised mean of its normalised prompt
 embeddings; every image is scored against every class. Reported: top-1, top-5 and the
 mean per-class recall (``TopKResult``); the per-image scores can be written for finer
-analyses (``write_scores``).
+analyses (``write_scores``). The sets, the classifier and the figures are
+``apply.benchmark``'s, the same code as ``python -m apply.evaluate``; this module runs
+them on the trainer's model and writes the trainer's results.
 
     python -m train.zeroshot --checkpoint RUN/checkpoints/step_00001000.pt --model webclip-tiny \\
         --eval EVAL/test/0.tar [--classnames FILE] [--templates FILE] [--out results.json]
@@ -24,187 +26,31 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import posixpath
 import sys
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from apply.benchmark import (  # noqa: F401 - the trainer's zero-shot interface: train.zeroshot.X
+    CLASSNAMES_FILE, TEMPLATES_FILE, Classes, EvalSet, TopKResult, class_embeddings, find_classes,
+    load_eval_set, topk_metrics,
+)
 from core import storage
 from core.config import ConfigError
 from core.device import prepare as prepare_device
-from core.reasons import Reason
 from train import checkpoint as ckpt
-from train import data as data_mod
 from train import model as model_mod
 
-CLASSNAMES_FILE = "classnames.txt"
-TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 MAX_SCORES = 1 << 25  # write_scores writes at most this many image x class scores (128 MiB)
-
-
-@dataclass
-class EvalSet:
-    images: torch.Tensor  # uint8 (N, 3, S, S)
-    labels: torch.Tensor  # int64 (N,), index into the class names
-    keys: list[str]
-    skipped: dict[str, int]
-
-
-@dataclass(frozen=True)
-class Classes:
-    """What the classifier is built from."""
-
-    names: list[str]
-    templates: list[str]
-
-    def prompts(self) -> list[list[str]]:
-        """Per class, its prompts: each template with ``{c}`` (or ``{}``) replaced by the class name."""
-        return [[t.replace("{c}", name).replace("{}", name) for t in self.templates] for name in self.names]
-
-
-@dataclass
-class TopKResult:
-    top1: float | None
-    top5: float | None
-    mean_per_class_recall: float | None  # top-1 averaged over the classes that have images
-    n: int
-    classes: int
-    per_class_top1: list[float | None] = field(default_factory=list)  # None: no image of that class
-
-    def details(self) -> str:
-        return f"zero-shot: {self.n} images, {self.classes} classes"
-
-    def line(self) -> str:
-        """The one-line summary the trainer prints last."""
-        return f"zero-shot top1={_rate(self.top1)} top5={_rate(self.top5)} ({self.classes} classes)"
-
-    def figures(self) -> dict:
-        """The scalar figures (for a log record)."""
-        return {k: v for k, v in asdict(self).items() if k != "per_class_top1" and v is not None}
-
-
-def _rate(value: float | None) -> str:
-    # Rounded as zeroshot.json stores it first, so a line printed from the live result
-    # and one printed from the file agree (0.22499 and 0.225 would not).
-    return "n/a" if value is None else f"{round(value, 4):.2f}"
-
-
-def _round(value):
-    if isinstance(value, float):
-        return round(value, 4)
-    if isinstance(value, list):
-        return [_round(v) for v in value]
-    return value
-
-
-# -- class names and templates ----------------------------------------------------------
-
-
-def read_lines(path: str) -> list[str]:
-    """Non-empty, stripped lines of a text file (local or ``s3://``)."""
-    with storage.open_file(path, "r") as handle:
-        return [line.strip() for line in handle if line.strip()]
-
-
-def _folders_of(eval_path: str) -> list[str]:
-    """The eval set's folder (the tar's, or the folder itself) and that folder's parent."""
-    fs, fs_path = storage.filesystem(eval_path)
-    fs_path = fs_path.rstrip("/") or "/"
-    folder = fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path)
-    parent = posixpath.dirname(folder)
-    folders = [folder] + ([parent] if parent and parent != folder else [])
-    return folders if storage.is_local(eval_path) else [fs.unstrip_protocol(f) for f in folders]
-
-
-def find_beside(eval_path: str, name: str) -> str | None:
-    """File ``name`` beside the eval set or in its parent folder (CLIP_benchmark's layout), or None."""
-    for folder in _folders_of(eval_path):
-        candidate = posixpath.join(folder, name)
-        if storage.exists(candidate):
-            return candidate
-    return None
-
-
-def find_classes(eval_path: str, classnames: str | None = None, templates: str | None = None) -> Classes:
-    """Class names and templates from the given files, else from those beside the eval set.
-
-    Raises ``ConfigError`` when there are no class names.
-    """
-    classnames = classnames or find_beside(eval_path, CLASSNAMES_FILE)
-    if classnames is None:
-        raise ConfigError(
-            f"data.eval_tar={eval_path!r}: no class names; give data.eval_classnames (one per line) or put "
-            f"{CLASSNAMES_FILE} beside the tar or in its parent folder (CLIP_benchmark's layout)"
-        )
-    names = read_lines(classnames)
-    if not names:
-        raise ConfigError(f"{classnames}: no class names in it")
-    templates = templates or find_beside(eval_path, TEMPLATES_FILE)
-    return Classes(names, read_lines(templates) if templates else list(DEFAULT_TEMPLATES))
-
-
-# -- the labelled images ------------------------------------------------------------------
-
-
-def eval_tars(path: str) -> list[str]:
-    """The tar itself (compressed ones too), or every ``*.tar`` of a folder in name order."""
-    fs, fs_path = storage.filesystem(path)
-    return storage.list_files(path, ".tar") if fs.isdir(fs_path) else [path]
-
-
-def _label(sample: data_mod.RawSample, num_classes: int) -> int:
-    """The class index of a sample from ``.cls`` or ``.json``; ValueError if none is usable."""
-    if "cls" in sample.members:
-        label = int(sample.members["cls"].decode("utf-8").strip())
-    else:
-        meta = json.loads(sample.members["json"].decode("utf-8"))
-        label = meta["label"] if "label" in meta else meta["class_index"]
-    if not isinstance(label, int) or not 0 <= label < num_classes:
-        raise ValueError(f"label {label!r} outside 0..{num_classes - 1}")
-    return label
-
-
-def load_eval_set(path: str, image_size: int, num_classes: int) -> EvalSet:
-    """Read the labelled images of an eval tar (or folder of tars), decoded at ``image_size``."""
-    skipped: Counter = Counter()
-    images, labels, keys = [], [], []
-    for tar in eval_tars(path):
-        for sample in data_mod.iter_tar_samples(tar, skipped):
-            try:
-                image = data_mod.decode_image(data_mod.image_bytes(sample.members), image_size)
-            except data_mod.SkipSample as skip:
-                skipped[skip.reason] += 1
-                continue
-            try:
-                labels.append(_label(sample, num_classes))
-            except (KeyError, ValueError, TypeError, UnicodeDecodeError):
-                skipped[Reason.LABEL_MISSING.value] += 1
-                continue
-            images.append(image)
-            keys.append(sample.key)
-    if not images:
-        raise ValueError(f"{path}: no usable eval samples (skipped: {dict(skipped)})")
-    return EvalSet(torch.stack(images), torch.tensor(labels), keys, dict(skipped))
 
 
 # -- scoring --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def class_embeddings(model: torch.nn.Module, tokenizer, device: torch.device, prompts: list[list[str]]) -> torch.Tensor:
-    """(classes, D): per class, the normalised mean of its normalised prompt embeddings."""
-    rows = []
-    for class_prompts in prompts:
-        tokens = tokenizer(class_prompts).to(device)
-        features = model.encode_text(tokens, normalize=True).float()
-        rows.append(torch.nn.functional.normalize(features.mean(dim=0), dim=-1))
-    return torch.stack(rows)
+def text_encoder(model: torch.nn.Module, tokenizer, device: torch.device):
+    """Texts -> normalised (B, D) embeddings of ``model``, for ``class_embeddings``."""
+    return lambda texts: model.encode_text(tokenizer(texts).to(device), normalize=True).float()
 
 
 @torch.no_grad()
@@ -221,24 +67,15 @@ def score_images(
     return torch.cat(scores)
 
 
-def topk_metrics(scores: torch.Tensor, labels: torch.Tensor) -> TopKResult:
-    """Top-1, top-5 and per-class top-1 from similarities; pure."""
-    n, classes = scores.shape
-    if n == 0:
-        return TopKResult(None, None, None, 0, classes, [None] * classes)
-    top = scores.topk(min(5, classes), dim=1).indices
-    hits = top == labels[:, None]
-    top1 = hits[:, 0].float()
-    per_class = [
-        float(top1[labels == c].mean()) if bool((labels == c).any()) else None for c in range(classes)
-    ]
-    present = [v for v in per_class if v is not None]
-    return TopKResult(
-        float(top1.mean()), float(hits.any(dim=1).float().mean()), sum(present) / len(present), n, classes, per_class
-    )
-
-
 # -- results ----------------------------------------------------------------------------------
+
+
+def _round(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
 
 
 def write_result(path: str, result: TopKResult, extra: dict | None = None) -> None:
@@ -272,7 +109,7 @@ def evaluate(model, tokenizer, eval_set: EvalSet, classes: Classes, device: torc
     was_training = model.training
     model.eval()
     try:
-        classifier = class_embeddings(model, tokenizer, device, classes.prompts())
+        classifier = class_embeddings(text_encoder(model, tokenizer, device), classes.prompts())
         scores = score_images(model, eval_set.images, classifier, device, batch_size)
     finally:
         model.train(was_training)
