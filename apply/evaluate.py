@@ -78,13 +78,17 @@ def find_dataset(root: str, split: str) -> Dataset:
     """The dataset at ``root``: its layout, its samples' folder, its class names and templates; ``DataError`` if none."""
     if not storage.exists(root):
         raise DataError(f"--datasets {root}: no such folder")
-    templates_path = storage.join(root, TEMPLATES_FILE)
+    tar_file = root.endswith(".tar")
+    base = root.rsplit("/", 1)[0] if tar_file and "/" in root else ("." if tar_file else root)
+    templates_path = storage.join(base, TEMPLATES_FILE)
     templates = read_lines(templates_path) if storage.exists(templates_path) else list(DEFAULT_TEMPLATES)
     split_folder = storage.join(root, split)
-    if storage.list_files(split_folder, ".tar"):
-        names_path = storage.join(root, CLASSNAMES_FILE)
+    # CLIP_benchmark's {split}/*.tar; or the trainer's eval set: a .tar, or a folder of them, beside classnames.txt
+    tars_at = root if tar_file else next((f for f in (split_folder, root) if storage.list_files(f, ".tar")), None)
+    if tars_at is not None:
+        names_path = storage.join(base, CLASSNAMES_FILE)
         names = read_lines(names_path) if storage.exists(names_path) else []
-        return Dataset(root, "wds", split_folder, Classes(names, templates) if names else None)
+        return Dataset(root, "wds", tars_at, Classes(names, templates) if names else None)
     fs, fs_path = storage.filesystem(split_folder)
     folder = split_folder if fs.isdir(fs_path) else root
     names = image_folder_classes(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -206,3 +207,23 @@ def test_errors_are_one_line_and_exit_2(checkpoint, wds_set, tmp_path, capsys, m
     assert len(err.splitlines()) == 1 and err.startswith("python -m apply.evaluate: error: --datasets ")
     assert re.search(message, err), err
     assert not out.exists()
+
+
+def test_the_trainers_eval_layout_gives_the_same_figures(checkpoint, wds_set, tmp_path):
+    """The trainer's eval set (tars, or one tar, beside classnames.txt) reads as CLIP_benchmark's layout does."""
+    root, *_ = wds_set
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        (flat / name).write_bytes((Path(root) / name).read_bytes())
+    for tar in ("0.tar", "1.tar"):
+        (flat / tar).write_bytes((Path(root) / "test" / tar).read_bytes())
+    results = {}
+    for dataset in (root, str(flat), str(flat / "0.tar")):
+        out = tmp_path / f"{len(results)}.json"
+        assert evaluate_mod.main(["--checkpoint", checkpoint, "--datasets", dataset, "--output_file", str(out),
+                                  "--batch_size", "4", "--device", "cpu"]) == 0  # fmt: skip
+        results[dataset] = json.loads(out.read_text())
+    assert [r["metrics"] for r in results[str(flat)]] == [r["metrics"] for r in results[root]]
+    one_tar = results[str(flat / "0.tar")][0]
+    assert one_tar["task"] == "zeroshot_classification" and 0 < one_tar["samples"] < results[root][0]["samples"]
