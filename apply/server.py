@@ -280,6 +280,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if url.path in ("/", "/index.html"):
                 return self._send(200, app.page, "text/html; charset=utf-8",
                                   {"Content-Security-Policy": app.policy, "Cache-Control": "no-store"})
+            if url.path == "/favicon.ico":
+                return self._send(204, b"", "image/x-icon")  # no icon; and no 404 in the browser's console
             if url.path == "/image":
                 found = app.images.get(params.get("key", ""))
                 if found is None:

@@ -74,15 +74,12 @@ def write_pool(folder: str) -> list[dict]:
     return rows
 
 
-def write_decisions(folder: str, rows: list[dict]) -> dict[str, tuple[bool, str | None, str | None]]:
-    """The filter's decision files for ``write_pool``'s pool: rows 3 and 7 of each shard rejected as
+def decisions() -> dict[str, tuple[bool, str | None, str | None]]:
+    """key -> (keep, reason, dup_of) for ``write_pool``'s pool: rows 3 and 7 of each shard rejected as
     caption_short, row 5 as dup_near of row 4, row 9 of shard 2 as dup_exact of shard 0's row 2."""
-    os.makedirs(folder, exist_ok=True)
     decided = {}
     for shard in range(SHARDS):
-        keys, keep, reason, dup_of = [], [], [], []
         for row in range(ROWS):
-            key = sample_key(shard, row, ROWS)
             verdict: tuple[bool, str | None, str | None] = (True, None, None)
             if row == ROWS - 1:
                 verdict = (False, "http_404", None)
@@ -92,19 +89,23 @@ def write_decisions(folder: str, rows: list[dict]) -> dict[str, tuple[bool, str 
                 verdict = (False, "dup_near", sample_key(shard, 4, ROWS))
             elif (shard, row) == (2, 9):
                 verdict = (False, "dup_exact", sample_key(0, 2, ROWS))
-            decided[key] = verdict
-            keys.append(key)
-            keep.append(verdict[0])
-            reason.append(verdict[1])
-            dup_of.append(verdict[2])
-        n = len(keys)
-        table = pa.Table.from_arrays(
-            [pa.array(keys), pa.array(keep), pa.array(reason, pa.string()), pa.array(dup_of, pa.string()),
-             *[pa.nulls(n, f.type) for f in list(DECISION_SCHEMA)[4:]]], schema=DECISION_SCHEMA)  # fmt: skip
-        pq.write_table(table, os.path.join(folder, f"{shard:05d}.parquet"))
+            decided[sample_key(shard, row, ROWS)] = verdict
+    return decided
+
+
+def write_decisions(folder: str) -> None:
+    """The filter's decision files ({shard}.parquet, DECISION_SCHEMA) of ``decisions()``."""
+    os.makedirs(folder, exist_ok=True)
+    decided = decisions()
+    for shard in range(SHARDS):
+        keys = [sample_key(shard, row, ROWS) for row in range(ROWS)]
+        verdicts = [decided[k] for k in keys]
+        columns = [pa.array(keys), pa.array([v[0] for v in verdicts]), pa.array([v[1] for v in verdicts], pa.string()),
+                   pa.array([v[2] for v in verdicts], pa.string())]
+        columns += [pa.nulls(len(keys), f.type) for f in list(DECISION_SCHEMA)[4:]]
+        pq.write_table(pa.Table.from_arrays(columns, schema=DECISION_SCHEMA), os.path.join(folder, f"{shard:05d}.parquet"))
     with open(os.path.join(folder, "_filter_stats.json"), "w") as handle:
         json.dump({"rows": len(decided)}, handle)
-    return decided
 
 
 def _write_shard(out: str, n: int, image: np.ndarray, text: np.ndarray, meta: dict[str, list]) -> None:
@@ -192,8 +193,8 @@ def build_all(root: str) -> dict[str, str]:
 
     paths = {name: os.path.join(root, name) for name in ("pool", "decisions", "embeddings", "index")}
     paths["checkpoint"] = write_checkpoint(os.path.join(root, "run", "checkpoints"))
-    rows = write_pool(paths["pool"])
-    write_decisions(paths["decisions"], rows)
+    write_pool(paths["pool"])
+    write_decisions(paths["decisions"])
     model = apply_model.load(paths["checkpoint"])
     tars = [os.path.join(paths["pool"], f"{shard:05d}.tar") for shard in range(SHARDS)]
     write_embeddings(model, tars, paths["embeddings"], paths["pool"])
