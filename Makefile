@@ -30,7 +30,7 @@ SUBMIT_ARGS ?=
 STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_ARGS) -- python -m,$(PY) -m)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv browser demo demo-web crawl ingest filter shards report verify train test cluster-test bench bench-peers clean-demo
+.PHONY: help venv browser demo demo-web crawl ingest filter shards report verify train index search test cluster-test bench bench-peers clean-demo
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -75,6 +75,12 @@ verify: $(STAMP) ## recompute hashes and counts of train shards (or ARGS="--fold
 
 train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONFIG=, ARGS=)
 	$(PY) -m train --config $(if $(CONFIG),$(CONFIG),$(TRAIN_CONFIG)) $(ARGS)
+
+index: $(STAMP) ## faiss index over an embeddings folder (ARGS="--embeddings E --output_folder I")
+	$(PY) -m apply.index $(ARGS)
+
+search: $(STAMP) ## search an index (ARGS="--index I --query TEXT --top_k K"), or serve the API and page (--serve)
+	$(PY) -m apply.search $(ARGS)
 
 browser: ## Debian's chromium for the report page's browser tests (installed once, needs root or sudo)
 	@bash infra/local/install_chromium.sh

@@ -187,3 +187,15 @@ def test_boolean_flags_may_be_given_bare():
     assert cfg.json is False
     with pytest.raises(ConfigError, match="pool"):
         load_cli(SearchConfig, ["--index", "i", "--serve", "--pool", "p"], "search", "")
+
+
+def test_the_statistics_report_says_how_to_open_the_page(tmp_path):
+    from _shards_fixtures import make_pool, make_report
+    from shards.page import SEARCH_URL, render_page
+
+    spec = make_pool(str(tmp_path), shards=2, rows_per_shard=8, seed=1)
+    html = render_page(make_report(spec, ""))
+    note = html[html.index("id=search-page"):].split("</p>", 1)[0]
+    assert f'<a href="{SEARCH_URL}">' in note and SEARCH_URL == "http://127.0.0.1:8080/"
+    assert "make search ARGS=" in note and f"--decisions {spec.decisions}" in note
+    assert SearchConfig.__dataclass_fields__["port"].default == 8080  # the URL the page names is the default one
