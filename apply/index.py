@@ -14,7 +14,7 @@ committed by ``embeddings.json``). Output, a folder of its own (local or ``s3://
 Which index (``--index_type auto``, the default):
 
 * ``flat`` (exact, ``IndexFlatIP``) up to ``--exact_max_rows`` rows (100,000 by default:
-  an exact single query then costs about 10 ms on one core);
+  an exact single query then costs about 9 ms on one core of the benchmark machine);
 * ``ivf`` beyond it: ``IVF{nlist},SQfp16`` — k-means lists (nlist: the power of two nearest
   4·sqrt(rows)), vectors stored as float16 like the embeddings themselves, so nothing is
   lost by the storage; ``nprobe`` (lists visited per query) is tuned at build time: the
@@ -389,8 +389,16 @@ class SearchIndex:
         return self._keys.get(key)
 
 
-def open_index(folder: str) -> SearchIndex:
-    """The index committed in ``folder``; a DataError says what is missing."""
+def open_index(folder: str, threads: int = 1) -> SearchIndex:
+    """The index committed in ``folder``; a DataError says what is missing.
+
+    Searches run on ``threads`` faiss threads (a process-wide setting). One by default: a
+    single query gains nothing from more, and on a machine whose cores are busy OpenMP's
+    threads wait on each other (an exact query over 100,000 rows: 9 ms on one thread, 44 ms
+    on two, on the benchmark machine under load); a server answers concurrent queries from
+    its own threads instead.
+    """
+    faiss.omp_set_num_threads(threads)
     marker = storage.join(folder, MARKER)
     if not storage.exists(marker):
         raise DataError(f"--index {folder}: no {MARKER} (not an index folder, or its python -m apply.index "

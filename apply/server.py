@@ -37,6 +37,7 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -214,9 +215,7 @@ class Browse:
         return out
 
 
-def _string_array(values: set[str]):
-    import pyarrow as pa
-
+def _string_array(values: set[str]) -> pa.Array:
     return pa.array(sorted(values), pa.string())
 
 

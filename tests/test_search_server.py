@@ -25,7 +25,6 @@ import pytest
 from PIL import Image
 
 import _search_fixtures as fx
-from apply import model as apply_model
 from apply.index import open_index
 from apply.search import Searcher
 from core.layout import sample_key
