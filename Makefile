@@ -31,7 +31,7 @@ STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_
 
 .DEFAULT_GOAL := help
 .PHONY: help venv browser demo demo-web crawl ingest filter shards report verify train test cluster-test bench bench-peers clean-demo
-.PHONY: classify eval export
+.PHONY: classify eval export index search
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -86,6 +86,12 @@ eval: $(STAMP) ## benchmark figures (CLIP_benchmark layout, ImageFolder): ARGS="
 
 export: $(STAMP) ## a checkpoint as an open_clip hub folder: ARGS="--checkpoint C --output_folder D [--push_to_hub ORG/NAME]"
 	$(PY) -m apply.export $(ARGS)
+
+index: $(STAMP) ## faiss index over an embeddings folder (ARGS="--embeddings E --output_folder I")
+	$(PY) -m apply.index $(ARGS)
+
+search: $(STAMP) ## search an index (ARGS="--index I --query TEXT --top_k K"), or serve the API and page (--serve)
+	$(PY) -m apply.search $(ARGS)
 
 browser: ## Debian's chromium for the report page's browser tests (installed once, needs root or sudo)
 	@bash infra/local/install_chromium.sh

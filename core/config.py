@@ -353,8 +353,9 @@ def build_parser(cls: type, prog: str, description: str, epilog: str | None = No
         metavar = {bool: "BOOL", int: "N", float: "X"}.get(base, "LIST" if typing.get_origin(base) is list else "STR")
         metavars[name] = metavar
         help_text = f"{f.metadata.get('help', '')} (default: {_show(default)})".replace("%", "%%")
+        flag = {"nargs": "?", "const": "true"} if base is bool else {}  # a bare --flag means true
         groups[section].add_argument(f"--{name}", dest=name, metavar=metavar, default=argparse.SUPPRESS,
-                                     help=help_text)
+                                     help=help_text, **flag)
     for old, new in _aliases(cls).items():
         parser.add_argument(f"--{old}", dest=new, metavar=metavars.get(new),
                             default=argparse.SUPPRESS, help=f"the same as --{new}")

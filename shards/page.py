@@ -310,6 +310,18 @@ def _distributions(report: dict[str, Any]) -> str:
     return "<div class=grid>" + "".join(figures) + "</div>"
 
 
+SEARCH_URL = "http://127.0.0.1:8080/"  # apply.search --serve's default address
+
+
+def _search_note(inputs: dict[str, Any]) -> str:
+    """How to look at the samples themselves: the search and browse page of ``apply.search --serve``."""
+    browse = (f" --pool {_e(inputs['pool'])} --decisions {_e(inputs['decisions'])}" if inputs.get("decisions") else "")
+    return ("<p class=meta id=search-page>Look at the samples: embed them and index the embeddings "
+            "(<code>make embed</code>, <code>make index</code>), then <code>make search ARGS=\"--index INDEX --serve"
+            f"{browse}\"</code> serves a page to search them by text and to browse kept samples and examples of each "
+            f"rejection reason, at <a href=\"{SEARCH_URL}\">{SEARCH_URL}</a>.</p>")
+
+
 def render_page(report: dict[str, Any]) -> str:
     funnel = {s["step"]: s["count"] for s in report["funnel"]}
     reasons = report["reasons"]
@@ -327,6 +339,7 @@ def render_page(report: dict[str, Any]) -> str:
         f"from metadata only ({_e(inputs['layout'])} layout, {inputs['pool_shards']:,} pool shards). Pool "
         f"<code>{_e(inputs['pool'])}</code>; decisions <code>{_e(inputs['decisions'] or 'none')}</code>; train shards "
         f"<code>{_e(inputs['train'] or 'none')}</code>. The numbers are in <code>report.json</code>.</p>",
+        _search_note(inputs),
         "".join(f"<p class=warning><b>Warning:</b> {_e(w)}</p>" for w in report.get("warnings", [])),
         "<div class=cards>" + "".join(f"<div class=card><b>{v:,}</b>{_e(k)}</div>" for k, v in cards) + "</div>",
         "<h2 id=funnel-h>Funnel</h2>", _funnel(report),
