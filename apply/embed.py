@@ -107,12 +107,12 @@ def checkpoint_file(checkpoint: str) -> str:
     """The weights file a run will read (a folder's latest, resolved once), as it names it: absolute when local."""
     from train import checkpoint as ckpt
 
+    if not storage.exists(checkpoint):
+        raise DataError(f"--checkpoint {checkpoint}: no such file or folder")
     try:
         path = checkpoint if checkpoint.endswith(OPEN_CLIP_WEIGHTS) else ckpt.model_file(checkpoint)
     except FileNotFoundError as exc:
-        raise DataError(f"--checkpoint {checkpoint}: {str(exc).strip(chr(34))}") from None
-    if not storage.exists(path):
-        raise DataError(f"--checkpoint {path}: no such file")
+        raise DataError(f"--checkpoint: {str(exc).strip(chr(34))}") from None
     return os.path.abspath(storage.filesystem(path)[1]) if storage.is_local(path) else path
 
 
@@ -120,8 +120,8 @@ def input_shards(folder: str) -> list[tuple[int, str]]:
     """(n, tar path) of every shard to embed, in order; ``DataError`` when there is none to read."""
     try:
         shards = data_mod.list_shards(folder)
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"--shards {folder}: {exc}") from None
+    except (FileNotFoundError, ValueError) as exc:  # the trainer's reader names its own option: not ours
+        raise DataError(f"--shards {folder}: {str(exc).replace(f'data.train_shards={folder!r}: ', '')}") from None
     committed = committed_shards(folder)
     tars = {shard_id_of(s.path) for s in shards}
     if missing := sorted(committed - tars):
