@@ -76,6 +76,10 @@ verify: $(STAMP) ## recompute hashes and counts of train shards (or ARGS="--fold
 train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONFIG=, ARGS=)
 	$(PY) -m train --config $(if $(CONFIG),$(CONFIG),$(TRAIN_CONFIG)) $(ARGS)
 
+.PHONY: embed
+embed: $(STAMP) ## image and caption embeddings of pool or train shards (ARGS="--checkpoint C --shards S --output_folder E")
+	$(PY) -m apply.embed $(ARGS)
+
 browser: ## Debian's chromium for the report page's browser tests (installed once, needs root or sudo)
 	@bash infra/local/install_chromium.sh
 
