@@ -247,7 +247,7 @@ class Embedder:
                                                     [p.caption for p in fresh])  # fmt: skip
                 images.append(image_rows)
                 texts.append(text_rows)
-                rows += fresh
+                rows += [p._replace(image=None) for p in fresh]  # the metadata; the pixels can go
             report(len(rows), skipped=sum(skipped.values()))
         dim = self.model.embed_dim
         layout.write_array(layout.image_path(output, n), np.concatenate(images) if images else np.empty((0, dim), np.float16))
@@ -297,8 +297,8 @@ class EmbedError(RuntimeError):
 def _done_shards(cfg: EmbedConfig, shards: list[tuple[int, str]], checkpoint: str) -> dict[int, dict]:
     """``done/{n}.json`` of the shards already embedded, which must come from this checkpoint and tar."""
     manifest = storage.join(cfg.output_folder, layout.MANIFEST)
-    if storage.exists(manifest) and storage.read_json(manifest).get("checkpoint") != checkpoint:
-        made_by = storage.read_json(manifest).get("checkpoint")
+    made_by = storage.read_json(manifest).get("checkpoint") if storage.exists(manifest) else checkpoint
+    if made_by != checkpoint:
         raise ConfigError(f"output_folder={cfg.output_folder!r}: holds embeddings of checkpoint {made_by!r}, not of "
                           f"{checkpoint!r}; use another output_folder, or delete it to re-embed")  # fmt: skip
     present = {p.rsplit("/", 1)[-1] for p in storage.list_files(storage.join(cfg.output_folder, "done"), ".json")}
