@@ -249,9 +249,9 @@ class Embedder:
                 texts.append(text_rows)
                 rows += [p._replace(image=None) for p in fresh]  # the metadata; the pixels can go
             report(len(rows), skipped=sum(skipped.values()))
-        dim = self.model.embed_dim
-        layout.write_array(layout.image_path(output, n), np.concatenate(images) if images else np.empty((0, dim), np.float16))
-        layout.write_array(layout.text_path(output, n), np.concatenate(texts) if texts else np.empty((0, dim), np.float16))
+        empty = np.empty((0, self.model.embed_dim), np.float16)
+        layout.write_array(layout.image_path(output, n), np.concatenate(images) if images else empty)
+        layout.write_array(layout.text_path(output, n), np.concatenate(texts) if texts else empty)
         layout.write_table(layout.metadata_path(output, n), pa.Table.from_arrays([
             pa.array([p.key for p in rows], pa.string()),
             pa.array([p.url for p in rows], pa.string()),

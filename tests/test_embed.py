@@ -133,7 +133,8 @@ def test_the_layout_rows_metadata_and_what_was_left_out(pool, embedded):
     assert manifest["rows"] == summary.rows == SHARDS * ROWS - 3
     assert manifest["shards"] == {str(s): {"tar": storage.join(pool, f"{s:05d}.tar"), "rows": ROWS - 1}
                                   for s in range(SHARDS)}  # fmt: skip
-    assert (manifest["model"], manifest["step"], manifest["dim"], manifest["image_size"]) == ("webclip-tiny", 3, 128, 48)
+    described = (manifest["model"], manifest["step"], manifest["dim"], manifest["image_size"])
+    assert described == ("webclip-tiny", 3, 128, 48)
     assert manifest["checkpoint"].endswith("step_00000003.pt") and manifest["source"] == pool
     names = {os.path.relpath(os.path.join(d, f), output) for d, _, files in os.walk(output) for f in files}
     assert names == {emb.MANIFEST} | {f"{kind}/{kind}_{s}.npy" for kind in ("img_emb", "text_emb") for s in range(3)} \
@@ -246,7 +247,8 @@ def test_help_explains_the_layout(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for word in ("--checkpoint", "--shards", "--output_folder", "--batch_size", "--workers", "img_emb", "embeddings.json"):
+    for word in ("--checkpoint", "--shards", "--output_folder", "--batch_size", "--workers", "img_emb",
+                 "embeddings.json"):
         assert word in text
 
 
