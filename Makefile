@@ -31,7 +31,7 @@ STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_
 
 .DEFAULT_GOAL := help
 .PHONY: help venv browser demo demo-web crawl ingest filter shards report verify train test cluster-test bench bench-peers clean-demo
-.PHONY: classify eval export index search
+.PHONY: classify eval export embed index search
 
 help: ## list the targets
 	@echo "webclip: web image-text data in, a CLIP model out"
@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create or update the virtual environment (.venv)
 
-demo: $(STAMP) ## the whole path on the embedded demo web: corpus → ingest → filter → shards → train → zero-shot
+demo: $(STAMP) ## the whole path on the embedded demo web: corpus → ingest → filter → shards → train → zero-shot → search
 	$(PY) -m infra.local.demo $(ARGS)
 
 demo-web: $(STAMP) ## serve the demo web on 127.0.0.1:8765 (for running `make ingest` by hand)
@@ -86,6 +86,9 @@ eval: $(STAMP) ## benchmark figures (CLIP_benchmark layout, ImageFolder): ARGS="
 
 export: $(STAMP) ## a checkpoint as an open_clip hub folder: ARGS="--checkpoint C --output_folder D [--push_to_hub ORG/NAME]"
 	$(PY) -m apply.export $(ARGS)
+
+embed: $(STAMP) ## image and caption embeddings of pool or train shards (ARGS="--checkpoint C --shards S --output_folder E")
+	$(PY) -m apply.embed $(ARGS)
 
 index: $(STAMP) ## faiss index over an embeddings folder (ARGS="--embeddings E --output_folder I")
 	$(PY) -m apply.index $(ARGS)

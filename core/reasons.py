@@ -56,6 +56,7 @@ class Reason(str, Enum):
     DUP_URL = "dup_url"
     DUP_EXACT = "dup_exact"
     DUP_NEAR = "dup_near"
+    DUP_SEMANTIC = "dup_semantic"  # image embeddings (apply.embed) at or above a cosine threshold
     LOW_CLIP_SCORE = "low_clip_score"
     LANGUAGE = "language"  # caption detected in a language outside the configured list
     NEAR_BLANK = "near_blank"  # the image is (nearly) one flat tone
@@ -148,6 +149,8 @@ _DESCRIPTION: dict[Reason, str] = {
     "and the row was not downloaded",
     Reason.DUP_EXACT: "the same image bytes (sha256) appeared earlier in the pool",
     Reason.DUP_NEAR: "a perceptually near-identical image appeared earlier in the pool",
+    Reason.DUP_SEMANTIC: "an image whose CLIP embedding is nearly the same (cosine at or above the threshold) "
+    "appeared earlier in the pool",
     Reason.LOW_CLIP_SCORE: "image and caption are too dissimilar under a CLIP model",
     Reason.LANGUAGE: "the caption's detected language is not among the languages kept",
     Reason.NEAR_BLANK: "the image is nearly one flat tone (grey-level spread below the minimum)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from core.config import parse_config
+from core.errors import DataError
 from filter.config import FilterConfig
 from filter.run import run_filter
 
@@ -13,9 +14,10 @@ Decide keep / reject for every pool row, with the first failing reason (see
 filter/rules.py for the order), from the pool's parquet metadata only — no image is
 decoded. Runs in local processes, or as Ray tasks given a cluster (--ray_address,
 RAY_ADDRESS or --distributor ray): per-shard rules, then global passes over all
-shards — URL dedupe, the CLIP-score rule (scores from `python -m filter.clipscore`),
-exact dedupe by sha256 and near-duplicate dedupe by pHash (banded LSH, Hamming
-threshold) — each keeping the first acceptable copy in key order, so decisions do
+shards — URL dedupe, the CLIP-score rule (the cosines of --embeddings from
+`python -m apply.embed`, or --clip_scores), exact dedupe by sha256, near-duplicate
+dedupe by pHash (banded LSH, Hamming threshold) and, with --semantic_dedupe_threshold,
+by the cosine of image embeddings — each keeping the first acceptable copy in key order, so decisions do
 not depend on the number of workers. Writes {shard}.parquet (key, keep, reason, dup_of, scores) in
 --output_folder and _filter_stats.json (counts per reason, the LSH plan) last.
 """
@@ -23,7 +25,11 @@ not depend on the number of workers. Writes {shard}.parquet (key, keep, reason, 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(FilterConfig, argv, prog="python -m filter", description=DESCRIPTION)
-    summary = run_filter(cfg)
+    try:
+        summary = run_filter(cfg)
+    except DataError as exc:
+        print(f"python -m filter: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{summary.rows} rows in {summary.shards} shards: kept {summary.kept}, rejected {summary.rows - summary.kept}")
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:<20} {n}")

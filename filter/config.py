@@ -52,13 +52,19 @@ class FilterConfig(Execution):
     near_dup_band_bits: int = option(0, "pHash bits per LSH band (0: chosen from the row count)")
     near_dup_recall: float = option(0.99, "with automatic bands: the chance that a pair exactly at the "
                                           "threshold becomes a candidate")
-    # -- CLIP score ---------------------------------------------------------------
+    # -- embeddings: CLIP score and semantic dedupe ---------------------------------
+    embeddings: str = option("", "embeddings folder of this pool from `python -m apply.embed` (local or s3://): "
+                                 "the CLIP score is the cosine of each sample's image and caption embeddings "
+                                 "there, and semantic dedupe compares its image embeddings")
     clip_scores: str = option("", "folder of CLIP scores ({shard}.parquet: key, clip_score) from "
-                                  "`python -m filter.clipscore`; empty: no CLIP-score rule")
+                                  "`python -m filter.clipscore`, read instead of the embeddings' cosines")
     clip_threshold: float | None = option(None, "reject samples whose CLIP score (cosine, -1..1) is below "
                                                 "this (unset: no threshold)")
     clip_top_fraction: float = option(0.0, "keep only this fraction of the otherwise acceptable samples, "
                                            "best CLIP scores first (0: off)")
+    semantic_dedupe_threshold: float | None = option(
+        None, "reject an image whose embedding's cosine with an earlier acceptable image's is at least this "
+        "(dup_semantic; e.g. 0.95; needs embeddings; unset: off)")
     # -- decontamination ----------------------------------------------------------
     decontaminate: str = option("", "evaluation images (a .tar of images, a folder of images, or a parquet "
                                     "with a phash column) whose near duplicates are dropped from the pool")
@@ -83,9 +89,14 @@ class FilterConfig(Execution):
             problem(f"partition_rows={self.partition_rows}: at least 1000")
         if not 0 <= self.clip_top_fraction <= 1:
             problem(f"clip_top_fraction={self.clip_top_fraction}: must be in 0..1")
-        if (self.clip_top_fraction or self.clip_threshold is not None) and not self.clip_scores:
-            problem("clip_threshold / clip_top_fraction need clip_scores "
-                              "(run `python -m filter.clipscore` first)")
+        if (self.clip_top_fraction or self.clip_threshold is not None) and not (self.clip_scores or self.embeddings):
+            problem("clip_threshold / clip_top_fraction need embeddings (run `python -m apply.embed` over the "
+                    "pool first) or clip_scores")
+        if self.semantic_dedupe_threshold is not None:
+            if not -1 <= self.semantic_dedupe_threshold <= 1:
+                problem(f"semantic_dedupe_threshold={self.semantic_dedupe_threshold}: a cosine, in -1..1 (e.g. 0.95)")
+            if not self.embeddings:
+                problem("semantic_dedupe_threshold needs embeddings (run `python -m apply.embed` over the pool first)")
         if not 0 <= self.min_language_confidence <= 1:
             problem(f"min_language_confidence={self.min_language_confidence}: must be in 0..1")
         self.languages = [code.strip().lower() for code in self.languages if code.strip()]
@@ -94,4 +105,5 @@ class FilterConfig(Execution):
 
     @property
     def uses_clip(self) -> bool:
-        return bool(self.clip_scores) and (self.clip_top_fraction > 0 or self.clip_threshold is not None)
+        return bool(self.clip_scores or self.embeddings) and (self.clip_top_fraction > 0 or
+                                                              self.clip_threshold is not None)

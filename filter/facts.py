@@ -3,7 +3,8 @@
 A *fact table* has one row per pool row: its ``row_id`` (``shard << 32 | row``:
 ordered like keys), the first per-row rule it fails (``pre_reason``), and the
 numbers the global passes need — URL fingerprint, the 128-bit image digest, the
-pHash, the CLIP score — plus the scores the decisions file reports (language,
+pHash, the CLIP score (from score files, or the cosine of the
+sample's embeddings) — plus the scores the decisions file reports (language,
 luma spread). Per-row rules look at one row only, so this pass runs anywhere, in
 any order; everything that compares rows happens later, in ``filter.dedupe``.
 
@@ -21,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from apply.embeddings import shard_scores
 from core import storage
 from core.layout import shard_name
 from core.reasons import Reason
@@ -110,7 +112,10 @@ def _fingerprint(text: str) -> int:
 def shard_facts(pool: str, shard_id: int, cfg: FilterConfig, eval_hashes: np.ndarray | None) -> tuple[pa.Table, dict]:
     """The fact table of one pool shard, and notes for the stats (skipped checks)."""
     rows, missing = read_pool_rows(pool, shard_id)
-    scores = read_clip_scores(cfg.clip_scores, shard_id) if cfg.clip_scores else {}
+    if cfg.clip_scores:
+        scores = read_clip_scores(cfg.clip_scores, shard_id)
+    else:
+        scores = shard_scores(cfg.embeddings, shard_id) if cfg.embeddings else {}
     columns: dict[str, list] = {name: [] for name in FACT_SCHEMA.names}
     for index, row in enumerate(rows):
         key = row["key"]

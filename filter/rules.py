@@ -11,6 +11,9 @@ A row gets the **first** rule it fails, so the order is part of the contract:
     6. eval_contaminated (pHash near an eval image)                 bytes (sha256) is kept
                                                    9. dup_near     first acceptable image of each
                                                                    pHash cluster is kept
+                                                  10. dup_semantic first acceptable image of each
+                                                                   cluster of close CLIP image
+                                                                   embeddings is kept (off by default)
 
 "First" is key order and "acceptable" means passing every earlier rule, so a kept
 copy is always the first one that would have been kept on its own; the same pool

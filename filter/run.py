@@ -9,6 +9,9 @@ processes, Ray tasks, or inline; ``FilterConfig``'s execution options):
     4. dup_exact  one task per partition of image digests: first acceptable copy kept
     5. dup_near   one task per partition of LSH band keys: verified pHash pairs → edges;
                   the driver joins edges into clusters, the first of each is kept
+       dup_semantic  (with semantic_dedupe_threshold) one task per pool shard: its acceptable
+                  rows' image embeddings against those of every later shard, exact, in blocks;
+                  pairs at or above the cosine → edges → clusters, as for dup_near
     6. decisions  one task per pool shard: ``{shard}.parquet`` (key, keep, reason, scores)
 
 Partitions route whole groups (by group key), so a partition task sees every member
@@ -32,8 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from apply import embeddings as emb
 from core import storage
 from core.config import to_dict
+from core.errors import DataError
 from core.executor import Executor
 from core.layout import committed_shards, shard_name
 from core.reasons import Reason
@@ -56,7 +61,7 @@ DECISION_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("keep", pa.bool_()),
         ("reason", pa.string()),  # the first failing rule (core.reasons), null when kept
-        ("dup_of", pa.string()),  # for dup_url / dup_exact / dup_near: the key of the copy kept
+        ("dup_of", pa.string()),  # for dup_url / dup_exact / dup_near / dup_semantic: the key of the copy kept
         ("clip_score", pa.float32()),
         ("language", pa.string()),
         ("language_score", pa.float32()),
@@ -76,6 +81,7 @@ class FilterSummary:
     duration: float = 0.0
     passes: dict[str, float] = field(default_factory=dict)
     near_dup_plan: dict[str, Any] = field(default_factory=dict)
+    semantic_dup: dict[str, Any] = field(default_factory=dict)
     skipped_checks: list[str] = field(default_factory=list)
 
 
@@ -167,6 +173,38 @@ def near_tasks(plan: BandPlan, rows: int, partition_rows: int) -> list[tuple[lis
     return [(group, subparts, part) for group in groups for part in range(subparts)]
 
 
+def _semantic_rows(embeddings: str, work: str, shard_id: int, exclude) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids, unit float32 image embeddings) of a shard's acceptable rows that were embedded."""
+    table = _read_facts(work, shard_id, ["row_id", "key", "pre_reason"])
+    take = _eligible(table, exclude)
+    row_of = dict(zip(np.asarray(table.column("key").to_pylist(), dtype=object)[take].tolist(),
+                      table.column("row_id").to_numpy()[take].tolist()))
+    keys, vectors = emb.shard_images(embeddings, shard_id)
+    found = [(row_of[k], i) for i, k in enumerate(keys) if k in row_of]
+    if not found:
+        return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+    found.sort()
+    return np.array([r for r, _ in found], np.int64), vectors[[i for _, i in found]]
+
+
+def _semantic_task(embeddings: str, work: str, shard_ids: list[int], exclude, threshold: float,
+                   index: int) -> tuple:
+    """Pairs (a, b), a < b, of acceptable rows of shard ``shard_ids[index]`` and of it or a later shard
+    whose image embeddings' cosine is at least ``threshold``. Holds two shards' embeddings at a time."""
+    ids, vectors = _semantic_rows(embeddings, work, shard_ids[index], exclude)
+    left, right = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    if len(ids):
+        for other in shard_ids[index:]:
+            same = other == shard_ids[index]
+            other_ids, other_vectors = (ids, vectors) if same else _semantic_rows(embeddings, work, other, exclude)
+            if not len(other_ids):
+                continue
+            for i, j in emb.pairs_at_least(vectors, other_vectors, threshold, same):
+                left.append(np.minimum(ids[i], other_ids[j]))
+                right.append(np.maximum(ids[i], other_ids[j]))
+    return unique_edges(np.concatenate(left), np.concatenate(right))
+
+
 def _decisions_task(cfg: FilterConfig, work: str, unit: tuple[int, dict[str, tuple]]) -> dict:
     shard_id, rejected = unit
     table = _read_facts(work, shard_id, ["row_id", "key", "pre_reason", "clip_score", "language",
@@ -178,7 +216,7 @@ def _decisions_task(cfg: FilterConfig, work: str, unit: tuple[int, dict[str, tup
     digits = {len(k) - 5 for k in keys if k}
     width = digits.pop() if len(digits) == 1 else 4
     for reason in (Reason.DUP_URL, Reason.LOW_CLIP_SCORE, Reason.CLIP_SCORE_MISSING, Reason.DUP_EXACT,
-                   Reason.DUP_NEAR):  # the global passes, in rule order
+                   Reason.DUP_NEAR, Reason.DUP_SEMANTIC):  # the global passes, in rule order
         if reason.value not in rejected:
             continue
         rows, keepers = rejected[reason.value]
@@ -220,6 +258,11 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
     shard_ids = sorted(committed_shards(cfg.pool))
     if not shard_ids:
         raise SystemExit(f"filter: no committed pool shards in {cfg.pool!r} (run ingest first)")
+    if cfg.embeddings:
+        made_over = emb.read_manifest(cfg.embeddings)["shards"]  # DataError unless a finished folder
+        if not set(made_over) & {str(s) for s in shard_ids}:
+            raise DataError(f"embeddings={cfg.embeddings!r}: holds no shard of pool {cfg.pool!r} (it was made over "
+                            "another folder); run `python -m apply.embed --shards POOL` for this pool")
     storage.makedirs(cfg.output_folder)
     stats_path = storage.join(cfg.output_folder, STATS_FILE)
     if storage.exists(stats_path):
@@ -243,6 +286,7 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
         "reasons": dict(sorted(summary.reasons.items())),
         "pool_shards": [shard_name(i) for i in shard_ids],
         "near_dup_plan": summary.near_dup_plan,
+        "semantic_dup": summary.semantic_dup,
         "skipped_checks": summary.skipped_checks,
         "eval_images": 0 if eval_hashes is None else len(eval_hashes),
         "pass_seconds": summary.passes,
@@ -319,6 +363,16 @@ def _passes(cfg: FilterConfig, ex: Executor, shard_ids: list[int], work: str, ev
         with _timed(summary, "dup_near"):
             rejected[Reason.DUP_NEAR.value], summary.near_dup_plan = near_duplicate_pass(
                 cfg, ex, work, shard_ids, excluded, open_rows)
+        excluded = np.union1d(excluded, rejected[Reason.DUP_NEAR.value][0])
+
+    if cfg.semantic_dedupe_threshold is not None:
+        with _timed(summary, "dup_semantic"):
+            left, right = unique_edges(*_join(_run(ex, "dup_semantic", partial(
+                _semantic_task, cfg.embeddings, work, shard_ids, excluded, cfg.semantic_dedupe_threshold),
+                list(range(len(shard_ids))))))
+            rejected[Reason.DUP_SEMANTIC.value] = components_first(left, right)
+        summary.semantic_dup = {"threshold": cfg.semantic_dedupe_threshold, "pairs": len(left),
+                                "tasks": len(shard_ids)}
 
     with _timed(summary, "decisions"):
         per_shard = _split_by_shard(rejected, shard_ids)
