@@ -6,6 +6,8 @@
     filter   decide keep / reject for every pool row → decisions (eval look-alikes dropped too)
     shards   kept samples → train shards + manifest.json; report; verify
     train    train a small CLIP from scratch on the CPU, then zero-shot evaluation
+    embed    the trained model's image and caption embeddings of the train shards
+    index    a search index over them; the top captions of a few text queries
     figures  the demo's own zero-shot figures (seen / unseen pairs, colour / shape)
 
 Each stage runs as the same command a user would type (printed before it runs), so
@@ -29,6 +31,7 @@ from infra.local.webserver import serve
 DATA = "data/demo"
 RUN = "runs/demo"  # run_dir of configs/demo/train.yaml
 CONFIGS = "configs/demo"
+QUERIES = ("a green triangle", "a small yellow square", "a purple star on the left")  # searched after training
 
 
 def _run(command: list[str], title: str) -> None:
@@ -70,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_train:
         _run([py, "-m", "train", "--config", f"{CONFIGS}/train.yaml", *shlex.split(args.train_args)],
              "train: CLIP from scratch + zero-shot")
+        _run([py, "-m", "apply.embed", "--checkpoint", f"{RUN}/checkpoints", "--shards", f"{DATA}/train",
+              "--output_folder", f"{DATA}/embeddings"], "embed: image and caption embeddings of the train shards")
+        _run([py, "-m", "apply.index", "--embeddings", f"{DATA}/embeddings", "--output_folder", f"{DATA}/index"],
+             "index: a search index over the embeddings")
+        for query in QUERIES:
+            _run([py, "-m", "apply.search", "--index", f"{DATA}/index", "--query", query, "--top_k", "5"],
+                 f"search: {query!r}, text to images")
     print(f"\ndemo finished in {time.time() - start:.0f}s")
     print(f"  dataset report:  {DATA}/train/index.html (and report.json, datasheet.md, manifest.json)")
     if not args.skip_train:
@@ -77,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         composition.write(f"{RUN}/{composition.RESULT_FILE}", result)
         print(f"  model and logs:  {RUN}/ (zero-shot figures in {RUN}/zeroshot.json and "
               f"{RUN}/{composition.RESULT_FILE})")
+        print(f"  search page:     make search ARGS=\"--index {DATA}/index --serve --pool {DATA}/pool "
+              f"--decisions {DATA}/decisions\"  then open http://127.0.0.1:8080/")
         print(result.details())
         print(result.line(), flush=True)  # the demo's last line
     return 0
