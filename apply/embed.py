@@ -41,60 +41,35 @@ import numpy as np
 import pyarrow as pa
 
 from apply import embeddings as layout
+from apply.options import WorkerModelOptions
 from core import storage
-from core.config import ConfigError, DataError, at_least, option, parse_config, problem, require
+from core.config import ConfigError, DataError, option, parse_config, problem, require
 from core.executor import Execution, Executor, Failed, SetupFailed, report
 from core.layout import committed_shards, shard_id_of, shard_name
 from train import data as data_mod
 
 log = logging.getLogger(__name__)
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPEN_CLIP_WEIGHTS = (".pth", ".bin", ".safetensors")  # a .pt may be either: read to tell
 
 
 @dataclass
-class EmbedConfig(Execution):
-    """Where the shards are, which model embeds them, and where the embeddings go."""
+class EmbedConfig(WorkerModelOptions, Execution):
+    """Where the shards are, which model embeds them (``WorkerModelOptions``), and where the embeddings go."""
 
     workers: int = option(
         0, "embedding workers, each loading the model once: 0 = one per GPU (/ gpus_per_worker) when there are "
         "GPUs and device allows, else one per CPU less one")  # fmt: skip
-    checkpoint: str = option(
-        "", "a webclip checkpoint (step_*.pt, or a run's checkpoint folder: its latest, followed once at start) "
-        "or an open_clip weights file with --model (local or s3://)")  # fmt: skip
-    model: str = option("", "open_clip model name; empty = the name a webclip checkpoint stores")
-    model_config: str = option("", "open_clip model JSON, for an architecture open_clip does not ship")
     shards: str = option("", "folder of pool shards (ingest) or train shards (shards/): *.tar (local or s3://)")
     output_folder: str = option("", "the embeddings folder: img_emb/, text_emb/, metadata/, embeddings.json "
                                     "(local or s3://)")  # fmt: skip
-    batch_size: int = option(256, "samples per forward pass")
-    device: str = option("auto", "auto (cuda when GPUs are there), cpu or cuda")
-    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only)")
-    threads_per_worker: int = option(
-        0, "torch and decode threads per worker; 0 = 1 on CPU (the embeddings' bytes depend on it, never on the "
-        "worker count), the CPUs / workers on GPU")  # fmt: skip
-    gpus_per_worker: float = option(1.0, "GPUs each GPU worker holds; 0.5 puts two workers on one GPU")
-    max_image_pixels: int = option(1 << 26, "images announcing more pixels are left out (too_many_pixels)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self, "checkpoint", "shards", "output_folder")
+        require(self, "shards", "output_folder")
         if self.shards and self.output_folder and same_folder(self.shards, self.output_folder):
             problem(f"output_folder={self.output_folder!r}: is the shards folder; give the embeddings a folder "
                     "of their own")  # fmt: skip
-        if self.device not in DEVICES:
-            problem(f"device={self.device!r}: use one of {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            problem(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.device == "cpu" and self.precision in ("bf16", "fp16"):
-            problem(f"precision={self.precision}: autocast is for GPUs; on CPU use fp32 (or auto)")
-        if self.threads_per_worker < 0:
-            problem(f"threads_per_worker={self.threads_per_worker}: 0 (automatic) or a positive count")
-        if not self.gpus_per_worker > 0:
-            problem(f"gpus_per_worker={self.gpus_per_worker}: must be positive")
-        at_least(self, 1, "batch_size", "max_image_pixels")
 
 
 def same_folder(a: str, b: str) -> bool:

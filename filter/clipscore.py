@@ -34,17 +34,18 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from apply import embeddings as emb
+from apply.options import WorkerModelOptions
 from apply.embed import EmbedConfig, EmbedError, checkpoint_file, run_embed, same_folder
 from core import storage
-from core.config import ConfigError, DataError, at_least, option, parse_config, problem, require, to_dict
+from core.config import ConfigError, DataError, option, parse_config, problem, require, to_dict
 from core.executor import Execution
 from core.layout import committed_shards, shard_id_of, shard_name
 from train.data import Skip
@@ -56,8 +57,6 @@ METADATA_KEY = b"webclip.clipscore"  # parquet schema metadata: which checkpoint
 SCORE_SCHEMA = pa.schema([("key", pa.string()), ("clip_score", pa.float32()), ("score_error", pa.string())])
 HISTOGRAM_BINS = 200  # over [-1, 1]: quantiles in the stats are exact to 0.01
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def score_path(output_folder: str, shard_id: int) -> str:
@@ -69,18 +68,16 @@ def score_path(output_folder: str, shard_id: int) -> str:
 
 
 @dataclass
-class ClipScoreConfig(Execution):
-    """The scorer's options: the embed stage's, named as this command always named them."""
+class ClipScoreConfig(WorkerModelOptions, Execution):
+    """The scorer's options: the embed stage's model options, and this command's folders."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"threads_per_actor": "threads_per_worker", "gpus_per_actor": "gpus_per_worker"}
 
     workers: int = option(
-        0, "embedding workers, each loading the model once: 0 = one per GPU (/ gpus_per_actor) when there are "
+        0, "embedding workers, each loading the model once: 0 = one per GPU (/ gpus_per_worker) when there are "
         "GPUs and device allows, else one per CPU less one"
     )  # fmt: skip
     pool: str = option("", "pool folder written by ingest, webdataset layout (local or s3://)")
-    checkpoint: str = option(
-        "", "webclip checkpoint: a step_*.pt model file, or a checkpoint folder whose latest.json is "
-        "followed once, at start (local or s3://)"
-    )  # fmt: skip
     output_folder: str = option(
         "", "where {shard}.parquet score files and _clipscore_stats.json go (local or s3://); a folder "
         "of its own, not the pool's or the filter's"
@@ -89,40 +86,18 @@ class ClipScoreConfig(Execution):
         "", "the pool's embeddings folder (python -m apply.embed's layout), made here if not done yet; "
         "empty = {output_folder}/embeddings"
     )  # fmt: skip
-    model: str = option("", "open_clip model name; empty = the name the checkpoint stores")
-    model_config: str = option(
-        "", "extra open_clip model JSON to register, for an architecture outside train/model_configs "
-        "whose run config.yaml is not beside the checkpoint folder"
-    )  # fmt: skip
     actors: int | None = option(
         None, "the old name of workers, kept for its command lines: -1 = --workers 0 (automatic), "
         "0 = --distributor inline (in this process), N = --workers N"
     )  # fmt: skip
-    threads_per_actor: int = option(0, "torch and decode threads per worker; 0 = 1 on CPU, the CPUs / workers on GPU")
-    gpus_per_actor: float = option(1.0, "GPUs each GPU worker holds; 0.5 puts two workers on one GPU")
-    batch_size: int = option(256, "samples per forward pass")
-    device: str = option("auto", "auto (cuda when GPUs are there), cpu or cuda")
-    precision: str = option("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16 (GPU only)")
-    max_image_pixels: int = option(1 << 26, "images announcing more pixels get too_many_pixels, undecoded")
 
     def __post_init__(self) -> None:
         self._take_actors()
         super().__post_init__()
-        require(self, "pool", "checkpoint", "output_folder")
+        require(self, "pool", "output_folder")
         if self.pool and self.output_folder and same_folder(self.pool, self.output_folder):
             problem(f"output_folder={self.output_folder!r}: is the pool; score files would replace "
                     "the pool's parquet files")  # fmt: skip
-        if self.device not in DEVICES:
-            problem(f"device={self.device!r}: use one of {', '.join(DEVICES)}")
-        if self.precision not in PRECISIONS:
-            problem(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.device == "cpu" and self.precision in ("bf16", "fp16"):
-            problem(f"precision={self.precision}: autocast is for GPUs; on CPU use fp32 (or auto)")
-        if self.threads_per_actor < 0:
-            problem(f"threads_per_actor={self.threads_per_actor}: 0 (automatic) or a positive count")
-        if not self.gpus_per_actor > 0:
-            problem(f"gpus_per_actor={self.gpus_per_actor}: must be positive")
-        at_least(self, 1, "batch_size", "max_image_pixels")
         if self.output_folder and not self.embeddings:
             self.embeddings = storage.join(self.output_folder, "embeddings")
 
@@ -141,12 +116,9 @@ class ClipScoreConfig(Execution):
         self.actors = None
 
     def embed_config(self) -> EmbedConfig:
-        """The embed stage's config for this pool."""
-        return EmbedConfig(
-            **self.execution_options(), checkpoint=self.checkpoint, model=self.model, model_config=self.model_config,
-            shards=self.pool, output_folder=self.embeddings, batch_size=self.batch_size, device=self.device,
-            precision=self.precision, threads_per_worker=self.threads_per_actor, gpus_per_worker=self.gpus_per_actor,
-            max_image_pixels=self.max_image_pixels)  # fmt: skip
+        """The embed stage's config for this pool: the same model and execution options."""
+        shared = {f.name: getattr(self, f.name) for f in fields(WorkerModelOptions) + fields(Execution)}
+        return EmbedConfig(**shared, shards=self.pool, output_folder=self.embeddings)
 
 
 # -- one shard's scores, from its embeddings ------------------------------------------------------

@@ -119,7 +119,7 @@ def config(pool: str, checkpoint: str, output: str, **overrides) -> ClipScoreCon
 def ray_scores(pool, checkpoint, tmp_path_factory) -> tuple[str, object]:
     """Scores from the Ray actor path, on a local Ray instance: 2 actors of 1 thread each."""
     output = str(tmp_path_factory.mktemp("scores") / "ray")
-    summary = run_clipscore(config(pool, checkpoint, output, workers=2, threads_per_actor=1, distributor="ray"))
+    summary = run_clipscore(config(pool, checkpoint, output, workers=2, threads_per_worker=1, distributor="ray"))
     return output, summary
 
 
