@@ -254,7 +254,8 @@ def load_model(
         )
     image_size = image_size or saved.get("image_size")
     with _no_random_init_warning():  # the weights are loaded right after
-        model = model_mod.create_model(name, image_size=image_size, device="cpu")
+        model = model_mod.create_model(name, image_size=image_size, device="cpu",
+                                       siglip="logit_bias" in saved["state_dict"])  # fmt: skip
     model.load_state_dict(saved["state_dict"])
     del saved["state_dict"]
     model = model.to(device).eval()
