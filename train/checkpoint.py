@@ -108,7 +108,8 @@ def save_checkpoint(
     name = f"step_{progress.step:08d}"
     model_path = storage.join(folder, f"{name}.pt")
     state_path = storage.join(folder, f"{name}{STATE_SUFFIX}")
-    weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # not channels-last:
+    # safetensors (open_clip's hub format) refuses strided tensors
     _write(
         model_path,
         _to_bytes(

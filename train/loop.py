@@ -175,13 +175,14 @@ class Stepper:
     world_size: int = 1
     loss: str = "clip"
     worker: torch.nn.Module | None = None  # a copy in a lower precision that computes the step (bf16_weights)
-    compile: bool = False
+    compile: bool | str = False  # True: torch.compile's default backend; a string: that backend (tests: aot_eager)
 
     def __post_init__(self) -> None:
         self.mean, self.std = model_mod.normaliser(self.model, self.compute.device)
         self.micro_loss = functools.partial(micro_loss, self)
         if self.compile:
-            self.micro_loss = torch.compile(self.micro_loss)
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
+            self.micro_loss = torch.compile(self.micro_loss, backend=backend)
         if self.worker is not None:
             pairs = list(zip(self.model.parameters(), self.worker.parameters()))
             self.trained_pairs = [(m, w) for m, w in pairs if m.requires_grad]
@@ -199,7 +200,7 @@ class Stepper:
 
 
 def build_stepper(model: torch.nn.Module, compute: device_mod.Compute, optim: OptimConfig, *, channels_last: bool,
-                  compile: bool, world: distributed.World | None = None, loss: str = "clip",
+                  compile: bool | str, world: distributed.World | None = None, loss: str = "clip",
                   worker_dtype: torch.dtype | None = None) -> Stepper:  # fmt: skip
     """Wrap ``model`` (already on its device) for training: memory format, worker copy, DDP, compile, AdamW, scaler.
 
