@@ -58,15 +58,17 @@ def create_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     siglip: bool = False,
+    **open_clip_kwargs,
 ) -> torch.nn.Module:
     """An open_clip CLIP model: random init, or weights from a local checkpoint file.
 
     ``siglip``: with a learnable ``logit_bias``, and open_clip's SigLIP init (logit scale
-    log 10, bias -10).
+    log 10, bias -10). ``open_clip_kwargs`` go to ``create_model_and_transforms`` as they are
+    (e.g. ``force_patch_dropout``).
     """
     extra = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0} if siglip else {}
     model, _, _ = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained, force_image_size=image_size, device=device, **extra
+        name, pretrained=pretrained, force_image_size=image_size, device=device, **extra, **open_clip_kwargs
     )
     return model
 
