@@ -40,9 +40,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Batch candidates, largest first, for our path and for today's (fp32 weights under autocast: what
+# open_clip_train runs; 1,792 was its largest for ViT-B-32 on an H100 80 GB, BENCHMARKS.md).
 CANDIDATES = {
     "ViT-B-32": (4096, 3584, 3072, 2560, 2048, 1792, 1536, 1024, 512),
     "ViT-B-16": (1536, 1280, 1024, 896, 768, 640, 512, 256),
+}
+CANDIDATES_TODAY = {
+    "ViT-B-32": (2048, 1792, 1536, 1280, 1024, 512),
+    "ViT-B-16": (768, 640, 512, 384, 256),
 }
 GOALS = {"ViT-B-32": ("≥ 9,000", "≥ 40%", "~6,250, ~28%"), "ViT-B-16": ("≥ 3,600", "≥ 45%", "not measured")}
 DRY_MODEL = "webclip-tiny-vit"  # train/model_configs: a ViT small enough for a CPU
@@ -51,12 +57,12 @@ DRY_MODEL = "webclip-tiny-vit"  # train/model_configs: a ViT small enough for a 
 def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="ViT-B-32,ViT-B-16")
-    p.add_argument("--samples", type=int, default=24_000, help="train samples to write (once, kept in --work)")
+    p.add_argument("--samples", type=int, default=16_000, help="train samples to write (once, kept in --work)")
     p.add_argument("--per_shard", type=int, default=1000)
     p.add_argument("--image_size", type=int, default=256, help="side of the written images, px")
     p.add_argument("--work", default="data/gpu-bench", help="shards and runs")
     p.add_argument("--memory_margin", type=float, default=0.85, help="a batch fits if its step peaks under this share")
-    p.add_argument("--probe_steps", type=int, default=10, help="timed steps of the step alone (after 3 warm-up)")
+    p.add_argument("--probe_steps", type=int, default=10, help="timed steps of the step alone (after 2 warm-up)")
     p.add_argument("--steps", type=int, default=30, help="steps of each trainer run (the first 10 are warm-up)")
     p.add_argument("--workers", type=int, default=12, help="DataLoader workers of both trainers")
     p.add_argument("--their_compile", action="store_true", help="open_clip_train with --torchcompile (+1 min)")
@@ -71,8 +77,10 @@ def _args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.device = "cuda"
     args.candidates = {m: CANDIDATES.get(m, CANDIDATES["ViT-B-16"]) for m in args.models.split(",")}
+    args.candidates_today = {m: CANDIDATES_TODAY.get(m, CANDIDATES_TODAY["ViT-B-16"]) for m in args.models.split(",")}
     if args.dry_run:
-        args.device, args.models, args.candidates = "cpu", DRY_MODEL, {DRY_MODEL: (16, 8)}
+        args.device, args.models = "cpu", DRY_MODEL
+        args.candidates, args.candidates_today = {DRY_MODEL: (16, 8)}, {DRY_MODEL: (16, 8)}
         args.samples, args.per_shard, args.image_size, args.probe_steps, args.workers = 96, 32, 64, 2, 1
         if args.compile_backend == "inductor":
             args.compile_backend = "aot_eager"  # inductor's C++ build takes minutes on a small CPU
@@ -178,7 +186,8 @@ def _largest_batch(args, model_name: str, fast: bool) -> tuple[int, list[dict]]:
     import torch
 
     tried = []
-    for batch in args.candidates[model_name]:
+    candidates = (args.candidates if fast else args.candidates_today)[model_name]
+    for batch in candidates:
         _free(args.device)
         fits = True
         try:
@@ -196,7 +205,7 @@ def _largest_batch(args, model_name: str, fast: bool) -> tuple[int, list[dict]]:
         _free(args.device)
         if fits:
             return batch, tried
-    raise SystemExit(f"probe: not even a batch of {args.candidates[model_name][-1]} fits {model_name}")
+    raise SystemExit(f"probe: not even a batch of {candidates[-1]} fits {model_name}")
 
 
 def _time_step(args, model_name: str, batch: int, *, fast: bool, compile_: bool | str, label: str,
@@ -211,7 +220,7 @@ def _time_step(args, model_name: str, batch: int, *, fast: bool, compile_: bool 
     flops = throughput.train_flops_per_sample(model, size, device)
     peak = throughput.peak_flops(device, None)
     began = time.perf_counter()
-    for _ in range(3):  # warm-up (and compilation)
+    for _ in range(2):  # warm-up (and compilation)
         step()
     _sync(args.device)
     warm_s = time.perf_counter() - began
@@ -254,8 +263,12 @@ def _profile(args, model_name: str, batch: int) -> str:
 # -- the trainers ----------------------------------------------------------------------------------
 
 
-def _trainer(args, shards: Path, model_name: str, tool: str, batch: int) -> dict:
-    """One run of one tool through bench/train_vs_openclip.py; a failure is a row, not the end of the bench."""
+def _trainer(args, shards: Path, model_name: str, tool: str, batch: int, smaller: tuple[int, ...] = ()) -> dict:
+    """One run of one tool through bench/train_vs_openclip.py; a failure is a row, not the end of the bench.
+
+    Out of memory (the trainer's own data path and workspace beside the probed step),
+    it runs again at the next of the ``smaller`` batches.
+    """
     from bench import train_vs_openclip as tvo
 
     compare_args = argparse.Namespace(
@@ -270,6 +283,8 @@ def _trainer(args, shards: Path, model_name: str, tool: str, batch: int) -> dict
         row = tvo._train_once(compare_args, tool, 0, work / model_name)
     except SystemExit as exc:  # the tool failed (or open_clip_train is not importable): say so in the table
         _log(f"{tool} {model_name} failed: {str(exc)[-2000:]}")
+        if smaller and "out of memory" in str(exc).lower():
+            return _trainer(args, shards, model_name, tool, smaller[0], smaller[1:])
         return {"model": model_name, "run": tool, "batch_size": batch, "error": str(exc).splitlines()[0][:200]}
     row.update({"model": model_name, "run": tool, "batch_size": batch, "compile": compare_args.compile})
     if tool == "webclip":
@@ -278,6 +293,20 @@ def _trainer(args, shards: Path, model_name: str, tool: str, batch: int) -> dict
         row["data_wait_share"] = summary.get("data_wait_share")
     _log(f"trainer: {row}")
     return row
+
+
+def _their_mfu(rows: list[dict], model_name: str, device: str) -> None:
+    """open_clip_train's MFU from its rate and our honest count of the same model's FLOPs."""
+    import torch
+
+    from train import throughput
+
+    gflops = next((r.get("gflops_per_sample") for r in rows if r["model"] == model_name and r.get("gflops_per_sample")),
+                  None)  # fmt: skip
+    peak = throughput.peak_flops(torch.device(device), None)
+    for r in rows:
+        if r["model"] == model_name and r["run"] == "open_clip" and "samples_per_s" in r and gflops and peak:
+            r["mfu"] = round(r["samples_per_s"] * gflops * 1e9 / peak, 4)
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -327,8 +356,10 @@ def run(args) -> dict:
         label = "ours, step alone"
         rows.append(attempt(model_name, ours_batch, label, lambda: _time_step(
             args, model_name, ours_batch, fast=True, compile_=compiled, label=label)))  # fmt: skip
-        rows.append(_trainer(args, shards, model_name, "webclip", ours_batch))
-        rows.append(_trainer(args, shards, model_name, "open_clip", their_batch))
+        for tool, batch, candidates in (("webclip", ours_batch, args.candidates[model_name]),
+                                        ("open_clip", their_batch, args.candidates_today[model_name])):  # fmt: skip
+            rows.append(_trainer(args, shards, model_name, tool, batch, tuple(c for c in candidates if c < batch)))
+        _their_mfu(rows, model_name, args.device)
     for model_name, (ours_batch, their_batch) in plan.items():  # optional: while the budget lasts
         extras = [
             ("today's path, step alone", lambda: _time_step(args, model_name, their_batch, fast=False,
