@@ -285,3 +285,27 @@ def test_fine_tuning_from_a_checkpoint_and_an_exported_folder(tmp_path, shards_d
         train(_run(tmp_path, shards_dir, "none", f"model.pretrained={tmp_path / 'nowhere'}"))
     with pytest.raises(DataError, match="does not fit the model"):
         train(_run(tmp_path, shards_dir, "misfit", f"model.pretrained={start_path}", "model.name=webclip-tiny"))
+
+
+@pytest.mark.integration
+def test_pretrained_weights_from_s3(tmp_path, vit_tiny, s3_env):
+    """A weights file and an exported folder on a real S3 server read as they read locally."""
+    from safetensors.torch import save_file
+
+    from core import storage
+
+    torch.manual_seed(4)
+    weights = model_mod.create_model("webclip-test-vit").state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / model_mod.HUB_WEIGHTS))
+    (tmp_path / model_mod.HUB_CONFIG).write_text(json.dumps({"model_cfg": VIT_TINY}))
+    torch.save({"state_dict": weights}, tmp_path / "step_00000001.pt")
+    for name in (model_mod.HUB_WEIGHTS, model_mod.HUB_CONFIG, "step_00000001.pt"):
+        with storage.atomic_write(f"s3://webclip/pretrained/{name}") as handle:
+            handle.write((tmp_path / name).read_bytes())
+    for path in ("s3://webclip/pretrained", "s3://webclip/pretrained/step_00000001.pt"):
+        model = model_mod.create_model("webclip-test-vit")
+        model_mod.load_pretrained(model, path)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, weights[key]), (path, key)
+    with pytest.raises(DataError, match="no such file"):
+        model_mod.pretrained_weights_file("s3://webclip/pretrained/absent.safetensors")
