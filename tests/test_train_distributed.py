@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import _train_fixtures as fx
-from train.loss import clip_loss
+from train.loss import clip_loss, siglip_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH, DIM_IN, DIM_OUT = 8, 6, 4
@@ -36,15 +36,20 @@ def _problem():
     return x_image, x_text, w_image, w_text
 
 
-def _loss_and_grads(rows: slice, rank: int, world_size: int):
+def _loss_and_grads(rows: slice, rank: int, world_size: int, loss_name: str = "clip"):
+    """The loss and the gradients of both towers and (SigLIP) of the logit bias."""
     x_image, x_text, w_image, w_text = _problem()
     w_image.requires_grad_(True)
     w_text.requires_grad_(True)
+    bias = torch.tensor(-2.0, requires_grad=True)
     images = F.normalize(x_image[rows] @ w_image, dim=-1)
     texts = F.normalize(x_text[rows] @ w_text, dim=-1)
-    loss = clip_loss(images, texts, torch.tensor(10.0), rank, world_size)
+    if loss_name == "siglip":
+        loss = siglip_loss(images, texts, torch.tensor(10.0), bias, rank, world_size)
+    else:
+        loss = clip_loss(images, texts, torch.tensor(10.0), rank, world_size)
     loss.backward()
-    return loss, w_image.grad, w_text.grad
+    return loss, w_image.grad, w_text.grad, torch.zeros(()) if bias.grad is None else bias.grad
 
 
 def _free_port() -> int:
@@ -65,14 +70,17 @@ def _torchrun(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-def test_two_rank_loss_and_gradients_equal_one_process(tmp_path):
+@pytest.mark.parametrize("loss_name", ["clip", "siglip"])
+def test_two_rank_loss_and_gradients_equal_one_process(tmp_path, loss_name):
+    """CLIP gathers features; SigLIP passes caption chunks around the ring: both equal one process."""
     out = tmp_path / "dist.json"
-    _torchrun(__file__, str(out))
+    _torchrun(__file__, str(out), loss_name)
     got = json.loads(out.read_text())
-    loss, grad_image, grad_text = _loss_and_grads(slice(None), 0, 1)
+    loss, grad_image, grad_text, grad_bias = _loss_and_grads(slice(None), 0, 1, loss_name)
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert torch.allclose(torch.tensor(got["grad_image"]), grad_image, atol=1e-6)
     assert torch.allclose(torch.tensor(got["grad_text"]), grad_text, atol=1e-6)
+    assert got["grad_bias"] == pytest.approx(grad_bias.item(), rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.integration
@@ -124,29 +132,27 @@ def test_torchrun_training_evaluates_checkpoints_and_resumes(tmp_path):
     assert [sorted(r["positions"]) for r in state["ranks"]] == [[0], [0]]  # each rank saved its own reader
 
 
-def _worker(out_path: str) -> None:
+def _worker(out_path: str, loss_name: str) -> None:
     from train import distributed
 
     world = distributed.init("cpu")
     try:
         half = GLOBAL_BATCH // world.world_size
         rows = slice(world.rank * half, (world.rank + 1) * half)
-        loss, grad_image, grad_text = _loss_and_grads(rows, world.rank, world.world_size)
+        loss, grad_image, grad_text, grad_bias = _loss_and_grads(rows, world.rank, world.world_size, loss_name)
         loss = loss.detach()
         # What DDP does with the gradients, and what the loop logs as the loss: the mean over ranks.
-        for tensor in (loss, grad_image, grad_text):
+        for tensor in (loss, grad_image, grad_text, grad_bias):
             torch.distributed.all_reduce(tensor)
             tensor /= world.world_size
         if world.is_main:
             with open(out_path, "w") as handle:
-                json.dump(
-                    {"loss": loss.item(), "grad_image": grad_image.tolist(), "grad_text": grad_text.tolist()},
-                    handle,
-                )
+                json.dump({"loss": loss.item(), "grad_image": grad_image.tolist(), "grad_text": grad_text.tolist(),
+                           "grad_bias": grad_bias.item()}, handle)  # fmt: skip
         distributed.barrier(world)  # leave together: gloo may abort a rank whose peer tears down first
     finally:
         distributed.cleanup()
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    _worker(sys.argv[1], sys.argv[2])

@@ -108,7 +108,8 @@ def save_checkpoint(
     name = f"step_{progress.step:08d}"
     model_path = storage.join(folder, f"{name}.pt")
     state_path = storage.join(folder, f"{name}{STATE_SUFFIX}")
-    weights = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # not channels-last:
+    # safetensors (open_clip's hub format) refuses strided tensors
     _write(
         model_path,
         _to_bytes(
@@ -254,7 +255,8 @@ def load_model(
         )
     image_size = image_size or saved.get("image_size")
     with _no_random_init_warning():  # the weights are loaded right after
-        model = model_mod.create_model(name, image_size=image_size, device="cpu")
+        model = model_mod.create_model(name, image_size=image_size, device="cpu",
+                                       siglip="logit_bias" in saved["state_dict"])  # fmt: skip
     model.load_state_dict(saved["state_dict"])
     del saved["state_dict"]
     model = model.to(device).eval()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from core.config import ConfigError, load, option, problem, to_dict, to_yaml  # noqa: F401 - ConfigError, to_yaml re-exported
 from core.device import DEVICES, PRECISIONS
 
+LOSSES = ("clip", "siglip")
 
 
 @dataclass
@@ -45,6 +46,15 @@ class ModelConfig:
     channels_last: bool = option(True, "NHWC memory layout: faster convolutions on CPU (oneDNN) and GPU")
     grad_checkpointing: bool = option(False, "recompute transformer blocks in backward: less memory, ~30% more "
                                              "compute")
+    pretrained: str | None = option(None, "start from these weights: an open_clip weights file (.pt, .bin, "
+                                          ".safetensors; a webclip step_*.pt too) or an exported folder "
+                                          "(open_clip_config.json + open_clip_model.safetensors), local or "
+                                          "s3://; null = random init")
+    lock_image: bool = option(False, "freeze the image tower (LiT): no gradients, BatchNorm statistics kept")
+    lock_text: bool = option(False, "freeze the text tower: no gradients")
+    fast_attention: bool = option(True, "attention through scaled_dot_product_attention with packed QKV "
+                                        "(train/fast.py); same parameters and state dict as open_clip's")
+    fast_patch_embed: bool = option(True, "a ViT's patch embedding as a reshape and one matrix product")
 
 
 @dataclass
@@ -57,6 +67,8 @@ class OptimConfig:
     beta2: float = option(0.98, "AdamW beta2")
     eps: float = option(1e-6, "AdamW epsilon")
     grad_clip: float | None = option(None, "max global gradient norm; null = no clipping")
+    image_lr: float | None = option(None, "peak learning rate of the image tower (fine-tuning); null = lr")
+    text_lr: float | None = option(None, "peak learning rate of the text tower (fine-tuning); null = lr")
 
 
 @dataclass
@@ -84,7 +96,13 @@ class TrainConfig:
                                 "the end")
     device: str = option("auto", "auto = cuda when available, else cpu")
     precision: str = option("auto", "auto = bf16 autocast on GPU, fp32 on CPU; fp16 (GPU) uses a GradScaler")
-    compile: bool = option(False, "torch.compile the model (GPU mostly; on CPU it needs a C++ compiler)")
+    compile: bool = option(False, "torch.compile the step: normalisation, forward and loss, and so their backward "
+                                  "(GPU mostly; on CPU it needs a C++ compiler)")
+    bf16_weights: bool = option(True, "with bf16 precision: the model computes in bf16 weights and activations, "
+                                      "with fp32 master weights in the optimizer; false = fp32 weights under "
+                                      "bf16 autocast")
+    loss: str = option("clip", "clip (softmax contrastive) or siglip (pairwise sigmoid with a learnable bias; "
+                               "logit scale starts at 10, bias at -10)")
     tensorboard: bool = option(True, "also log to {run_dir}/tensorboard")
     peak_tflops: float | None = option(None, "per-device peak for MFU; null = known GPUs' bf16 dense peak, none "
                                              "on CPU")
@@ -158,6 +176,15 @@ def validate(config: TrainConfig) -> None:
         problem(f"precision={c.precision!r} with device='cpu': autocast is used on GPU only; use fp32")
     if c.batch_size > 0 and c.accum_steps > 0 and c.batch_size % c.accum_steps:
         problem(f"batch_size={c.batch_size}: must be a multiple of accum_steps={c.accum_steps}")
+    for key, value in (("optim.image_lr", c.optim.image_lr), ("optim.text_lr", c.optim.text_lr)):
+        if value is not None:
+            finite(key, value, 0.0, 10.0, low_open=True)
+    if c.loss not in LOSSES:
+        problem(f"loss={c.loss!r}: choose one of {', '.join(LOSSES)}")
+    if c.model.lock_image and c.model.lock_text:
+        problem("model.lock_image and model.lock_text are both true: nothing but the logit scale would train")
+    if c.model.pretrained is not None and not c.model.pretrained.strip():
+        problem("model.pretrained='': give a weights file or an exported folder (or null)")
     if c.peak_tflops is not None:
         finite("peak_tflops", c.peak_tflops, 0.0, 1e6, low_open=True)
     if c.resume is not None and not c.resume.strip():
@@ -174,6 +201,7 @@ def validate(config: TrainConfig) -> None:
         ("data.eval_templates", c.data.eval_templates),
         ("checkpoint.dir", c.checkpoint.dir),
         ("resume", c.resume),
+        ("model.pretrained", c.model.pretrained),
     ):
         if value and value.startswith("pipe:"):
             problem(f"{key}={value!r}: pipe: URLs are not supported; give a local or s3:// path")

@@ -14,6 +14,16 @@ batch** (its negatives are the micro-batch's, not the step's; open_clip's ``accu
 instead rebuilds the full-batch loss with a second forward pass). It saves memory at
 the price of fewer negatives. DDP synchronises gradients once per step.
 
+Speed (each an option; BENCHMARKS.md, "On a GPU"): the towers' attention and patch
+embedding swapped for faster modules of the same parameters (``train/fast.py``); with
+bf16 precision, a bf16 copy of the model computes the step while the optimizer updates
+the fp32 model (the master weights, what checkpoints and evaluation use); with
+``compile``, one ``torch.compile`` over normalisation, forward and loss.
+
+Fine-tuning: ``model.pretrained`` weights to start from, ``model.lock_image`` /
+``model.lock_text`` to freeze a tower, ``optim.image_lr`` / ``optim.text_lr`` for a
+tower's own peak learning rate (each group follows the schedule in proportion).
+
 Exact resume: a checkpoint holds the weights, the optimizer, the grad scaler and the
 run's state (``train/state.py``); the LR is a function of the step and the data stream
 of (seed, epoch, position), so ``--resume latest`` continues with the very batches the
@@ -28,6 +38,8 @@ final per-image class scores, ``train.zeroshot.write_scores``); checkpoints go t
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import logging
 import math
 import os
@@ -44,10 +56,10 @@ from core import device as device_mod
 from core.errors import DataError
 from train import checkpoint as ckpt
 from train import data as data_mod
-from train import distributed, evaluate, throughput, zeroshot
+from train import distributed, evaluate, fast, throughput, zeroshot
 from train import model as model_mod
 from train.config import ConfigError, OptimConfig, TrainConfig, to_yaml
-from train.loss import MAX_LOGIT_SCALE, clip_loss
+from train.loss import MAX_LOGIT_SCALE, clip_loss, siglip_loss
 from train.runlog import RunLog
 from train.state import RunState
 
@@ -69,15 +81,27 @@ def cosine_lr(step: int, *, base_lr: float, warmup_steps: int, total_steps: int,
     return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: gains, biases, embeddings of rank < 2 and the logit scale are exempt."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Weight decay on matrices only: gains, biases, embeddings of rank < 2 and the logit scale are exempt.
+
+    ``lr_scales`` ({"image": s, "text": s}) puts a tower's parameters in groups of their
+    own whose ``lr_scale`` multiplies the scheduled learning rate. Frozen parameters are left out.
+    """
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[float, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        exempt = param.ndim < 2 or "logit_scale" in name or name.endswith(".bias")
-        (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        exempt = param.ndim < 2 or "logit_scale" in name or "logit_bias" in name or name.endswith(".bias")
+        scale = lr_scales.get(model_mod.tower_of(name) or "", 1.0)
+        groups.setdefault((scale, exempt), []).append(param)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, key[0], key[1]))  # the plain two groups first
+    return [{"params": groups[key], "weight_decay": 0.0 if key[1] else weight_decay,
+             **({"lr_scale": key[0]} if key[0] != 1.0 else {})} for key in order]  # fmt: skip
+
+
+def lr_scales(optim: OptimConfig) -> dict[str, float]:
+    return {tower: lr / optim.lr for tower, lr in (("image", optim.image_lr), ("text", optim.text_lr)) if lr}
 
 
 def total_steps(config: TrainConfig, shards: list[data_mod.Shard]) -> int:
@@ -106,6 +130,8 @@ def check_inputs(config: TrainConfig) -> tuple[list[data_mod.Shard], str | None]
             f"model.name={config.model.name!r}: unknown to open_clip (e.g. ViT-B-32, RN50); ours are in "
             "train/model_configs/, or give model.config_file"
         )
+    if config.model.pretrained and not config.resume:
+        model_mod.pretrained_weights_file(config.model.pretrained)
     try:
         shards = data_mod.list_shards(config.data.train_shards)
     except (FileNotFoundError, ValueError) as exc:
@@ -137,8 +163,8 @@ def check_inputs(config: TrainConfig) -> tuple[list[data_mod.Shard], str | None]
 class Stepper:
     """What an optimizer step works on (``build_stepper``)."""
 
-    model: torch.nn.Module  # the bare model: what checkpoints and evaluation use
-    forward: torch.nn.Module  # the model behind DDP and torch.compile, as configured
+    model: torch.nn.Module  # the bare model: what checkpoints and evaluation use; the optimizer's (master) weights
+    forward: torch.nn.Module  # what the step computes with: ``worker`` or ``model``, behind DDP if distributed
     ddp: DistributedDataParallel | None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 only
@@ -147,24 +173,51 @@ class Stepper:
     grad_clip: float | None
     rank: int = 0
     world_size: int = 1
+    loss: str = "clip"
+    worker: torch.nn.Module | None = None  # a copy in a lower precision that computes the step (bf16_weights)
+    compile: bool | str = False  # True: torch.compile's default backend; a string: that backend (tests: aot_eager)
 
     def __post_init__(self) -> None:
         self.mean, self.std = model_mod.normaliser(self.model, self.compute.device)
+        self.micro_loss = functools.partial(micro_loss, self)
+        if self.compile:
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
+            self.micro_loss = torch.compile(self.micro_loss, backend=backend)
+        if self.worker is not None:
+            pairs = list(zip(self.model.parameters(), self.worker.parameters()))
+            self.trained_pairs = [(m, w) for m, w in pairs if m.requires_grad]
+            self.worker_dtype = next(self.worker.parameters()).dtype
+            buffers = dict(self.worker.named_buffers())
+            self.buffer_pairs = [(b, buffers[n]) for n, b in self.model.named_buffers() if n in self.model.state_dict()]
+
+    def sync_worker(self) -> None:
+        """The master weights (and the worker's buffers: BatchNorm statistics) copied across, after a step."""
+        if self.worker is not None:
+            with torch.no_grad():
+                for master, work in self.buffer_pairs:
+                    master.copy_(work)
+                torch._foreach_copy_([w for _, w in self.trained_pairs], [m for m, _ in self.trained_pairs])
 
 
 def build_stepper(model: torch.nn.Module, compute: device_mod.Compute, optim: OptimConfig, *, channels_last: bool,
-                  compile: bool, world: distributed.World | None = None) -> Stepper:  # fmt: skip
-    """Wrap ``model`` (already on its device) for training: memory format, DDP, compile, fused AdamW, scaler."""
+                  compile: bool | str, world: distributed.World | None = None, loss: str = "clip",
+                  worker_dtype: torch.dtype | None = None) -> Stepper:  # fmt: skip
+    """Wrap ``model`` (already on its device) for training: memory format, worker copy, DDP, compile, AdamW, scaler.
+
+    ``worker_dtype`` (bf16): the step computes with a copy of ``model`` in that dtype,
+    without autocast, and the optimizer updates ``model`` (fp32 master weights) from its
+    gradients; None: the step computes with ``model`` itself, under ``compute``'s autocast.
+    """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    worker = copy.deepcopy(model).to(worker_dtype) if worker_dtype is not None else None
+    computing = worker if worker is not None else model
     ddp = None
     if world is not None and world.distributed:
-        ddp = DistributedDataParallel(model, device_ids=[world.local_rank] if compute.on_gpu else None)
-    forward = ddp if ddp is not None else model
-    if compile:
-        forward = torch.compile(forward)
+        ddp = DistributedDataParallel(computing, device_ids=[world.local_rank] if compute.on_gpu else None)
+    forward = ddp if ddp is not None else computing
     optimizer = torch.optim.AdamW(
-        param_groups(model, optim.weight_decay),
+        param_groups(model, optim.weight_decay, lr_scales(optim)),
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
@@ -172,7 +225,21 @@ def build_stepper(model: torch.nn.Module, compute: device_mod.Compute, optim: Op
     )
     scaler = torch.amp.GradScaler("cuda") if compute.amp_dtype == torch.float16 else None  # bf16 needs none
     rank, world_size = (world.rank, world.world_size) if world is not None else (0, 1)
-    return Stepper(model, forward, ddp, optimizer, scaler, compute, memory_format, optim.grad_clip, rank, world_size)
+    return Stepper(model, forward, ddp, optimizer, scaler, compute, memory_format, optim.grad_clip, rank, world_size,
+                   loss, worker, compile)  # fmt: skip
+
+
+def micro_loss(s: Stepper, images_u8: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """One micro-batch's loss (fp32) from uint8 images and tokens on the device: what ``compile`` compiles."""
+    images = model_mod.normalise(images_u8, s.mean, s.std).contiguous(memory_format=s.memory_format)
+    if s.worker is not None:
+        images = images.to(s.worker_dtype)
+    with s.compute.autocast() if s.worker is None else contextlib.nullcontext():
+        out = s.forward(images, texts)
+    image_features, text_features, logit_scale = (t.float() for t in out[:3])
+    if s.loss == "siglip":
+        return siglip_loss(image_features, text_features, logit_scale, out[3].float(), s.rank, s.world_size)
+    return clip_loss(image_features, text_features, logit_scale, s.rank, s.world_size)
 
 
 def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], accum_steps: int,
@@ -181,25 +248,28 @@ def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
 
     Each micro-batch is its own contrastive batch; DDP synchronises gradients on the last
     one only. Gradients are clipped on their true (unscaled) values, and the logit scale
-    is clamped at CLIP's cap of 100 after the step.
+    is clamped at CLIP's cap of 100 after the step. With a worker copy, its gradients
+    become the master weights' (fp32) and the updated master weights are copied back.
     """
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     s.optimizer.zero_grad(set_to_none=True)
+    if s.worker is not None:
+        s.worker.zero_grad(set_to_none=True)
     device = s.compute.device
     loss_sum = torch.zeros((), device=device)
     for micro, (images_u8, texts) in enumerate(micro_batches):
-        images = model_mod.normalise(images_u8.to(device, non_blocking=True), s.mean, s.std)
-        images = images.contiguous(memory_format=s.memory_format)
+        images_u8 = images_u8.to(device, non_blocking=True)
         texts = texts.to(device, non_blocking=True)
         last = micro == accum_steps - 1
         with s.ddp.no_sync() if s.ddp is not None and not last else contextlib.nullcontext():
-            with s.compute.autocast():
-                image_features, text_features, logit_scale = s.forward(images, texts)[:3]
-                loss = clip_loss(image_features, text_features, logit_scale, s.rank, s.world_size)
+            loss = s.micro_loss(images_u8, texts)
             scaled = loss / accum_steps
             (s.scaler.scale(scaled) if s.scaler is not None else scaled).backward()
         loss_sum += loss.detach()
+    if s.worker is not None:
+        for master, work in s.trained_pairs:
+            master.grad = None if work.grad is None else work.grad.to(master.dtype)
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
     if s.grad_clip is not None:
@@ -211,6 +281,7 @@ def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
         s.optimizer.step()
     with torch.no_grad():
         s.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+    s.sync_worker()
     return loss_sum
 
 
@@ -252,7 +323,7 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
     bar = tqdm(total=run.steps, initial=state.step, disable=not (world.is_main and sys.stderr.isatty()),
                dynamic_ncols=True)  # fmt: skip
     run.run_log.echo = bar.disable
-    run.stepper.model.train()
+    _train_mode(run)
     while state.step < run.steps:
         o = config.optim
         lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
@@ -268,6 +339,7 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
         if run.eval_plan is not None and _due(config.eval_every, state.step, run.steps):
             with run.meter.paused():
                 result = _evaluate(run)
+                _train_mode(run)
             if world.is_main and result.zeroshot is not None:
                 log.info(result.zeroshot.line())
         if _due(config.checkpoint.every_steps, state.step, run.steps):
@@ -276,6 +348,13 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
     train_seconds = run.meter.train_seconds()
     bar.close()
     return finish(run, start_step, train_seconds)
+
+
+def _train_mode(run: Run) -> None:
+    m = run.config.model
+    for model in (run.stepper.model, run.stepper.worker):
+        if model is not None:
+            model_mod.train_mode(model, m.lock_image, m.lock_text)
 
 
 def _due(every: int, step: int, steps: int) -> bool:
@@ -301,16 +380,22 @@ def set_up(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
             handle.write(to_yaml(config))
 
     torch.manual_seed(config.seed)  # identical random init on every rank (DDP also broadcasts rank 0's)
-    model = model_mod.create_model(config.model.name, image_size=config.model.image_size, device=world.device)
+    m = config.model
+    model = model_mod.create_model(m.name, image_size=m.image_size, device=world.device, siglip=config.loss == "siglip")
     if saved_model is not None:
         model.load_state_dict(saved_model["state_dict"])
-    tokenizer = model_mod.tokenizer_for(config.model.name)
+    elif m.pretrained:
+        model_mod.load_pretrained(model, m.pretrained)
+    tokenizer = model_mod.tokenizer_for(m.name)
     image_size = model_mod.image_size_of(model)
-    flops_per_sample = throughput.train_flops_per_sample(model, image_size, world.device)
-    if config.model.grad_checkpointing:
+    flops_per_sample = throughput.train_flops_per_sample(model, image_size, world.device)  # open_clip's own modules
+    swapped = fast.speed_up(model, attention=m.fast_attention, patch_embed=m.fast_patch_embed)
+    model_mod.lock_towers(model, m.lock_image, m.lock_text)
+    if m.grad_checkpointing:
         model.set_grad_checkpointing(True)  # open_clip's ResNet image tower ignores it (text tower only)
-    stepper = build_stepper(model, compute, config.optim, channels_last=config.model.channels_last,
-                            compile=config.compile, world=world)  # fmt: skip
+    bf16_worker = config.bf16_weights and compute.amp_dtype == torch.bfloat16
+    stepper = build_stepper(model, compute, config.optim, channels_last=m.channels_last, compile=config.compile,
+                            world=world, loss=config.loss, worker_dtype=torch.bfloat16 if bf16_worker else None)  # fmt: skip
 
     state = RunState()
     if saved_state is not None:
@@ -334,10 +419,12 @@ def set_up(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
     if world.is_main:
         log.info(
             "model %s: %.2fM parameters, %d px, %s GFLOP/sample (fwd+bwd); %d ranks x %d accum x %d samples, "
-            "%d steps, %d shards, %d threads, %d workers",
+            "%d steps, %d shards, %d threads, %d workers; %s loss, %s, fast modules %s%s",
             config.model.name, model_mod.count_parameters(model) / 1e6, image_size,
             "?" if flops_per_sample is None else f"{flops_per_sample / 1e9:.3g}", world.world_size,
-            config.accum_steps, micro_batch, steps, len(shards), compute.threads, d.workers,
+            config.accum_steps, micro_batch, steps, len(shards), compute.threads, d.workers, config.loss,
+            "bf16 weights, fp32 master" if bf16_worker else compute.precision, swapped,
+            f"; from {m.pretrained}" if m.pretrained and saved_model is None else "",
         )  # fmt: skip
     run_log = RunLog(config.run_dir, world.is_main, config.tensorboard, append=saved_state is not None, echo=True)
     meter = throughput.Meter(state.samples_seen, world.world_size, flops_per_sample,
@@ -351,7 +438,7 @@ def _step_record(run: Run, loss_sum: torch.Tensor, lr: float) -> dict:
     """Log this step (all ranks take part: the loss and skip counts are summed over ranks)."""
     state, cursor = run.state, run.state.data
     totals = distributed.all_reduce_sum([loss_sum.item()] + [cursor.skipped[r] for r in SKIP_REASONS], run.world)
-    speed = run.meter.interval(state.samples_seen)  # after .item(): the GPU has finished the work being timed
+    speed = run.meter.interval(state.samples_seen, run.data.wait_s)  # after .item(): the GPU's work is done
     record = {
         "step": state.step,
         "loss": round(totals[0] / run.world.world_size / run.config.accum_steps, 5),
@@ -395,6 +482,7 @@ def finish(run: Run, start_step: int, train_seconds: float):
         **run.meter.speed(state.samples_seen, train_seconds),
         "flops_per_sample": run.meter.flops_per_sample,
         "data_wait_s": round(run.data.wait_s, 1),
+        "data_wait_share": round(run.data.wait_s / train_seconds, 4) if train_seconds > 0 else None,
         "skipped": skipped_total,
         "checkpoint": checkpoint_path,
         "model": config.model.name,
