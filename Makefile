@@ -9,15 +9,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-webclip
 
-# Stage configs (YAML; keys are the options of `python -m <stage> --help`).
-# Override on the command line: make ingest CONFIG=my.yaml ARGS="--processes_count 8"
-INGEST_CONFIG ?= configs/demo/ingest.yaml
-CRAWL_CONFIG  ?= configs/demo/crawl.yaml
-FILTER_CONFIG ?= configs/demo/filter.yaml
-SHARDS_CONFIG ?= configs/demo/shards.yaml
-REPORT_CONFIG ?= configs/demo/report.yaml
-VERIFY_CONFIG ?= configs/demo/verify.yaml
-TRAIN_CONFIG  ?= configs/demo/train.yaml
+# Stage targets run the stage with its own defaults, a config file given as CONFIG=file.yaml
+# (keys are the options of `python -m <stage> --help`) and flags in ARGS:
+#   make ingest CONFIG=my.yaml ARGS="--processes_count 8"
+# The demo's configs (configs/demo/) are used only by `make demo`, or when named:
+#   make shards CONFIG=configs/demo/shards.yaml
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -27,6 +23,7 @@ PYTEST_ARGS ?=
 # of running here. A RAY_ADDRESS of host:port (the GCS) runs the stage here, as that cluster's driver.
 CLUSTER ?= $(or $(RAY_API_SERVER_ADDRESS),$(filter http://% https://%,$(RAY_ADDRESS)))
 SUBMIT_ARGS ?=
+STAGE_CONFIG = $(if $(CONFIG),--config $(CONFIG))
 STAGE = $(if $(CLUSTER),$(PY) -m infra.ray.submit --address $(CLUSTER) $(SUBMIT_ARGS) -- python -m,$(PY) -m)
 
 .DEFAULT_GOAL := help
@@ -38,7 +35,8 @@ help: ## list the targets
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 	@echo
-	@echo "Stage targets take CONFIG=file.yaml (default: configs/demo/<stage>.yaml) and ARGS=\"--flag value\"."
+	@echo "Stage targets take CONFIG=file.yaml (default: none, the stage's own defaults) and ARGS=\"--flag value\";"
+	@echo "the demo's configs are configs/demo/<stage>.yaml (make demo passes them itself)."
 	@echo "CLUSTER=http://HEAD:8265 runs crawl/ingest/filter/shards as a job on that Ray cluster (infra/README.md)."
 
 $(STAMP): pyproject.toml
@@ -57,25 +55,25 @@ demo-web: $(STAMP) ## serve the demo web on 127.0.0.1:8765 (for running `make in
 	$(PY) -m infra.local.webserver --root data/demo/corpus/site --port $${DEMO_PORT:-8765}
 
 crawl: $(STAMP) ## seed pages and/or WARC/WAT archives -> a URL list for ingest, on Ray (CONFIG=, ARGS=)
-	$(STAGE) crawl --config $(if $(CONFIG),$(CONFIG),$(CRAWL_CONFIG)) $(ARGS)
+	$(STAGE) crawl $(STAGE_CONFIG) $(ARGS)
 
 ingest: $(STAMP) ## download a URL list into pool shards: local processes, or Ray on a cluster (CONFIG=, ARGS=)
-	$(STAGE) ingest --config $(if $(CONFIG),$(CONFIG),$(INGEST_CONFIG)) $(ARGS)
+	$(STAGE) ingest $(STAGE_CONFIG) $(ARGS)
 
 filter: $(STAMP) ## decide keep/reject with a reason for every pool row (CONFIG=, ARGS=)
-	$(STAGE) filter --config $(if $(CONFIG),$(CONFIG),$(FILTER_CONFIG)) $(ARGS)
+	$(STAGE) filter $(STAGE_CONFIG) $(ARGS)
 
 shards: $(STAMP) ## kept samples -> mixed train shards + manifest.json (+ the report), resumable (CONFIG=, ARGS=)
-	$(STAGE) shards --config $(if $(CONFIG),$(CONFIG),$(SHARDS_CONFIG)) $(ARGS)
+	$(STAGE) shards $(STAGE_CONFIG) $(ARGS)
 
 report: $(STAMP) ## statistics report from metadata: index.html, report.json, datasheet.md (CONFIG=, ARGS=)
-	$(PY) -m shards.report --config $(if $(CONFIG),$(CONFIG),$(REPORT_CONFIG)) $(ARGS)
+	$(PY) -m shards.report $(STAGE_CONFIG) $(ARGS)
 
 verify: $(STAMP) ## recompute hashes and counts of train shards (or ARGS="--folder POOL"); exit 1 on damage
-	$(PY) -m shards.verify --config $(if $(CONFIG),$(CONFIG),$(VERIFY_CONFIG)) $(ARGS)
+	$(PY) -m shards.verify $(STAGE_CONFIG) $(ARGS)
 
 train: $(STAMP) ## train CLIP from train shards, then zero-shot evaluation (CONFIG=, ARGS=)
-	$(PY) -m train --config $(if $(CONFIG),$(CONFIG),$(TRAIN_CONFIG)) $(ARGS)
+	$(PY) -m train $(STAGE_CONFIG) $(ARGS)
 
 # -- using the model (apply/): ARGS="--checkpoint C ..."; `python -m apply.<command> --help` lists every option --
 classify: $(STAMP) ## zero-shot labels for images: ARGS="--checkpoint C --images DIR --labels 'a,b,c' --output_file F"

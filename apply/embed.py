@@ -435,6 +435,13 @@ already done. Samples that do not decode are left out and counted by reason.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; every error ends in one explained line (``core.cli.run``: exit codes 1, 2, 130)."""
+    from core import cli
+
+    return cli.run("python -m apply.embed", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(EmbedConfig, argv, prog="python -m apply.embed", description=DESCRIPTION)
     try:

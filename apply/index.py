@@ -438,6 +438,13 @@ Search it with python -m apply.search.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; every error ends in one explained line (``core.cli.run``: exit codes 1, 2, 130)."""
+    from core import cli
+
+    return cli.run("python -m apply.index", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(IndexConfig, argv, prog="python -m apply.index", description=DESCRIPTION)
     try:

@@ -1,17 +1,15 @@
 """What every ``apply`` command says the same way: which model, on which device; and how a command ends.
 
-A command's config inherits ``ModelOptions``; ``run`` turns ``ConfigError`` / ``DataError``
-into one ``error: ...`` line and exit code 2.
+A command's config inherits ``ModelOptions``; ``run`` is ``core.cli.run``: a ``ConfigError`` /
+``DataError`` becomes one ``error: ...`` line and exit code 2, other errors exit 1, Ctrl-C 130.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.config import ConfigError, DataError, at_least, one_of, option, problem, require
+from core.config import at_least, one_of, option, problem, require
 from core.device import DEVICES, PRECISIONS, resolve_device
 
 
@@ -64,10 +62,7 @@ class WorkerModelOptions(ModelOptions):
 
 
 def run(prog: str, body: Callable[[], int]) -> int:
-    """``body()``'s exit code; a ``ConfigError`` or ``DataError`` is one line on stderr and exit code 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return body()
-    except (ConfigError, DataError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+    """``body()``'s exit code, every error explained in one line (``core.cli.run``: exit codes 1, 2, 130)."""
+    from core import cli
+
+    return cli.run(prog, body)

@@ -184,6 +184,13 @@ authentication: keep it on 127.0.0.1 unless the data may be seen by the network.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; every error ends in one explained line (``core.cli.run``: exit codes 1, 2, 130)."""
+    from core import cli
+
+    return cli.run("python -m apply.search", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(SearchConfig, argv, prog="python -m apply.search", description=DESCRIPTION)
     try:

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import dataclasses
 import difflib
+import os
 import sys
 import types
 import typing
@@ -334,6 +335,9 @@ def describe(cls: type) -> str:
 
 
 def build_parser(cls: type, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    from core.cli import EXIT_CODES
+
+    epilog = f"{epilog.rstrip()}\n\n{EXIT_CODES}" if epilog else EXIT_CODES
     parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                      usage=f"{prog} [--config FILE.yaml] [--OPTION VALUE ...]",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -343,6 +347,8 @@ def build_parser(cls: type, prog: str, description: str, epilog: str | None = No
                         help="set one option, e.g. --set section.key=value (repeatable; same as --KEY VALUE)")
     parser.add_argument("--print_config", "--print-config", action="store_true",
                         help="print the resolved config as YAML and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show its traceback (also: WEBCLIP_DEBUG=1 in the environment)")
     groups: dict[str, Any] = {"": parser}
     metavars: dict[str, str] = {}
     for name, f, annotation, default in _leaves(cls):
@@ -385,7 +391,9 @@ def load_cli(cls: type[T], argv: Sequence[str] | None, prog: str, description: s
     """(config, the parsed flags) from ``argv``; raises ConfigError listing every problem."""
     parser = build_parser(cls, prog, description, epilog)
     args, rest = parser.parse_known_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "print_config")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "overrides", "print_config", "debug")}
+    if args.debug:
+        os.environ["WEBCLIP_DEBUG"] = "1"  # core.cli reads it; worker processes inherit it
     overrides = [f"{k}={v}" for k, v in _flag_values(rest)]  # unknown keys: reported by the loader
     overrides += [f"{k}={v}" for k, v in flags.items()] + list(args.overrides)
     return load(cls, args.config, overrides), args

@@ -45,6 +45,7 @@ from typing import Any
 from tqdm import tqdm
 
 from core.config import at_least, one_of, option
+from core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home
+    # its notice that token authentication is on for a local instance: nothing a user acts on
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address is None and num_cpus:
@@ -637,7 +640,8 @@ class Executor:
                 for index, outcome, counts in backend.wait(POLL_S) if pending else []:
                     unit, tries = pending[index]
                     if isinstance(outcome, BaseException):
-                        final = getattr(backend, "retries_itself", False) or isinstance(outcome, SetupFailed)
+                        final = (getattr(backend, "retries_itself", False)
+                                 or isinstance(outcome, (SetupFailed, ConfigError, DataError)))
                         if tries <= retries and not final:
                             log.warning("%s: unit #%d failed (%s: %s); try %d of %d", desc or self.desc, index,
                                         type(outcome).__name__, outcome, tries + 1, retries + 1)

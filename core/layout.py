@@ -13,6 +13,7 @@ shard — never from completion order — so a rerun produces the same keys.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 
@@ -77,3 +78,20 @@ def key_digits(samples_per_shard: int) -> int:
 
 def sample_key(shard_id: int, row: int, samples_per_shard: int) -> str:
     return f"{shard_id:05d}{row:0{key_digits(samples_per_shard)}d}"
+
+
+def folder_fingerprint(folder: str, shard_ids: list[int], suffixes: tuple[str, ...]) -> str:
+    """sha256 over the named files of each shard, in shard order (metadata files: small)."""
+    digest = hashlib.sha256()
+    for shard_id in shard_ids:
+        for suffix in suffixes:
+            path = storage.join(folder, shard_name(shard_id) + suffix)
+            sha, size = storage.sha256_of(path)
+            digest.update(f"{shard_name(shard_id)}{suffix} {size} {sha}\n".encode())
+    return digest.hexdigest()
+
+
+def uncommitted_shards(folder: str) -> list[str]:
+    """Names of shards with files in ``folder`` but no commit marker (a killed or running writer)."""
+    names = {shard_id_of(p) for p in storage.list_files(folder) if not p.endswith(STATS_SUFFIX)}
+    return [shard_name(i) for i in sorted(names - {None} - committed_shards(folder))]

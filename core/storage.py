@@ -112,6 +112,57 @@ def read_json(path: str) -> Any:
         return json.load(handle)
 
 
+def _normalised(path: str) -> str:
+    if is_local(path):
+        return os.path.realpath(path.removeprefix("file://")).rstrip("/") + "/"
+    return path.rstrip("/") + "/"
+
+
+def contains(folder: str, path: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (local paths resolved, links followed)."""
+    return bool(folder) and bool(path) and _normalised(path).startswith(_normalised(folder))
+
+
+def refuse_overlap(output_option: str, output: str, inputs: dict[str, str | list[str] | None]) -> None:
+    """A ``ConfigError`` when the output folder is, or holds, an input (deleting or rewriting it would lose it).
+    An output in a subfolder of an input folder is allowed: stages read their input folders flat."""
+    from core.errors import ConfigError
+
+    problems = []
+    for name, values in inputs.items():
+        for value in [values] if isinstance(values, str) else (values or []):
+            if contains(output, value):
+                problems.append(f"{output_option}={output!r} holds the input {name}={value!r}: writing there could "
+                                f"destroy it; choose another {output_option}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def describe_contents(folder: str) -> str:
+    """'N files (B bytes)' in ``folder``, for a message about deleting it."""
+    fs, p = filesystem(folder)
+    if not fs.exists(p):
+        return "nothing"
+    files = fs.find(p, detail=True)
+    size = sum(int(info.get("size") or 0) for info in files.values())
+    return f"{len(files)} files ({size / 1e6:,.1f} MB)"
+
+
+@contextlib.contextmanager
+def parquet_errors(path: str, what: str = "") -> Iterator[None]:
+    """Inside: a file that is not parquet, or lacks a column asked for, is a ``DataError`` naming ``path``."""
+    import pyarrow as pa
+
+    from core.errors import DataError
+
+    try:
+        yield
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowKeyError) as exc:
+        detail = str(exc).split("\n")[0]
+        raise DataError(f"{path}: {'not a readable parquet file' if 'magic' in detail.lower() else 'cannot read'} "
+                        f"({detail}){'; ' + what if what else ''}") from None
+
+
 def remove(path: str) -> None:
     fs, p = filesystem(path)
     if fs.exists(p):

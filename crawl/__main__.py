@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from core.config import ConfigError, DataError, parse_config
+from core import cli, outcome
+from core.config import parse_config
 from crawl.config import CrawlConfig
 from crawl.run import run_crawl
 
@@ -50,16 +51,25 @@ machine, Ray tasks given a cluster (--ray_address, RAY_ADDRESS or --distributor 
 """
 
 
+def committed_note(cfg: CrawlConfig) -> str:
+    from core import storage
+
+    markers = [p for p in storage.list_files(cfg.output_folder, "_stats.json")]
+    return f"{len(markers)} crawl units committed in {cfg.output_folder}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("python -m crawl", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     cfg = parse_config(CrawlConfig, argv, prog="python -m crawl", description=DESCRIPTION)
-    try:
-        stats = run_crawl(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"python -m crawl: error: {exc}", file=sys.stderr)
-        return 2
+    cli.using(cfg, lambda: committed_note(cfg))
+    stats = run_crawl(cfg)
     for line in stats.lines():
         print(line)
     print(f"URL list written to {cfg.output_folder}")
+    outcome.verdict("crawl", stats.pages, stats.pairs and stats.pages, dict(stats.reasons), "paired")
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -99,8 +100,8 @@ def crawl_seeds(seeds: list[str], cfg: CrawlConfig) -> CrawlStats:
     marker = storage.join(cfg.output_folder, SEEDS_MARKER)
     if cfg.incremental_mode == "incremental" and storage.exists(marker):
         done = storage.read_json(marker)
-        if done.get("seeds") == seeds and done.get("settings") == output_settings(cfg):
-            return CrawlStats.from_dict(done)
+        refuse_changed(cfg, "the seed crawl", done, {"seeds": seeds})
+        return CrawlStats.from_dict(done)
     _remove_stale_seed_parts(cfg)
     domains = cfg.allowed_domains or sorted({host_of(url) for url in seeds})
     hosts = {host_of(url) for url in seeds}
@@ -163,14 +164,31 @@ def crawl_warc_unit(cfg: CrawlConfig, unit: tuple[int, str]) -> dict[str, Any]:
     return stats.to_dict()
 
 
+_START_OVER = "to start over, rerun with --incremental_mode overwrite (deletes {folder}) or choose another --output_folder"
+
+
+def refuse_changed(cfg: CrawlConfig, what: str, made: dict[str, Any], inputs: dict[str, Any]) -> None:
+    """A committed unit made from other inputs or with other settings: stop and say what differs."""
+    now = output_settings(cfg)
+    old = made.get("settings") or {}
+    differs = [f"{k} ({made.get(k)!r} -> {v!r})" for k, v in inputs.items() if made.get(k) != v]
+    differs += [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in now.items() if old.get(k) != v]
+    if differs:
+        raise DataError(f"{what} in {cfg.output_folder} was made from other inputs or with other settings: "
+                        f"{'; '.join(differs)[:500]}; {_START_OVER.format(folder=cfg.output_folder)}")
+
+
 def _pending_units(files: list[str], cfg: CrawlConfig, done: Callable[[dict], None]) -> Iterator[tuple[int, str]]:
-    for index, source in enumerate(files):
+    committed = {}
+    for index, source in enumerate(files):  # every committed unit checked before any work
         marker = _unit_paths(cfg, index)[1]
         if cfg.incremental_mode == "incremental" and storage.exists(marker):
-            stats = storage.read_json(marker)
-            if stats.get("source") == source and stats.get("settings") == output_settings(cfg):
-                done(stats)
-                continue
+            committed[index] = stats = storage.read_json(marker)
+            refuse_changed(cfg, f"unit warc-{index:05d}", stats, {"source": source})
+    for index, source in enumerate(files):
+        if index in committed:
+            done(committed[index])
+            continue
         yield index, source
 
 
@@ -182,7 +200,8 @@ def crawl_archives(files: list[str], cfg: CrawlConfig) -> CrawlStats:
             total.add(stats)
             ex.skipped()
 
-        for stats in ex.map(partial(crawl_warc_unit, cfg), _pending_units(files, cfg, skipped)):
+        pending = list(_pending_units(files, cfg, skipped))  # a list of (index, path): small
+        for stats in ex.map(partial(crawl_warc_unit, cfg), pending):
             total.add(stats)
     return total
 
@@ -198,7 +217,10 @@ def run_crawl(cfg: CrawlConfig) -> CrawlStats:
         files = warc_files(cfg.warc) if cfg.warc else []
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from None
-    if cfg.incremental_mode == "overwrite":
+    storage.refuse_overlap("output_folder", cfg.output_folder, {"warc": cfg.warc, "seed_file": cfg.seed_file})
+    if cfg.incremental_mode == "overwrite" and storage.exists(cfg.output_folder):
+        print(f"crawl: incremental_mode=overwrite: deleting {cfg.output_folder} "
+              f"({storage.describe_contents(cfg.output_folder)})", file=sys.stderr)
         storage.remove(cfg.output_folder)
     storage.makedirs(cfg.output_folder)
     total = CrawlStats()

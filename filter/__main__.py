@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from core import cli, outcome
 from core.config import parse_config
-from core.errors import DataError
 from filter.config import FilterConfig
 from filter.run import run_filter
 
@@ -24,16 +24,18 @@ not depend on the number of workers. Writes {shard}.parquet (key, keep, reason, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("python -m filter", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     cfg = parse_config(FilterConfig, argv, prog="python -m filter", description=DESCRIPTION)
-    try:
-        summary = run_filter(cfg)
-    except DataError as exc:
-        print(f"python -m filter: error: {exc}", file=sys.stderr)
-        return 2
+    cli.using(cfg, lambda: "Decisions are written as a whole: nothing is committed until the end")
+    summary = run_filter(cfg)
     print(f"{summary.rows} rows in {summary.shards} shards: kept {summary.kept}, rejected {summary.rows - summary.kept}")
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:<20} {n}")
     print(f"decisions written to {cfg.output_folder}")
+    outcome.verdict("filter", summary.rows, summary.kept, summary.reasons, "kept")
     return 0
 
 

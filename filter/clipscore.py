@@ -341,13 +341,17 @@ into keep / reject (low_clip_score); it also reads an embeddings folder directly
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from core import cli
+
+    return cli.run("python -m filter.clipscore", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from core import cli
+
     cfg = parse_config(ClipScoreConfig, argv, prog="python -m filter.clipscore", description=DESCRIPTION)
-    try:
-        summary = run_clipscore(cfg)
-    except (ConfigError, DataError, ClipScoreError) as exc:
-        print(f"python -m filter.clipscore: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, ClipScoreError) else 2
+    cli.using(cfg, cli.shards_committed(cfg.output_folder, "score files"))
+    summary = run_clipscore(cfg)
     print(f"{summary.samples} samples in {summary.shards} shards ({summary.shards_scored_now} scored now, "
           f"{summary.duration:.1f}s): {summary.scored} scored")  # fmt: skip
     for reason, n in sorted(summary.errors.items(), key=lambda kv: -kv[1]):

@@ -22,6 +22,8 @@ class FilterConfig(Execution):
     output_folder: str = option("", "where decisions go: {shard}.parquet + _filter_stats.json (local or s3://)")
     partition_rows: int = option(4_000_000, "entries per dedupe partition: bounds one worker's memory "
                                             "(about 40 bytes per entry)")
+    overwrite: bool = option(False, "replace decisions in output_folder made from another pool or with other "
+                                    "settings (without it, such a rerun stops and says what differs)")
     # -- captions -----------------------------------------------------------------
     min_caption_chars: int = option(5, "reject captions with fewer characters")
     min_caption_words: int = option(2, "reject captions with fewer words")
@@ -100,6 +102,11 @@ class FilterConfig(Execution):
         if not 0 <= self.min_language_confidence <= 1:
             problem(f"min_language_confidence={self.min_language_confidence}: must be in 0..1")
         self.languages = [code.strip().lower() for code in self.languages if code.strip()]
+        if self.languages:
+            from filter.language import unknown_codes  # loads the detector (0.3 s): only when languages are given
+
+            for line in unknown_codes(self.languages):
+                problem(line)
         if self.decontaminate_threshold < 0:
             self.decontaminate_threshold = self.near_dup_threshold
 

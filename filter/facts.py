@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from apply.embeddings import shard_scores
 from core import storage
+from core.errors import DataError
 from core.layout import shard_name
 from core.reasons import Reason
 from core.urls import normalize_url
@@ -51,7 +52,7 @@ POOL_COLUMNS = ["key", "url", "caption", "status", "reason", "width", "height", 
                 "original_height", "sha256", "phash", "luma_std"]
 
 
-class PoolReadError(RuntimeError):
+class PoolReadError(DataError):
     """A pool parquet that cannot be read: the message names the file."""
 
 
@@ -82,7 +83,8 @@ def read_clip_scores(folder: str, shard_id: int) -> dict[str, float]:
     path = storage.join(folder, f"{shard_name(shard_id)}.parquet")
     if not storage.exists(path):
         return {}
-    with storage.open_file(path) as handle:
+    with storage.open_file(path) as handle, storage.parquet_errors(
+            path, "clip_scores must be the folder `python -m filter.clipscore` wrote"):
         table = pq.read_table(handle, columns=["key", "clip_score"])
     return {k: v for k, v in zip(table.column("key").to_pylist(), table.column("clip_score").to_pylist())
             if v is not None}

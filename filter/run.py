@@ -24,7 +24,9 @@ last: its presence means every decision file is complete.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,8 +41,8 @@ from apply import embeddings as emb
 from core import storage
 from core.config import to_dict
 from core.errors import DataError
-from core.executor import Executor
-from core.layout import committed_shards, shard_name
+from core.executor import Execution, Executor
+from core.layout import STATS_SUFFIX, committed_shards, folder_fingerprint, shard_id_of, shard_name, uncommitted_shards
 from core.reasons import Reason
 from filter.config import FilterConfig
 from filter.dedupe import (
@@ -253,11 +255,61 @@ def _decisions_task(cfg: FilterConfig, work: str, unit: tuple[int, dict[str, tup
 # -- the job ------------------------------------------------------------------------------
 
 
+_NOT_DECISIONS = {f.name for f in dataclasses.fields(Execution)} | {"output_folder", "overwrite", "partition_rows"}
+
+
+def decision_settings(cfg: FilterConfig) -> dict[str, Any]:
+    """The options the decisions depend on (not where or how fast they run)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in _NOT_DECISIONS}
+
+
+def committed_or_files(folder: str) -> set[int]:
+    """Shard ids with a parquet file in ``folder``."""
+    return {i for i in (shard_id_of(p) for p in storage.list_files(folder, ".parquet")) if i is not None}
+
+
+def _check_previous(cfg: FilterConfig, identity: dict[str, Any]) -> None:
+    """Decisions already in output_folder from another pool or other settings: stop, unless --overwrite."""
+    stats_path = storage.join(cfg.output_folder, STATS_FILE)
+    if not storage.exists(stats_path):
+        return
+    previous = storage.read_json(stats_path)
+    differs = [k for k in ("pool_fingerprint",) if previous.get(k) != identity[k]]
+    old = previous.get("settings", {})
+    differs += [f"{k} ({old.get(k)!r} -> {v!r})" for k, v in identity["settings"].items() if old.get(k) != v]
+    if not differs:
+        return  # the same pool and settings: the same decisions, rewritten
+    if not cfg.overwrite:
+        raise DataError(f"output_folder={cfg.output_folder!r} holds decisions made from another pool or with other "
+                        f"settings (differs in: {', '.join(differs)[:400]}); choose another output_folder or rerun "
+                        "with --overwrite true to replace them")
+    print(f"filter: overwrite: replacing the decisions in {cfg.output_folder} "
+          f"({len(committed_or_files(cfg.output_folder))} shard files; differs in: {', '.join(differs)[:200]})",
+          file=sys.stderr)
+
+
 def run_filter(cfg: FilterConfig) -> FilterSummary:
     start = time.time()
+    storage.refuse_overlap("output_folder", cfg.output_folder, {
+        "pool": cfg.pool, "embeddings": cfg.embeddings or None, "clip_scores": cfg.clip_scores or None,
+        "decontaminate": cfg.decontaminate or None})
     shard_ids = sorted(committed_shards(cfg.pool))
     if not shard_ids:
         raise SystemExit(f"filter: no committed pool shards in {cfg.pool!r} (run ingest first)")
+    uncommitted = uncommitted_shards(cfg.pool)
+    if uncommitted:
+        raise DataError(f"pool={cfg.pool!r}: shards {', '.join(uncommitted[:5])}{' …' if len(uncommitted) > 5 else ''} "
+                        "have files but no commit marker (_stats.json): an ingest was killed or is still running; "
+                        "rerun the ingest command to finish them, then filter")
+    if cfg.clip_scores:
+        scored = committed_or_files(cfg.clip_scores)
+        if not scored & set(shard_ids):
+            raise DataError(f"clip_scores={cfg.clip_scores!r}: no score file of this pool's shards there (the folder "
+                            "is missing, empty or made from another pool); run `python -m filter.clipscore "
+                            f"--pool {cfg.pool} --output_folder {cfg.clip_scores}`")
+    identity = {"pool_fingerprint": folder_fingerprint(cfg.pool, shard_ids, (".parquet", STATS_SUFFIX)),
+                "settings": decision_settings(cfg)}
+    _check_previous(cfg, identity)
     if cfg.embeddings:
         made_over = emb.read_manifest(cfg.embeddings)["shards"]  # DataError unless a finished folder
         if not set(made_over) & {str(s) for s in shard_ids}:
@@ -291,6 +343,7 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
         "eval_images": 0 if eval_hashes is None else len(eval_hashes),
         "pass_seconds": summary.passes,
         "config": to_dict(cfg),
+        **identity,
         "duration": summary.duration,
     })
     return summary

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from core import cli
 from core.config import parse_config
 from ingest.config import IngestConfig
-from ingest.run import run_ingest
+from ingest.run import judge, run_ingest
 
+PROG = "python -m ingest"
 DESCRIPTION = """\
 Download (url, caption) rows into pool shards. Each input row ends as one row of
 {shard}.parquet (status, reason code, sizes, hashes, content type, final URL);
@@ -40,11 +42,17 @@ examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(IngestConfig, argv, prog="python -m ingest", description=DESCRIPTION)
+    return cli.run(PROG, lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    cfg = parse_config(IngestConfig, argv, prog=PROG, description=DESCRIPTION)
+    cli.using(cfg, cli.shards_committed(cfg.output_folder, "pool shards"))
     summary = run_ingest(cfg)
     for line in summary.lines():
         print(line)
     print(f"pool written to {cfg.output_folder} in {summary.duration:.1f}s")
+    judge(cfg, summary)
     return 0
 
 

@@ -44,6 +44,8 @@ from ingest.resizer import ENCODE_FORMATS, ResizeConfig
 from ingest.safety import NetworkPolicy
 
 HASHES = ("sha256", "md5", "sha512", "none")
+_NOT_OUTPUT = {f.name for f in dataclasses.fields(Execution)} | {
+    "url_list", "output_folder", "incremental_mode", "enable_wandb", "thread_count", "per_host_limit"}
 _GZ_FORMATS = tuple(f"{f}.gz" for f in INPUT_FORMATS if f != "parquet")
 
 
@@ -160,6 +162,12 @@ class IngestConfig(Execution):
         # Build the parts once so their own checks run now, before any work.
         self.resize_config()
         self.network_policy()
+
+    def output_settings(self) -> dict:
+        """The options a shard's contents depend on (not where, how fast or how many at once it runs)."""
+        from core.config import to_dict
+
+        return {k: v for k, v in to_dict(self).items() if k not in _NOT_OUTPUT}
 
     def hash_columns(self) -> list[str]:
         """Extra hash columns besides sha256 (img2dataset names the column after the hash)."""

@@ -18,6 +18,7 @@ with U+FFFD replacements and the row is flagged (``caption_not_utf8`` or
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -62,6 +63,13 @@ class ShardInput:
     def __len__(self) -> int:
         return len(self.urls)
 
+    def fingerprint(self) -> str:
+        """What identifies the shard's input rows (URLs, captions, extra columns), for resume checks."""
+        digest = hashlib.blake2b(digest_size=16)
+        for column in (self.urls, self.captions, *(self.extras[k] for k in sorted(self.extras))):
+            digest.update(repr(column).encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()
+
 
 def input_files(url_list: str, input_format: str) -> list[str]:
     fmt = input_format.removesuffix(".gz")
@@ -69,6 +77,10 @@ def input_files(url_list: str, input_format: str) -> list[str]:
     if not fs.exists(path):
         raise DataError(f"url_list={url_list!r}: no such file or folder")
     if not fs.isdir(path):
+        named = [f for f, suffixes in SUFFIXES.items() if url_list.lower().endswith(suffixes)]
+        if named and fmt not in named:
+            raise DataError(f"url_list={url_list!r} looks like {named[0]} but input_format={input_format!r}: "
+                            f"give --input_format {named[0]}")
         return [url_list]
     files = [f for f in storage.list_files(url_list) if f.endswith(SUFFIXES[fmt])]
     if not files:
@@ -78,7 +90,8 @@ def input_files(url_list: str, input_format: str) -> list[str]:
 
 def _parquet_batches(path: str, columns: list[str]) -> Iterator[Batch]:
     source = storage.filesystem(path)[1] if storage.is_local(path) else None
-    with (open(source, "rb") if source else storage.open_file(path)) as handle:
+    with (open(source, "rb") if source else storage.open_file(path)) as handle, storage.parquet_errors(
+            path, "is --input_format right?"):
         parquet = pq.ParquetFile(handle, buffer_size=1 << 20)  # buffered: no whole column chunk in memory
         names = parquet.schema_arrow.names
         missing = [c for c in columns if c not in names]

@@ -19,8 +19,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from core import storage
+from core import outcome, storage
 from core.config import to_dict
+from core.errors import DataError
 from core.executor import Executor, progress_enabled, report
 from core.layout import STATS_SUFFIX, committed_shards
 from core.shard_writer import clean_stale_staging
@@ -67,7 +68,7 @@ def _total_rows(cfg: IngestConfig) -> int | None:
         return None
     total = 0
     for path in input_files(cfg.url_list, cfg.input_format):
-        with storage.open_file(path) as handle:
+        with storage.open_file(path) as handle, storage.parquet_errors(path, "is --input_format right?"):
             total += pq.ParquetFile(handle).metadata.num_rows
     return total
 
@@ -83,15 +84,57 @@ def _success_rate(totals: dict[str, int]) -> dict[str, str]:
     return {"ok": f"{totals.get('successes', 0) / max(totals.get('items', 0), 1):.1%}"}
 
 
+def example_error(folder: str, reason: str, files: int = 8) -> str | None:
+    """The error message of one row refused for ``reason``, from the first pool parquets (for a hint)."""
+    for path in [p for p in storage.list_files(folder, ".parquet")][:files]:
+        with storage.open_file(path) as handle:
+            table = pq.read_table(handle, columns=["reason", "error_message"], use_threads=False)
+        for row_reason, message in zip(table.column("reason").to_pylist(), table.column("error_message").to_pylist()):
+            if row_reason == reason and message:
+                return message
+    return None
+
+
+def judge(cfg: IngestConfig, summary: IngestSummary) -> None:
+    """Nothing downloaded: ``EmptyResult`` (exit 1); few downloaded: a warning (``core.outcome``)."""
+    outcome.verdict("ingest", summary.count, summary.successes, summary.reasons, "downloaded",
+                    partial(example_error, cfg.output_folder))
+
+
+_START_OVER = ("to start over, rerun with --incremental_mode overwrite (deletes {folder}) or choose another "
+               "--output_folder")
+
+
+def _check_settings(cfg: IngestConfig, previous: dict[int, dict[str, Any]]) -> None:
+    """Committed shards made with other settings are not reused silently: stop and say what differs."""
+    now = cfg.output_settings()
+    for shard_id, stats in previous.items():
+        made_with = stats.get("settings")
+        if made_with is None or made_with == now:
+            continue  # a pool from before settings were recorded is taken as it is
+        differs = [f"{k} ({made_with.get(k)!r} -> {v!r})" for k, v in now.items() if made_with.get(k) != v]
+        raise DataError(f"{len(previous)} committed pool shards in {cfg.output_folder} (shard {shard_id:05d} first) were "
+                        f"made with other settings: {'; '.join(differs)[:500]}; {_START_OVER.format(folder=cfg.output_folder)}")
+
+
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     start = time.time()
-    if cfg.incremental_mode == "overwrite":
+    storage.refuse_overlap("output_folder", cfg.output_folder, {"url_list": cfg.url_list})
+    input_files(cfg.url_list, cfg.input_format)  # every input checked before anything is deleted
+    if cfg.incremental_mode == "overwrite" and storage.exists(cfg.output_folder):
+        print(f"ingest: incremental_mode=overwrite: deleting {cfg.output_folder} "
+              f"({storage.describe_contents(cfg.output_folder)})", file=sys.stderr)
         storage.remove(cfg.output_folder)
     storage.makedirs(cfg.output_folder)
     clean_stale_staging(cfg.output_folder)
     done = committed_shards(cfg.output_folder)
+    previous = {i: storage.read_json(storage.join(cfg.output_folder, f"{i:05d}{STATS_SUFFIX}")) for i in sorted(done)}
+    _check_settings(cfg, previous)
     summary = IngestSummary()
 
+    if cfg.caption_col is None and cfg.input_format.removesuffix(".gz") != "txt":
+        print(f"ingest: warning: no --caption_col: the samples get no caption (a CLIP model needs one, and the "
+              f"filter rejects them as caption_missing); give --caption_col COLUMN", file=sys.stderr)
     if cfg.enable_wandb:
         print("ingest: enable_wandb is accepted but ignored; progress goes to stderr, stats to *_stats.json",
               file=sys.stderr)
@@ -112,7 +155,13 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             # count as duplicates of must not depend on where the last run stopped.
             shard = planner.plan(shard)
             if shard.shard_id in done:
-                stats = storage.read_json(storage.join(cfg.output_folder, f"{shard.shard_id:05d}{STATS_SUFFIX}"))
+                stats = previous[shard.shard_id]
+                made_from = stats.get("input_fingerprint")
+                if made_from is not None and made_from != shard.fingerprint():
+                    raise DataError(
+                        f"pool shard {shard.shard_id:05d} in {cfg.output_folder} was downloaded from other input rows "
+                        f"than url_list={cfg.url_list!r} holds now (the list changed, or another list was given); "
+                        f"{_START_OVER.format(folder=cfg.output_folder)}")
                 summary.shards_skipped += 1
                 summary.add(stats)
                 executor.skipped(stats["count"], successes=stats["successes"])

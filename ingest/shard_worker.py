@@ -192,6 +192,8 @@ def download_shard(shard: ShardInput, cfg: IngestConfig, report: Report | None =
             "status_dict": account.status_dict,
             "reasons": dict(sorted(account.reasons.items())),
             "download_bytes": account.download_bytes,
+            "settings": cfg.output_settings(),  # what a rerun must match to reuse this shard (ingest.run)
+            "input_fingerprint": shard.fingerprint(),
         }
         writer.commit(stats)
         return stats

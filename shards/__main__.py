@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from core import storage
+from core import cli, storage
 from core.config import parse_config
 from shards.config import ReportConfig, ShardsConfig
 from shards.manifest import MANIFEST
@@ -28,13 +28,21 @@ only the train shards that are missing. Check the result with
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run("python -m shards", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     cfg = parse_config(ShardsConfig, argv, prog="python -m shards", description=DESCRIPTION)
+    cli.using(cfg, cli.shards_committed(cfg.output_folder, "train shards"))
     try:
         manifest = reshard(cfg)
     except DamagedPool as exc:
         print(f"shards: the pool is damaged: {exc}", file=sys.stderr)
         return 1
     print(f"{manifest['total_samples']:,} samples in {manifest['shard_count']} train shards")
+    if not manifest["total_samples"]:
+        raise cli.EmptyResult(f"the decisions in {cfg.decisions} keep no sample of the pool: no train shard was written "
+                              "(their _filter_stats.json counts the reasons; `python -m filter` says the likely fix)")
     print(f"manifest: {storage.join(cfg.output_folder, MANIFEST)}")
     if cfg.report:
         report = build_report(ReportConfig(pool=cfg.pool, decisions=cfg.decisions, train=cfg.output_folder,

@@ -9,13 +9,12 @@ shards.verify`` checks a folder against it.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import time
 from typing import Any
 
 from core import __version__, storage
-from core.layout import STATS_SUFFIX, shard_name
+from core.layout import STATS_SUFFIX, folder_fingerprint, shard_name  # noqa: F401 (folder_fingerprint: re-exported)
 
 MANIFEST = "manifest.json"
 PLAN_FILE = "_reshard_plan.json"
@@ -37,18 +36,7 @@ def code_version() -> str:
     return __version__
 
 
-def folder_fingerprint(folder: str, shard_ids: list[int], suffixes: tuple[str, ...]) -> str:
-    """sha256 over the named files of each shard, in shard order (metadata files: small)."""
-    digest = hashlib.sha256()
-    for shard_id in shard_ids:
-        for suffix in suffixes:
-            path = storage.join(folder, shard_name(shard_id) + suffix)
-            sha, size = storage.sha256_of(path)
-            digest.update(f"{shard_name(shard_id)}{suffix} {size} {sha}\n".encode())
-    return digest.hexdigest()
-
-
-def pool_inputs(pool: str, decisions: str, pool_ids: list[int]) -> dict[str, Any]:
+def pool_inputs(pool: str, decisions: str, pool_ids: list[int], pool_fingerprint: str | None = None) -> dict[str, Any]:
     """The inputs section: pool, decisions, and the URL lists behind the pool."""
     ingest_summary = storage.join(pool, INGEST_SUMMARY)
     input_lists = None
@@ -58,7 +46,7 @@ def pool_inputs(pool: str, decisions: str, pool_ids: list[int]) -> dict[str, Any
     filter_config = storage.read_json(filter_stats).get("config") if storage.exists(filter_stats) else None
     return {
         "pool": {"path": pool, "shards": len(pool_ids),
-                 "fingerprint": folder_fingerprint(pool, pool_ids, (".parquet", STATS_SUFFIX))},
+                 "fingerprint": pool_fingerprint or folder_fingerprint(pool, pool_ids, (".parquet", STATS_SUFFIX))},
         "decisions": {"path": decisions, "fingerprint": folder_fingerprint(decisions, pool_ids, (".parquet",)),
                       "filter_config": filter_config},
         # None: the pool has no _ingest_summary.json (not made by our ingest, or its run never finished)

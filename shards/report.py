@@ -135,6 +135,28 @@ def _read_optional(folder: str, name: str) -> dict | None:
     return storage.read_json(path) if storage.exists(path) else None
 
 
+def check_belong_together(cfg: ReportConfig, manifest: dict[str, Any]) -> None:
+    """The train shards' manifest names the pool and decisions they were made from: the ones given must match."""
+    from core.errors import DataError
+    from core.layout import STATS_SUFFIX, folder_fingerprint
+
+    inputs = manifest.get("inputs") or {}
+    pool_ids = sorted(committed_shards(cfg.pool))
+    made_from = (inputs.get("pool") or {}).get("fingerprint")
+    if made_from and made_from != folder_fingerprint(cfg.pool, pool_ids, (".parquet", STATS_SUFFIX)):
+        raise DataError(f"train={cfg.train!r} was made from another pool than pool={cfg.pool!r} (its manifest.json "
+                        f"names {(inputs.get('pool') or {}).get('path')!r}); give that pool, or rerun shards")
+    made_from = (inputs.get("decisions") or {}).get("fingerprint")
+    if cfg.decisions and made_from:
+        try:
+            given = folder_fingerprint(cfg.decisions, pool_ids, (".parquet",))
+        except FileNotFoundError:
+            given = None
+        if given != made_from:
+            raise DataError(f"train={cfg.train!r} was made from other decisions than decisions={cfg.decisions!r} "
+                            f"(its manifest.json names {(inputs.get('decisions') or {}).get('path')!r}); give those")
+
+
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
     """Every number of the report (the content of report.json)."""
     start = time.time()
@@ -146,6 +168,8 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     manifest = _read_optional(cfg.train, MANIFEST)
     if cfg.train and manifest is None:
         raise SystemExit(f"report: no {MANIFEST} in {cfg.train!r} (run `python -m shards` first)")
+    if manifest is not None:
+        check_belong_together(cfg, manifest)
     summary = summarize(cfg, shard_ids)
     ingest = _read_optional(cfg.pool, INGEST_SUMMARY)
     filter_stats = _read_optional(cfg.decisions, FILTER_STATS)
@@ -238,7 +262,16 @@ Examples:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core import cli
+
+    return cli.run("python -m shards.report", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from core import cli
+
     cfg = parse_config(ReportConfig, argv, prog="python -m shards.report", description=DESCRIPTION)
+    cli.using(cfg)
     report = build_report(cfg)
     paths = write_report(cfg.output_folder, report)
     funnel = " → ".join(f"{s['label'].split(' (')[0]} {s['count']:,}" for s in report["funnel"])

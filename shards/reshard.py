@@ -19,6 +19,7 @@ unless ``--overwrite`` is given. ``manifest.json`` is written last, from the mar
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,11 +32,13 @@ import pyarrow.parquet as pq
 
 from core import storage
 from core.config import to_dict
+from core.errors import DataError
 from core.executor import Executor
 from core.layout import (
     POOL_SCHEMA,
     STATS_SUFFIX,
     committed_shards,
+    folder_fingerprint,
     image_member,
     shard_id_of,
     shard_name,
@@ -43,7 +46,7 @@ from core.layout import (
 from core.shard_writer import ShardWriter, clean_stale_staging
 from core.tarreader import TarStreamError, iter_tar_samples
 from shards.config import ShardsConfig
-from shards.manifest import MANIFEST, PLAN_FILE, build_manifest, pool_inputs
+from shards.manifest import FILTER_STATS, MANIFEST, PLAN_FILE, build_manifest, pool_inputs
 from shards.plan import ReshardPlan
 
 ROW_BATCH = 512  # pool rows turned into Python dicts at a time
@@ -77,7 +80,8 @@ def _kept_count(decisions: str, shard_id: int) -> int:
     if not storage.exists(path):
         raise SystemExit(f"shards: {path} not found: the decisions do not cover pool shard {shard_name(shard_id)} "
                          "(run the filter on this pool)")
-    with storage.open_file(path) as handle:
+    with storage.open_file(path) as handle, storage.parquet_errors(
+            path, "decisions must be the folder `python -m filter` wrote"):
         keep = pq.read_table(handle, columns=["keep"])["keep"]
     return int(pc.sum(pc.fill_null(keep, False)).as_py() or 0)
 
@@ -188,9 +192,24 @@ def _check_pool(cfg: ShardsConfig, pool_ids: list[int]) -> list[str]:
         raise SystemExit(f"shards: the pool is damaged: committed shards without their files: "
                          f"{', '.join(missing[:10])}{' …' if len(missing) > 10 else ''} "
                          f"(`python -m shards.verify --folder {cfg.pool}` lists everything)")
-    with storage.open_file(storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.parquet")) as handle:
+    first = storage.join(cfg.pool, f"{shard_name(pool_ids[0])}.parquet")
+    with storage.open_file(first) as handle, storage.parquet_errors(first):
         names = pq.ParquetFile(handle).schema_arrow.names
     return [c for c in names if c not in POOL_SCHEMA.names]
+
+
+def check_decisions(pool: str, decisions: str, pool_fingerprint: str) -> None:
+    """Decisions whose filter run did not finish, or that were made from another pool, are refused."""
+    stats_path = storage.join(decisions, FILTER_STATS)
+    if not storage.exists(stats_path):
+        raise DataError(f"decisions={decisions!r}: no {FILTER_STATS} there, so the filter run that wrote them did not "
+                        f"finish (or this is not a decisions folder); rerun `python -m filter --pool {pool} "
+                        f"--output_folder {decisions}`")
+    made_from = storage.read_json(stats_path).get("pool_fingerprint")
+    if made_from is not None and made_from != pool_fingerprint:
+        raise DataError(f"decisions={decisions!r} were made from another pool than pool={pool!r} (or the pool changed "
+                        f"since: its fingerprint differs); rerun `python -m filter --pool {pool}` into a new folder "
+                        "and pass that as --decisions")
 
 
 def _prepare_output(cfg: ShardsConfig, identity: dict[str, Any]) -> set[int]:
@@ -206,6 +225,8 @@ def _prepare_output(cfg: ShardsConfig, identity: dict[str, Any]) -> set[int]:
             differs = sorted(k for k in identity if (previous or {}).get(k) != identity[k])
             raise SystemExit(f"shards: {cfg.output_folder!r} holds {what} (differs in: {', '.join(differs)}); "
                              "choose another output_folder or rerun with --overwrite true to replace them")
+        print(f"shards: overwrite: deleting {len(leftovers)} files of {len({shard_id_of(p) for p in leftovers})} "
+              f"train shards of another plan in {cfg.output_folder}", file=sys.stderr)
         for path in leftovers + [storage.join(cfg.output_folder, MANIFEST)]:
             storage.remove(path)
     if previous != identity:
@@ -217,11 +238,14 @@ def _prepare_output(cfg: ShardsConfig, identity: dict[str, Any]) -> set[int]:
 def reshard(cfg: ShardsConfig) -> dict[str, Any]:
     """Write the train shards and manifest.json; return the manifest."""
     start = time.time()
+    storage.refuse_overlap("output_folder", cfg.output_folder, {"pool": cfg.pool, "decisions": cfg.decisions})
     pool_ids = sorted(committed_shards(cfg.pool))
     extra_columns = _check_pool(cfg, pool_ids)
+    pool_fingerprint = folder_fingerprint(cfg.pool, pool_ids, (".parquet", STATS_SUFFIX))
+    check_decisions(cfg.pool, cfg.decisions, pool_fingerprint)  # before the decisions are read
     plan = ReshardPlan.build({i: _kept_count(cfg.decisions, i) for i in pool_ids},
                              cfg.samples_per_shard, cfg.mix_window, cfg.seed)
-    inputs = pool_inputs(cfg.pool, cfg.decisions, pool_ids)
+    inputs = pool_inputs(cfg.pool, cfg.decisions, pool_ids, pool_fingerprint)
     identity = {"plan": plan.describe(), "plan_fingerprint": plan.fingerprint(),
                 "pool_fingerprint": inputs["pool"]["fingerprint"],
                 "decisions_fingerprint": inputs["decisions"]["fingerprint"]}

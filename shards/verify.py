@@ -362,10 +362,19 @@ Examples:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core import cli
+
+    return cli.run("python -m shards.verify", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from core import cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv = ["--folder", *argv]  # `python -m shards.verify FOLDER`
     cfg = parse_config(VerifyConfig, argv, prog="python -m shards.verify", description=DESCRIPTION)
+    cli.using(cfg)
     result = verify(cfg)
     for finding in result["findings"]:
         print(Finding(**finding))

@@ -91,7 +91,17 @@ def make_pool(root: str, shards: int = 6, rows_per_shard: int = 40, seed: int = 
         pq.write_table(pa.Table.from_pylist(decided, schema=DECISION_SCHEMA),
                        os.path.join(spec.decisions, f"{shard:05d}.parquet"))
         spec.decided.extend(decided)
+    write_filter_stats(spec.decisions, spec.decided)
     return spec
+
+
+def write_filter_stats(decisions: str, decided: list[dict]) -> None:
+    """The filter's commit marker over hand-made decisions (shards/ refuses decisions without it)."""
+    import json
+
+    kept = sum(bool(d["keep"]) for d in decided)
+    with open(os.path.join(decisions, "_filter_stats.json"), "w") as handle:
+        json.dump({"rows": len(decided), "kept": kept, "rejected": len(decided) - kept}, handle)
 
 
 def make_train_shards(spec: PoolSpec, folder: str, samples_per_shard: int, **options) -> dict:

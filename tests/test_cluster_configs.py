@@ -364,12 +364,14 @@ def test_submit_cli_dry_run_and_errors(capsys, monkeypatch):
 @pytest.mark.parametrize(
     ("variables", "expected"),
     [
-        ({}, ".venv/bin/python -m ingest --config configs/demo/ingest.yaml"),
-        ({"RAY_ADDRESS": "10.0.0.1:6379"}, ".venv/bin/python -m ingest --config configs/demo/ingest.yaml"),
+        # issue 22: without CONFIG a stage target runs with the stage's own defaults, not the demo's config
+        ({}, ".venv/bin/python -m ingest"),
+        ({"CONFIG": "configs/demo/ingest.yaml"}, ".venv/bin/python -m ingest --config configs/demo/ingest.yaml"),
+        ({"RAY_ADDRESS": "10.0.0.1:6379"}, ".venv/bin/python -m ingest"),
         ({"CLUSTER": "http://head:8265"},
-         ".venv/bin/python -m infra.ray.submit --address http://head:8265 -- python -m ingest --config"),
+         ".venv/bin/python -m infra.ray.submit --address http://head:8265 -- python -m ingest"),
         ({"RAY_ADDRESS": "http://head:8265"},
-         ".venv/bin/python -m infra.ray.submit --address http://head:8265 -- python -m ingest --config"),
+         ".venv/bin/python -m infra.ray.submit --address http://head:8265 -- python -m ingest"),
     ],
 )
 def test_make_ingest_runs_here_or_submits_to_the_cluster(variables, expected):

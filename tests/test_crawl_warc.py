@@ -221,10 +221,13 @@ def test_cli_resumes_by_file_and_ingest_downloads_the_result(small_corpus, demo_
     assert (out / "warc-00000_stats.json").read_text() == marker  # committed: skipped, not redone
     assert (out / "warc-00001_stats.json").exists()
     assert json.loads((out / "_crawl_stats.json").read_text())["pairs"] == len(expected_pairs)
-    assert crawl_main([*argv, "--max_page_bytes", "3000000"]) == 0  # another setting: committed units are redone
+    # another setting: the rerun stops and says what differs (issue 22; committed units were redone silently)
+    assert crawl_main([*argv, "--max_page_bytes", "3000000"]) == 2
+    assert (out / "warc-00000_stats.json").read_text() == marker
+    assert crawl_main([*argv, "--max_page_bytes", "3000000", "--incremental_mode", "overwrite"]) == 0
     redone = json.loads((out / "_crawl_stats.json").read_text())
     assert (out / "warc-00000_stats.json").read_text() != marker and "page_too_large" not in redone["reasons"]
-    assert crawl_main(argv) == 0  # and back, for the ingest below
+    assert crawl_main([*argv, "--incremental_mode", "overwrite"]) == 0  # and back, for the ingest below
 
     pool = tmp_path / "pool"
     cfg = from_dict(IngestConfig, {

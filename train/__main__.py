@@ -15,6 +15,7 @@ import sys
 # "Training on the demo corpus"). An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from core import cli  # noqa: E402
 from core.config import ConfigError, DataError, load_cli, to_yaml  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 
@@ -28,10 +29,24 @@ examples:
 """
 
 
+def warmup_warning(config: TrainConfig) -> str | None:
+    """A warm-up longer than the run: the learning rate never reached its peak."""
+    if config.steps is not None and config.optim.warmup_steps > config.steps:
+        return (f"optim.warmup_steps={config.optim.warmup_steps} is more than steps={config.steps}: the learning "
+                "rate never reached optim.lr; lower optim.warmup_steps")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command; every error ends in one explained line (``core.cli.run``: exit codes 1, 2, 130)."""
+    return cli.run("python -m train", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     logging.basicConfig(  # open_clip logs its model-building steps at INFO: keep those quiet
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S",
+        force=True,  # core.cli.run set a plainer format first
     )
     logging.getLogger("train").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
@@ -39,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(config), end="")
             return 0
+        resume = cli.resume_command() + ("" if config.resume else " --resume latest")
+        cli.using(config, lambda: f"Checkpoints so far are in {config.checkpoint_dir}", resume=resume)
         from train.loop import train  # imported late: torch and open_clip take seconds to load
 
         train(config)
+        warning = warmup_warning(config)  # after the run, so that a bad value stays the one line of its error
+        if warning:
+            print(f"python -m train: warning: {warning}", file=sys.stderr)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
