@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from apply import embeddings as layout
 from apply.options import WorkerModelOptions
-from core import storage
+from core import outcome, storage
 from core.config import ConfigError, DataError, option, parse_config, problem, require
 from core.executor import Execution, Executor, Failed, SetupFailed, report
 from core.layout import committed_shards, shard_id_of, shard_name
@@ -235,7 +235,7 @@ class Embedder:
             pa.array([p.width for p in rows], pa.int32()),
             pa.array([p.height for p in rows], pa.int32()),
         ], schema=layout.METADATA_SCHEMA))  # fmt: skip
-        done = {"rows": len(rows), "tar": tar, "checkpoint": self.model_file, **self.info,
+        done = {"rows": len(rows), "tar": tar, "checkpoint": self.model_file, "settings": settings(self.cfg), **self.info,
                 "skipped": dict(sorted(skipped.items())), "failed": failed, "seconds": round(time.time() - start, 3)}
         storage.write_json(layout.done_path(output, n), done)  # last: the shard is done
         return done
@@ -269,6 +269,12 @@ class EmbedError(RuntimeError):
         self.failed = failed  # shard number -> what went wrong
 
 
+def settings(cfg: EmbedConfig) -> dict[str, Any]:
+    """The options besides the checkpoint that change what a shard's files hold: a rerun must repeat them."""
+    return {name: getattr(cfg, name) for name in ("model", "model_config", "precision", "threads_per_worker",
+                                                  "max_image_pixels")}  # fmt: skip
+
+
 def _done_shards(cfg: EmbedConfig, shards: list[tuple[int, str]], checkpoint: str) -> dict[int, dict]:
     """``done/{n}.json`` of the shards already embedded, which must come from this checkpoint and tar."""
     manifest = storage.join(cfg.output_folder, layout.MANIFEST)
@@ -287,6 +293,12 @@ def _done_shards(cfg: EmbedConfig, shards: list[tuple[int, str]], checkpoint: st
                 raise ConfigError(
                     f"output_folder={cfg.output_folder!r}: shard {n} was embedded with {what} {marker.get(what)!r}, "
                     f"not {ours!r}; use another output_folder, or delete it to re-embed")  # fmt: skip
+        before = marker.get("settings", settings(cfg))
+        differ = [f"{k} ({before.get(k)!r} -> {v!r})" for k, v in settings(cfg).items() if before.get(k) != v]
+        if differ:
+            raise ConfigError(
+                f"output_folder={cfg.output_folder!r}: shard {n} was embedded with other settings: {', '.join(differ)}; "
+                "rerun with the same settings, or use another output_folder (or delete it) to re-embed")  # fmt: skip
         done[n] = marker
     return done
 
@@ -454,6 +466,8 @@ def _main(argv: list[str] | None = None) -> int:
     for reason, n in sorted(summary.skipped.items(), key=lambda kv: -kv[1]):
         print(f"  left out: {reason:<20} {n}")
     print(f"embeddings written to {cfg.output_folder}")
+    outcome.verdict("apply.embed", summary.rows + sum(summary.skipped.values()), summary.rows, summary.skipped,
+                    "embedded")  # nothing embedded: exit 1 with the dominant reason
     return 0
 
 

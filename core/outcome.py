@@ -55,6 +55,9 @@ _HINTS: dict[str, str] = {
     "depth_limit": "the images are deeper than --max_depth: raise it",
     "not_html": "the seeds are not HTML pages: give page URLs as --seeds",
     "warc_malformed": "the files are not WARC/WAT archives",
+    "image_missing": "the samples have no image member: are these image-text shards (key.jpg beside key.txt)?",
+    "too_many_pixels": "the images announce more pixels than --max_image_pixels",
+    "shard_error": "the tar files cannot be read to the end: run python -m shards.verify on them",
     "hash_missing": "the pool rows lack sha256/pHash: was the pool written by `python -m ingest`?",
 }
 

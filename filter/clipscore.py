@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from apply import embeddings as emb
 from apply.options import WorkerModelOptions
 from apply.embed import EmbedConfig, EmbedError, checkpoint_file, run_embed, same_folder
-from core import storage
+from core import outcome, storage
 from core.config import ConfigError, DataError, option, parse_config, problem, require, to_dict
 from core.executor import Execution
 from core.layout import committed_shards, shard_id_of, shard_name
@@ -357,6 +357,7 @@ def _main(argv: list[str] | None) -> int:
     for reason, n in sorted(summary.errors.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:<20} {n}")
     print(f"scores written to {cfg.output_folder}")
+    outcome.verdict("filter.clipscore", summary.samples, summary.scored, summary.errors, "scored")
     return 0
 
 

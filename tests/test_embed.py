@@ -163,6 +163,9 @@ def test_rerun_skips_done_shards_and_redoes_a_missing_one(pool, checkpoint, embe
     assert summary.shards_now == 1 and summary.rows_now == ROWS - 1
     assert os.stat(files[0]).st_mtime_ns == before[files[0]] and os.stat(files[1]).st_mtime_ns != before[files[1]]
     assert read_folder(output) == read_folder(embedded[0])
+    with pytest.raises(ConfigError, match=r"other settings: max_image_pixels \(67108864 -> 1000\)"):
+        run_embed(config(pool, checkpoint, output, max_image_pixels=1000))  # would skip other samples
+    assert read_folder(output) == read_folder(embedded[0])
 
 
 def test_a_folder_of_another_checkpoint_or_other_shards_is_refused(pool, checkpoint, embedded, tmp_path):
@@ -273,3 +276,16 @@ def test_the_embeddings_json_is_plain_json(embedded):
     with open(os.path.join(embedded[0], emb.MANIFEST)) as handle:
         assert set(json.load(handle)) >= {"checkpoint", "model", "step", "dim", "image_size", "shards", "rows",
                                           "source"}  # fmt: skip
+
+
+def test_shards_with_nothing_to_embed_end_with_the_reason_and_exit_1(checkpoint, tmp_path):
+    """Success at nothing is not success: tars of captions without images name the reason, exit 1."""
+    shards = tmp_path / "captions_only"
+    shards.mkdir()
+    write_tar(str(shards / "00000.tar"), [(f"{i:04d}.txt", b"a caption") for i in range(3)])
+    result = subprocess.run([sys.executable, "-m", "apply.embed", "--checkpoint", checkpoint, "--shards",
+                             str(shards), "--output_folder", str(tmp_path / "out"), "--distributor", "inline"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "0 of 3 rows embedded; all 3 rows image_missing" in result.stderr
+    assert "Traceback" not in result.stderr
