@@ -270,9 +270,9 @@ class EmbedError(RuntimeError):
 
 
 def settings(cfg: EmbedConfig) -> dict[str, Any]:
-    """The options besides the checkpoint that change what a shard's files hold: a rerun must repeat them."""
-    return {name: getattr(cfg, name) for name in ("model", "model_config", "precision", "threads_per_worker",
-                                                  "max_image_pixels")}  # fmt: skip
+    """The options besides the checkpoint that change which rows a shard's files hold, or what model made them:
+    a rerun must repeat them (precision and threads only change the last bits, and 'auto' resolves per machine)."""
+    return {name: getattr(cfg, name) for name in ("model", "model_config", "max_image_pixels")}
 
 
 def _done_shards(cfg: EmbedConfig, shards: list[tuple[int, str]], checkpoint: str) -> dict[int, dict]:
