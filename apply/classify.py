@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 import torch
 
 from apply.benchmark import Classes, class_embeddings, image_files, read_lines
-from apply.options import ModelOptions, run
+from apply.options import ModelOptions
+from core.cli import run
 from core import storage
 from core.config import DataError, at_least, option, parse_config, problem, require
 from core.executor import Progress, progress_enabled

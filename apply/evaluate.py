@@ -33,7 +33,8 @@ from apply.benchmark import (
     CLASSNAMES_FILE, DEFAULT_TEMPLATES, RECALL_AT, TEMPLATES_FILE, Classes, EvalSample, class_embeddings,
     image_folder_classes, iter_image_folder, iter_tar_set, read_lines, recall_at_k, topk_metrics,
 )  # fmt: skip
-from apply.options import ModelOptions, run
+from apply.options import ModelOptions
+from core.cli import run
 from core import storage
 from core.config import DataError, option, parse_config, require
 from core.executor import Progress, progress_enabled

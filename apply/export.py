@@ -28,7 +28,8 @@ import safetensors.torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 
 from apply import model as apply_model
-from apply.options import ModelOptions, run
+from apply.options import ModelOptions
+from core.cli import run
 from core import storage
 from core.config import ConfigError, DataError, option, parse_config, problem, require
 

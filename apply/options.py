@@ -1,12 +1,11 @@
-"""What every ``apply`` command says the same way: which model, on which device; and how a command ends.
+"""What every ``apply`` command says the same way: which model, on which device, in how many workers.
 
-A command's config inherits ``ModelOptions``; ``run`` is ``core.cli.run``: a ``ConfigError`` /
-``DataError`` becomes one ``error: ...`` line and exit code 2, other errors exit 1, Ctrl-C 130.
+A command's config inherits ``ModelOptions`` (``WorkerModelOptions`` where a stage's workers
+each load the model); how a command ends is ``core.cli.run``'s, as for every stage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.config import at_least, one_of, option, problem, require
@@ -59,10 +58,3 @@ class WorkerModelOptions(ModelOptions):
         if not self.gpus_per_worker > 0:
             problem(f"gpus_per_worker={self.gpus_per_worker}: must be positive")
         at_least(self, 1, "max_image_pixels")
-
-
-def run(prog: str, body: Callable[[], int]) -> int:
-    """``body()``'s exit code, every error explained in one line (``core.cli.run``: exit codes 1, 2, 130)."""
-    from core import cli
-
-    return cli.run(prog, body)
