@@ -90,8 +90,11 @@ def export(cfg: ExportConfig) -> dict:
                 ) as dst:
                     dst.write(src.read())
     preprocess = getattr(model.module.visual, "preprocess_cfg", None) or {}  # what apply.model normalises with
+    architecture = model_config(model, cfg.checkpoint)
+    if "logit_bias" in weights:  # a SigLIP model: open_clip makes the parameter only when told to
+        architecture.setdefault("init_logit_bias", float(weights["logit_bias"]))
     hub_config = {
-        "model_cfg": model_config(model, cfg.checkpoint),
+        "model_cfg": architecture,
         "preprocess_cfg": {"mean": list(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
                            "std": list(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
                            "interpolation": "bicubic", "resize_mode": "shortest"},  # fmt: skip

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
@@ -100,3 +101,18 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_mod.main(["--checkpoint", "c", "--output_folder", "s3://b/x", "--push_to_hub", "org/name"])
     assert "push_to_hub='org/name': needs a local output_folder" in capsys.readouterr().err
+
+
+def test_a_siglip_checkpoint_exports_with_its_logit_bias(tmp_path):
+    """A SigLIP model's ``logit_bias`` exists in open_clip only when its config says so: the export says so."""
+    folder = str(tmp_path / "run" / "checkpoints")
+    torch.manual_seed(3)
+    module = model_mod.create_model("webclip-tiny", siglip=True)
+    with torch.no_grad():
+        module.logit_bias.fill_(-7.5)
+    ckpt.save_checkpoint(folder, module, ckpt.TrainProgress(4, 0, 0), "webclip-tiny", model_mod.image_size_of(module), {})
+    out = str(tmp_path / "export")
+    assert export_mod.main(["--checkpoint", folder, "--output_folder", out, "--device", "cpu"]) == 0
+    assert json.load(open(os.path.join(out, "open_clip_config.json")))["model_cfg"]["init_logit_bias"] == -7.5
+    loaded, _ = open_clip.create_model_from_pretrained("local-dir:" + out)
+    assert float(loaded.logit_bias) == -7.5
