@@ -115,4 +115,4 @@ def test_a_siglip_checkpoint_exports_with_its_logit_bias(tmp_path):
     assert export_mod.main(["--checkpoint", folder, "--output_folder", out, "--device", "cpu"]) == 0
     assert json.load(open(os.path.join(out, "open_clip_config.json")))["model_cfg"]["init_logit_bias"] == -7.5
     loaded, _ = open_clip.create_model_from_pretrained("local-dir:" + out)
-    assert float(loaded.logit_bias) == -7.5
+    assert loaded.logit_bias.item() == -7.5
