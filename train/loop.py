@@ -176,6 +176,7 @@ class Stepper:
     loss: str = "clip"
     worker: torch.nn.Module | None = None  # a copy in a lower precision that computes the step (bf16_weights)
     compile: bool | str = False  # True: torch.compile's default backend; a string: that backend (tests: aot_eager)
+    finite: bool = True  # whether the last step's loss and gradients were finite (it updated nothing otherwise)
 
     def __post_init__(self) -> None:
         self.mean, self.std = model_mod.normaliser(self.model, self.compute.device)
@@ -272,6 +273,10 @@ def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
             master.grad = None if work.grad is None else work.grad.to(master.dtype)
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
+    s.finite = _finite(s, loss_sum)
+    if not s.finite:  # a poisoned batch: no update (the caller logs its samples and counts it)
+        s.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
     if s.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
     if s.scaler is not None:
@@ -283,6 +288,23 @@ def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
         s.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
     s.sync_worker()
     return loss_sum
+
+
+def _finite(s: Stepper, loss_sum: torch.Tensor) -> bool:
+    """Whether the step's loss and (unscaled) gradients are all finite, the same answer on every rank.
+
+    With fp16's grad scaler, an overflowing gradient is the scaler's to handle (it skips the
+    step and lowers the scale): only the loss counts then. One device sync per step.
+    """
+    total = loss_sum.float()
+    if s.scaler is None:
+        grads = [p.grad for p in s.model.parameters() if p.grad is not None]
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
+    bad = (~torch.isfinite(total)).float()
+    if s.world_size > 1:  # a rank's own loss may be poisoned while the (averaged) gradients look alike
+        torch.distributed.all_reduce(bad)
+    return not bool(bad.item())
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -315,6 +337,7 @@ class Run:
     run_log: RunLog
     meter: throughput.Meter
     resumed: bool
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient (this process's run)
 
 
 def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str | None, world: distributed.World):
@@ -324,12 +347,16 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
                dynamic_ncols=True)  # fmt: skip
     run.run_log.echo = bar.disable
     _train_mode(run)
+    nonfinite_run = 0  # non-finite steps in a row
     while state.step < run.steps:
         o = config.optim
         lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
                        min_ratio=o.min_lr_ratio)  # fmt: skip
-        micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps))
+        keys: list[str] = []
+        micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps)
+                         if not keys.extend(batch.keys))  # fmt: skip
         loss_sum = train_step(run.stepper, micro_batches, config.accum_steps, lr)
+        nonfinite_run = _check_finite(run, loss_sum, keys, nonfinite_run)
         state.step += 1
         state.samples_seen += config.batch_size
         bar.update(1)
@@ -348,6 +375,34 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
     train_seconds = run.meter.train_seconds()
     bar.close()
     return finish(run, start_step, train_seconds)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row with a non-finite loss or gradient: the run stops (exit 1)."""
+
+
+def _check_finite(run: Run, loss_sum: torch.Tensor, keys: list[str], in_a_row: int) -> int:
+    """After a step: log a skipped (non-finite) step's samples; stop after ``optim.max_nonfinite_steps`` in a row.
+
+    A skipped step still counts as a step (the schedule and the data stream move on), so a
+    resume stays exact; the weights are those before the batch.
+    """
+    if run.stepper.finite:
+        return 0
+    in_a_row += 1
+    run.nonfinite_steps += 1
+    limit = run.config.optim.max_nonfinite_steps
+    log.warning("step %d: non-finite loss or gradient (loss %s): step skipped, weights unchanged (%d in a row, "
+                "stop at %d); samples on rank %d: %s", run.state.step + 1, loss_sum.item(), in_a_row, limit,
+                run.world.rank, " ".join(keys))  # fmt: skip
+    run.run_log.write({"step": run.state.step + 1, "nonfinite": True, "rank": run.world.rank, "keys": keys})
+    if in_a_row >= limit:
+        raise NonFiniteLoss(
+            f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient (up to step "
+            f"{run.state.step + 1}; their samples are in the log): the model or data is broken; the last checkpoint "
+            f"in {run.config.checkpoint_dir} holds finite weights (optim.max_nonfinite_steps={limit})"
+        )
+    return in_a_row
 
 
 def _train_mode(run: Run) -> None:
@@ -484,6 +539,7 @@ def finish(run: Run, start_step: int, train_seconds: float):
         "data_wait_s": round(run.data.wait_s, 1),
         "data_wait_share": round(run.data.wait_s / train_seconds, 4) if train_seconds > 0 else None,
         "skipped": skipped_total,
+        "nonfinite_steps_skipped": run.nonfinite_steps,
         "checkpoint": checkpoint_path,
         "model": config.model.name,
         "world_size": world.world_size,
