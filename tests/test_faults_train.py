@@ -7,6 +7,7 @@ overflows the text tower's LayerNorm to NaN, and captions without it train norma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -113,3 +114,106 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written(tmp_path, tiny_mo
     with pytest.raises(ckpt.NonFiniteWeights, match="logit_scale"):
         ckpt.save_checkpoint(str(tmp_path / "ck"), model, progress, "webclip-test-tiny", 64, {})
     assert not os.path.exists(tmp_path / "ck") or not os.listdir(tmp_path / "ck")
+
+
+def _params(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.integration
+def test_sigterm_saves_the_checkpoint_due_soon_and_the_run_resumes_exactly(tmp_path, shards_dir, tiny_model):
+    """A real SIGTERM to a real training process at step ~1: it trains on to the checkpoint due at step 6,
+    saves it, exits 130; --resume latest then ends at step 12 with the uninterrupted run's weights."""
+    common = ["steps=12", "checkpoint.every_steps=6", "checkpoint.sigterm_within_steps=6"]
+    whole = load_config(None, _common(shards_dir, tiny_model, tmp_path / "whole", *common))
+    train(whole)
+
+    run_dir = tmp_path / "term"
+    args = [a for p in _common(shards_dir, tiny_model, run_dir, *common) for a in ("--set", p)]
+    with open(tmp_path / "term.out", "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "train", *args], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": ROOT,
+                                                                  "OMP_NUM_THREADS": "1"})  # fmt: skip
+        log_path = run_dir / "log.jsonl"
+        deadline = time.monotonic() + 120
+        while not (log_path.exists() and log_path.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    output = (tmp_path / "term.out").read_text()
+    assert code == 130, output[-3000:]
+    assert "SIGTERM at step" in output and "interrupted" in output and "Resume with:" in output, output[-3000:]
+    checkpoints = run_dir / "checkpoints"
+    assert json.loads((checkpoints / "latest.json").read_text())["step"] == 6, output[-3000:]
+    assert not (checkpoints / "step_00000012.pt").exists()
+
+    resumed = load_config(None, _common(shards_dir, tiny_model, run_dir, *common, "resume=latest"))
+    train(resumed)
+    a, b = _params(checkpoints / "step_00000012.pt"), _params(os.path.join(whole.checkpoint_dir, "step_00000012.pt"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@contextlib.contextmanager
+def _small_filesystem(folder, size: int):
+    """A size-limited tmpfs at ``folder`` (mounting needs root): yields True; else (not permitted) yields
+    False and the caller limits the file size of its subprocess instead (RLIMIT_FSIZE)."""
+    os.makedirs(folder, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0  # fmt: skip
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.integration
+def test_a_full_disk_stops_with_the_path_and_the_space_and_a_rerun_completes(tmp_path, shards_dir, tiny_model):
+    steps = ["steps=4", "checkpoint.every_steps=2"]
+    whole = load_config(None, _common(shards_dir, tiny_model, tmp_path / "whole", *steps))
+    train(whole)
+    model_bytes = os.path.getsize(os.path.join(whole.checkpoint_dir, "step_00000002.pt"))
+    state_bytes = os.path.getsize(os.path.join(whole.checkpoint_dir, "step_00000002.state.pt"))
+
+    disk = tmp_path / "disk"
+    with _small_filesystem(disk, 4 * (model_bytes + state_bytes) + (1 << 20)) as mounted:
+        checkpoints = disk / "ck"
+        args = [a for p in _common(shards_dir, tiny_model, tmp_path / "run", *steps, f"checkpoint.dir={checkpoints}")
+                for a in ("--set", p)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+        env.pop("WEBCLIP_DEBUG", None)
+        limit = None
+        if mounted:  # fill it up, leaving half a checkpoint's room
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            with open(disk / "filler", "wb") as handle:
+                handle.write(b"\0" * (free - model_bytes // 2))
+        else:
+            limit = model_bytes // 2
+
+        def small():
+            if limit is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        done = subprocess.run([sys.executable, "-m", "train", *args, "--resume", "latest"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180, preexec_fn=small)  # fmt: skip
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        error = [line for line in done.stderr.splitlines() if "error" in line]
+        assert len(error) == 1, done.stderr[-3000:]
+        assert f"{checkpoints}/step_00000002.pt: " in error[0], error
+        assert f"needs {model_bytes:,} bytes" in error[0] and "bytes free in" in error[0], error
+        assert "no space left on the device" in error[0] or "file-size limit" in error[0], error
+        assert sorted(os.listdir(checkpoints)) == []  # nothing half-written, no lock left behind
+
+        if mounted:
+            os.remove(disk / "filler")  # space freed
+        limit = None
+        done = subprocess.run([sys.executable, "-m", "train", *args, "--resume", "latest"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        for name in ("step_00000002.pt", "step_00000004.pt"):
+            assert (checkpoints / name).read_bytes() == open(os.path.join(whole.checkpoint_dir, name), "rb").read()
+    print(f"\nfull disk: {'tmpfs' if mounted else 'RLIMIT_FSIZE'}; checkpoint {model_bytes:,} + {state_bytes:,} bytes")

@@ -52,7 +52,7 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def _write(path: str, data: bytes) -> None:
-    with storage.atomic_write(path, "wb") as handle:
+    with storage.atomic_write(path, "wb", size=len(data)) as handle:
         handle.write(data)
 
 

@@ -77,6 +77,9 @@ class OptimConfig:
 class CheckpointConfig:
     dir: str | None = option(None, "local or s3://; null = {run_dir}/checkpoints")
     every_steps: int = option(0, "also save every N steps; 0 = only at the end")
+    sigterm_within_steps: int = option(10, "on SIGTERM (Slurm, Kubernetes): a checkpoint due within this many "
+                                           "steps is trained on to, saved, and the run stops (exit 130); one due "
+                                           "later: a checkpoint of the current step is saved at once")
 
 
 @dataclass
@@ -157,6 +160,7 @@ def validate(config: TrainConfig) -> None:
     positive_int("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)
     positive_int("checkpoint.every_steps", c.checkpoint.every_steps, allow_zero=True)
     positive_int("optim.max_nonfinite_steps", c.optim.max_nonfinite_steps)
+    positive_int("checkpoint.sigterm_within_steps", c.checkpoint.sigterm_within_steps, allow_zero=True)
     if c.steps is None and c.epochs is None:
         problem("steps and epochs are both null: set one, e.g. --set steps=1000")
     if c.steps is not None and c.epochs is not None:

@@ -43,7 +43,9 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -348,33 +350,86 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
     run.run_log.echo = bar.disable
     _train_mode(run)
     nonfinite_run = 0  # non-finite steps in a row
-    while state.step < run.steps:
-        o = config.optim
-        lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
-                       min_ratio=o.min_lr_ratio)  # fmt: skip
-        keys: list[str] = []
-        micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps)
-                         if not keys.extend(batch.keys))  # fmt: skip
-        loss_sum = train_step(run.stepper, micro_batches, config.accum_steps, lr)
-        nonfinite_run = _check_finite(run, loss_sum, keys, nonfinite_run)
-        state.step += 1
-        state.samples_seen += config.batch_size
-        bar.update(1)
-        if state.step % config.log_every == 0 or state.step == run.steps:
-            record = _step_record(run, loss_sum, lr)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=record["samples_per_s"])
-        if run.eval_plan is not None and _due(config.eval_every, state.step, run.steps):
-            with run.meter.paused():
-                result = _evaluate(run)
-                _train_mode(run)
-            if world.is_main and result.zeroshot is not None:
-                log.info(result.zeroshot.line())
-        if _due(config.checkpoint.every_steps, state.step, run.steps):
-            with run.meter.paused():
-                _save(run)
+    stop_at = None  # after SIGTERM: the step whose checkpoint ends the run
+    with _sigterm_noted() as sigterm:
+        while state.step < run.steps:
+            o = config.optim
+            lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
+                           min_ratio=o.min_lr_ratio)  # fmt: skip
+            keys: list[str] = []
+            micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps)
+                             if not keys.extend(batch.keys))  # fmt: skip
+            loss_sum = train_step(run.stepper, micro_batches, config.accum_steps, lr)
+            nonfinite_run = _check_finite(run, loss_sum, keys, nonfinite_run)
+            state.step += 1
+            state.samples_seen += config.batch_size
+            bar.update(1)
+            if state.step % config.log_every == 0 or state.step == run.steps:
+                record = _step_record(run, loss_sum, lr)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=record["samples_per_s"])
+            if run.eval_plan is not None and _due(config.eval_every, state.step, run.steps):
+                with run.meter.paused():
+                    result = _evaluate(run)
+                    _train_mode(run)
+                if world.is_main and result.zeroshot is not None:
+                    log.info(result.zeroshot.line())
+            saved = _due(config.checkpoint.every_steps, state.step, run.steps)
+            if stop_at is None and _signalled(sigterm, world):
+                stop_at = _stop_step(run)
+            if stop_at is not None and state.step >= stop_at and state.step < run.steps:
+                saved = True  # the checkpoint that ends the run, at a step boundary: exact resume
+            if saved:
+                with run.meter.paused():
+                    _save(run)
+            if stop_at is not None and state.step >= stop_at and state.step < run.steps:
+                if world.is_main:
+                    log.warning("SIGTERM: stopped at step %d with its checkpoint in %s; resume with --resume latest",
+                                state.step, config.checkpoint_dir)  # fmt: skip
+                bar.close()
+                run.run_log.close()
+                raise KeyboardInterrupt("SIGTERM")
     train_seconds = run.meter.train_seconds()
     bar.close()
     return finish(run, start_step, train_seconds)
+
+
+@contextlib.contextmanager
+def _sigterm_noted():
+    """While training, SIGTERM is noted (the step finishes) instead of interrupting a step halfway."""
+    noted = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def note(signum, frame):  # noqa: ARG001 - a signal handler's signature
+        noted["signum"] = signum
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _signalled(noted: dict, world: distributed.World) -> bool:
+    """Whether any rank got SIGTERM (all ranks agree, so that they save and stop at the same step)."""
+    flag = float(bool(noted["signum"]))
+    if world.distributed:
+        flag = distributed.all_reduce_sum([flag], world)[0]
+    return flag > 0
+
+
+def _stop_step(run: Run) -> int:
+    """After SIGTERM: the step to stop at, with a checkpoint: the next one due if it is within
+    ``checkpoint.sigterm_within_steps`` steps (the end of the run included), else the current step."""
+    step, every = run.state.step, run.config.checkpoint.every_steps
+    due = min(run.steps, (step // every + (step % every > 0)) * every) if every else run.steps
+    within = run.config.checkpoint.sigterm_within_steps
+    stop = due if due - step <= within else step
+    if run.world.is_main:
+        log.warning("SIGTERM at step %d: %s", step, f"training on to the checkpoint due at step {due}"
+                    if stop > step else "saving a checkpoint of this step now")  # fmt: skip
+    return stop
 
 
 class NonFiniteLoss(RuntimeError):
