@@ -121,6 +121,7 @@ def test_checkpoints_and_resume_through_faults_are_byte_identical(s3_env, throug
         assert _bytes(storage.join(faulty, name)) == data, name
     summary = json.load(open(tmp_path / "resumed" / "zeroshot.json"))["train"]
     assert summary["resumed_from_step"] == 3
+    assert "storage_retries" in summary and "storage_retried_objects" in summary
 
 
 def test_past_the_retry_budget_the_command_names_the_object_and_a_rerun_completes(s3_env, through, tmp_path,

@@ -29,6 +29,11 @@ run's state (``train/state.py``); the LR is a function of the step and the data 
 of (seed, epoch, position), so ``--resume latest`` continues with the very batches the
 stopped run would have seen.
 
+Faults (issue 21): a step whose loss or gradient is not finite updates nothing and logs its
+sample keys, and ``optim.max_nonfinite_steps`` such steps in a row stop the run; SIGTERM is
+noted and the step finished, then the run trains on to a checkpoint due within
+``checkpoint.sigterm_within_steps`` steps (else saves the current step) and exits as Ctrl-C.
+
 Rank 0 writes under ``run_dir``: ``config.yaml``, ``log.jsonl`` and ``tensorboard/``,
 ``zeroshot.json`` (the final figures and the run's totals), ``zeroshot_scores.npz`` (the
 final per-image class scores, ``train.zeroshot.write_scores``); checkpoints go to
@@ -356,7 +361,7 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
             o = config.optim
             lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
                            min_ratio=o.min_lr_ratio)  # fmt: skip
-            keys: list[str] = []
+            keys: list[str] = []  # the step's samples, logged if its loss or gradient is not finite
             micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps)
                              if not keys.extend(batch.keys))  # fmt: skip
             loss_sum = train_step(run.stepper, micro_batches, config.accum_steps, lr)
@@ -373,15 +378,13 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
                     _train_mode(run)
                 if world.is_main and result.zeroshot is not None:
                     log.info(result.zeroshot.line())
-            saved = _due(config.checkpoint.every_steps, state.step, run.steps)
             if stop_at is None and _signalled(sigterm, world):
                 stop_at = _stop_step(run)
-            if stop_at is not None and state.step >= stop_at and state.step < run.steps:
-                saved = True  # the checkpoint that ends the run, at a step boundary: exact resume
-            if saved:
+            stopping = stop_at is not None and stop_at <= state.step < run.steps  # at a step boundary: exact resume
+            if stopping or _due(config.checkpoint.every_steps, state.step, run.steps):
                 with run.meter.paused():
                     _save(run)
-            if stop_at is not None and state.step >= stop_at and state.step < run.steps:
+            if stopping:
                 if world.is_main:
                     log.warning("SIGTERM: stopped at step %d with its checkpoint in %s; resume with --resume latest",
                                 state.step, config.checkpoint_dir)  # fmt: skip
@@ -595,6 +598,7 @@ def finish(run: Run, start_step: int, train_seconds: float):
         "data_wait_share": round(run.data.wait_s / train_seconds, 4) if train_seconds > 0 else None,
         "skipped": skipped_total,
         "nonfinite_steps_skipped": run.nonfinite_steps,
+        **data_mod.storage.retry_counts(),  # object-storage requests retried (rank 0's process)
         "checkpoint": checkpoint_path,
         "model": config.model.name,
         "world_size": world.world_size,
