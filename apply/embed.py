@@ -456,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(EmbedConfig, argv, prog="python -m apply.embed", description=DESCRIPTION)
+    from core import cli
+
     try:
+        cli.hold_output(cfg.output_folder)
         summary = run_embed(cfg)
     except (ConfigError, DataError, EmbedError) as exc:
         print(f"python -m apply.embed: error: {exc}", file=sys.stderr)

@@ -447,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(IndexConfig, argv, prog="python -m apply.index", description=DESCRIPTION)
+    from core import cli
+
     try:
+        cli.hold_output(cfg.output_folder)
         info = run_index(cfg)
     except (ConfigError, DataError) as exc:
         print(f"python -m apply.index: error: {exc}", file=sys.stderr)

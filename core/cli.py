@@ -17,10 +17,13 @@ nothing writes colour codes when stderr is not a terminal (``quiet_logs``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -79,11 +82,61 @@ def _drop_pretrained_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("No pretrained weights loaded")
 
 
+def hold_output(folder: str) -> None:
+    """Take the output folder's lock (``core.lock``) before writing there; ``run`` gives it back at the end.
+
+    Another live run on the folder: ``OutputLocked``, exit 2, naming that run."""
+    from core.lock import OutputLock
+
+    lock = OutputLock(folder, resume_command())
+    lock.acquire()
+    _held.append(lock)
+
+
+_held: list[Any] = []  # the locks this command holds (core.lock.OutputLock)
+
+
+def _release_locks() -> None:
+    while _held:
+        _held.pop().release()
+
+
+_main_pid = os.getpid()
+
+
+def _sigterm_as_interrupt(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
+    if os.getpid() != _main_pid:  # a forked worker inherited the handler: die as SIGTERM says
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (what Slurm, Kubernetes and ``kill`` send) ends the command as Ctrl-C does: in the main
+    thread of the main process, a ``KeyboardInterrupt``; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    global _main_pid
+    _main_pid = os.getpid()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(prog: str, body: Callable[[], int | None]) -> int:
     """``body()``'s exit code, or the exit code of what it raised, explained in one or two lines."""
     quiet_logs()
     try:
-        return body() or 0
+        with _sigterm_interrupts():
+            try:
+                return body() or 0
+            finally:
+                _release_locks()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted. {_committed()}", file=sys.stderr)
         return 130
@@ -156,12 +209,28 @@ def _endpoint() -> str:
     return os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "AWS's default endpoint"
 
 
+_STORAGE_ERRORS = ("ClientError", "ReadTimeoutError", "ConnectTimeoutError", "ClientPayloadError",
+                   "ResponseStreamingError", "ServerDisconnectedError", "EndpointConnectionError")
+
+
+def _exhausted_object() -> str | None:
+    storage = sys.modules.get("core.storage")  # only a process that used storage can have given up on an object
+    return storage.exhausted_object() if storage is not None else None
+
+
 def explain(exc: BaseException) -> tuple[int, str]:
     """(exit code, one or two lines) for an error."""
     if isinstance(exc, (ConfigError, DataError)):
         return 2, str(exc)
     if isinstance(exc, EmptyResult):
         return 1, str(exc)
+    if type(exc).__name__ == "DiskFull":  # core.storage: names the path and the space
+        return 1, str(exc)
+    gone = _exhausted_object()
+    unreachable = any(type(link).__name__ in ("EndpointConnectionError", "ConnectTimeoutError") for link in _chain(exc))
+    if gone and not unreachable and any(isinstance(link, OSError) or type(link).__name__ in _STORAGE_ERRORS for link in _chain(exc)):
+        return 1, (f"object storage: gave up on {gone}, the retry budget spent (WEBCLIP_S3_RETRIES); rerun the "
+                   "same command: what is committed is kept")
     for link in _chain(exc):
         name = type(link).__name__
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
@@ -185,7 +254,7 @@ def explain(exc: BaseException) -> tuple[int, str]:
         return 2, f"{exc.filename}: {exc.strerror}; check the path"
     if isinstance(exc, OSError) and exc.errno == 28:
         return 1, f"{exc.filename or 'disk'}: no space left on the device; free space and rerun (committed units are kept)"
-    if type(exc).__name__ in ("DamagedPool", "ClipScoreError", "SetupFailed"):
+    if type(exc).__name__ in ("DamagedPool", "ClipScoreError", "SetupFailed", "NonFiniteLoss", "NonFiniteWeights"):
         return 1, str(exc)
     return 1, f"{type(exc).__name__}: {exc}"
 

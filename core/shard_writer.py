@@ -177,9 +177,11 @@ class ShardWriter(BaseShardWriter):
         return entry
 
     def close(self) -> None:
-        if not self._tar.closed:
-            self._tar.close()
-        super().close()
+        try:
+            if not self._tar.closed:
+                self._tar.close()  # may fail again on a full disk: the staging folder goes all the same
+        finally:
+            super().close()
 
 
 class FilesShardWriter(BaseShardWriter):

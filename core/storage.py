@@ -17,8 +17,10 @@ S3 settings come from the environment, as for any AWS client (``AWS_ACCESS_KEY_I
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -28,18 +30,103 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
+S3_RETRIES_ENV = "WEBCLIP_S3_RETRIES"  # attempts per request (botocore's, then s3fs's own retry of a call)
+S3_TIMEOUT_ENV = "WEBCLIP_S3_TIMEOUT_S"  # connect and read timeout of one request
+
+
 def _storage_options(path: str) -> dict[str, Any]:
-    if path.startswith("s3://"):
-        endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
+    """Object-storage client settings: the endpoint, and bounded retries with backoff and jitter.
+
+    botocore's "standard" retry mode retries throttling (503 SlowDown), 5xx answers, reset
+    connections and read timeouts, with exponential backoff and full jitter, up to
+    ``WEBCLIP_S3_RETRIES`` attempts (else ``AWS_MAX_ATTEMPTS``, else 8); a request that stalls is cut off after
+    ``WEBCLIP_S3_TIMEOUT_S`` (default 60 s); s3fs adds its own retries of a call that failed
+    transiently. Past that budget the error names the object and the stage stops; a rerun
+    redoes only what is not committed.
+    """
+    if not path.startswith("s3://"):
+        return {}
+    attempts = _attempts()
+    timeout = float(os.environ.get(S3_TIMEOUT_ENV, "60"))
+    options: dict[str, Any] = {
+        "config_kwargs": {"retries": {"max_attempts": attempts, "mode": "standard"}, "connect_timeout": timeout,
+                          "read_timeout": timeout},
+    }
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    options["session"] = _retry_watch.session()
+    return options
+
+
+def _attempts() -> int:
+    return int(os.environ.get(S3_RETRIES_ENV) or os.environ.get("AWS_MAX_ATTEMPTS") or 8)
+
+
+S3_CALL_RETRIES = 2  # s3fs's own repeats of a call whose requests failed every attempt (its default: 5)
 
 
 def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``path`` and the path as that filesystem names it."""
     fs, fs_path = url_to_fs(path, **_storage_options(path))
+    if not is_local(path):
+        fs.retries = S3_CALL_RETRIES
     return fs, fs_path
+
+
+class _RetryWatch:
+    """Counts object-storage requests that failed and were retried, logs the first per object, and
+    remembers the last object whose retries ran out (``core.cli`` names it in the error)."""
+
+    def __init__(self) -> None:
+        self.failed_attempts = 0
+        self.objects: set[str] = set()
+        self.exhausted: str | None = None
+        self._session = None
+
+    def session(self):
+        if self._session is None or self._pid != os.getpid():
+            import aiobotocore.session
+
+            self._session = aiobotocore.session.AioSession()
+            self._session.register("needs-retry.s3", self.observe)
+            self._pid = os.getpid()
+        return self._session
+
+    def observe(self, response=None, attempts=0, caught_exception=None, request_dict=None, operation=None,
+                **kwargs) -> None:  # fmt: skip
+        status = response[0].status_code if response else None
+        if caught_exception is None and (status is None or (status < 500 and status != 429)):
+            return None
+        from urllib.parse import unquote, urlsplit
+
+        where = "s3:/" + unquote(urlsplit((request_dict or {}).get("url", "")).path)
+        why = f"HTTP {status}" if caught_exception is None else type(caught_exception).__name__
+        self.failed_attempts += 1
+        if where not in self.objects and why != "EndpointConnectionError":  # no server at all: the error says so
+            self.objects.add(where)
+            logging.getLogger("webclip.storage").warning(
+                "object storage: %s %s failed (%s, attempt %d): retrying with backoff", getattr(operation, "name", ""),
+                where, why, attempts)  # fmt: skip
+        if attempts >= _attempts():
+            self.exhausted = f"{where} ({getattr(operation, 'name', '')}: {why} on every one of {attempts} attempts)"
+        return None
+
+    def counts(self) -> dict[str, int]:
+        """Failed (retried) requests and the objects they were for, in this process so far."""
+        return {"storage_retries": self.failed_attempts, "storage_retried_objects": len(self.objects)}
+
+
+_retry_watch = _RetryWatch()
+
+
+def retry_counts() -> dict[str, int]:
+    return _retry_watch.counts()
+
+
+def exhausted_object() -> str | None:
+    """The last object whose requests failed every attempt in this process (None: none)."""
+    return _retry_watch.exhausted
 
 
 def is_local(path: str) -> bool:
@@ -79,9 +166,24 @@ def list_files(folder: str, suffix: str = "") -> list[str]:
     return [protocol + n if protocol and not n.startswith(protocol) else n for n in names if n.endswith(suffix)]
 
 
+class DiskFull(OSError):
+    """A local write that found no space left (or hit the file-size limit): names the path and the space."""
+
+    def __init__(self, message: str, path: str):
+        super().__init__(errno.ENOSPC, message, path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
-    """Write ``path`` so that readers see either nothing or the complete file."""
+def atomic_write(path: str, mode: str = "wb", size: int | None = None) -> Iterator[IO]:
+    """Write ``path`` so that readers see either nothing or the complete file.
+
+    ``size``: the bytes to be written, when known, for the error of a full disk (``DiskFull``,
+    which names the path, the space needed and the space free; the partial file is removed).
+    """
     fs, p = filesystem(path)
     if not is_local(path):
         with fs.open(p, mode) as handle:  # a single PUT when closed: atomic per object
@@ -90,15 +192,40 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[IO]:
     folder, name = os.path.split(os.path.abspath(p))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    written = 0
     try:
         with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            try:
+                yield handle
+                written = handle.tell()
+                handle.flush()
+                os.fsync(handle.fileno())
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                    raise
+                written = written or _tell(handle)
+                raise _disk_full(p, folder, size, written, exc) from None
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _tell(handle: IO) -> int:
+    try:
+        return handle.tell()
+    except (OSError, ValueError):
+        return 0
+
+
+def _disk_full(path: str, folder: str, size: int | None, written: int, exc: OSError) -> DiskFull:
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    need = f"needs {size:,} bytes" if size else f"needs more than the {written:,} bytes written before it failed"
+    why = "the file-size limit" if exc.errno == errno.EFBIG else "no space left on the device"
+    return DiskFull(f"{path}: {why} ({need}; {free:,} bytes free in {folder}); nothing of it was kept: free "
+                    "space and rerun the same command", path)
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -167,6 +294,17 @@ def remove(path: str) -> None:
     fs, p = filesystem(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+
+
+def clear_folder(folder: str, keep: tuple[str, ...] = ("_lock.json",)) -> None:
+    """Remove everything in ``folder`` but the names in ``keep`` (the run's own lock)."""
+    fs, p = filesystem(folder)
+    fs.invalidate_cache(p)
+    if not fs.exists(p):
+        return
+    for entry in fs.ls(p, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] not in keep:
+            fs.rm(entry, recursive=True)
 
 
 def sha256_of(path: str) -> tuple[str, int]:

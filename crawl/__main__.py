@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     cfg = parse_config(CrawlConfig, argv, prog="python -m crawl", description=DESCRIPTION)
     cli.using(cfg, lambda: committed_note(cfg))
+    cli.hold_output(cfg.output_folder)
     stats = run_crawl(cfg)
     for line in stats.lines():
         print(line)

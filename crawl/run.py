@@ -221,7 +221,7 @@ def run_crawl(cfg: CrawlConfig) -> CrawlStats:
     if cfg.incremental_mode == "overwrite" and storage.exists(cfg.output_folder):
         print(f"crawl: incremental_mode=overwrite: deleting {cfg.output_folder} "
               f"({storage.describe_contents(cfg.output_folder)})", file=sys.stderr)
-        storage.remove(cfg.output_folder)
+        storage.clear_folder(cfg.output_folder)  # all but its lock (core.lock)
     storage.makedirs(cfg.output_folder)
     total = CrawlStats()
     with Executor(cfg):  # where both run; Ray, when it is used, started once for both (and stopped after)

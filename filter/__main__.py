@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     cfg = parse_config(FilterConfig, argv, prog="python -m filter", description=DESCRIPTION)
     cli.using(cfg, lambda: "Decisions are written as a whole: nothing is committed until the end")
+    cli.hold_output(cfg.output_folder)
     summary = run_filter(cfg)
     print(f"{summary.rows} rows in {summary.shards} shards: kept {summary.kept}, rejected {summary.rows - summary.kept}")
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):

@@ -351,6 +351,7 @@ def _main(argv: list[str] | None) -> int:
 
     cfg = parse_config(ClipScoreConfig, argv, prog="python -m filter.clipscore", description=DESCRIPTION)
     cli.using(cfg, cli.shards_committed(cfg.output_folder, "score files"))
+    cli.hold_output(cfg.output_folder)
     summary = run_clipscore(cfg)
     print(f"{summary.samples} samples in {summary.shards} shards ({summary.shards_scored_now} scored now, "
           f"{summary.duration:.1f}s): {summary.scored} scored")  # fmt: skip

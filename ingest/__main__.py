@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     cfg = parse_config(IngestConfig, argv, prog=PROG, description=DESCRIPTION)
     cli.using(cfg, cli.shards_committed(cfg.output_folder, "pool shards"))
+    cli.hold_output(cfg.output_folder)
     summary = run_ingest(cfg)
     for line in summary.lines():
         print(line)

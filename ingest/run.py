@@ -124,7 +124,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     if cfg.incremental_mode == "overwrite" and storage.exists(cfg.output_folder):
         print(f"ingest: incremental_mode=overwrite: deleting {cfg.output_folder} "
               f"({storage.describe_contents(cfg.output_folder)})", file=sys.stderr)
-        storage.remove(cfg.output_folder)
+        storage.clear_folder(cfg.output_folder)  # all but its lock (core.lock)
     storage.makedirs(cfg.output_folder)
     clean_stale_staging(cfg.output_folder)
     done = committed_shards(cfg.output_folder)

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     cfg = parse_config(ShardsConfig, argv, prog="python -m shards", description=DESCRIPTION)
     cli.using(cfg, cli.shards_committed(cfg.output_folder, "train shards"))
+    cli.hold_output(cfg.output_folder)
     try:
         manifest = reshard(cfg)
     except DamagedPool as exc:

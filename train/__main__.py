@@ -56,6 +56,8 @@ def _main(argv: list[str] | None = None) -> int:
             return 0
         resume = cli.resume_command() + ("" if config.resume else " --resume latest")
         cli.using(config, lambda: f"Checkpoints so far are in {config.checkpoint_dir}", resume=resume)
+        if rank == 0:  # one lock per run: rank 0 writes the checkpoints
+            cli.hold_output(config.checkpoint_dir)
         from train.loop import train  # imported late: torch and open_clip take seconds to load
 
         train(config)

@@ -52,7 +52,7 @@ def _to_bytes(obj: Any) -> bytes:
 
 
 def _write(path: str, data: bytes) -> None:
-    with storage.atomic_write(path, "wb") as handle:
+    with storage.atomic_write(path, "wb", size=len(data)) as handle:
         handle.write(data)
 
 
@@ -92,6 +92,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- save ------------------------------------------------------------------------------------
 
 
+class NonFiniteWeights(RuntimeError):
+    """A model with NaN or infinite weights is never saved (exit 1)."""
+
+
 def save_checkpoint(
     folder: str,
     model: torch.nn.Module,
@@ -110,6 +114,10 @@ def save_checkpoint(
     state_path = storage.join(folder, f"{name}{STATE_SUFFIX}")
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}  # not channels-last:
     # safetensors (open_clip's hub format) refuses strided tensors
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # never a checkpoint a resume or an export would carry the damage from
+        raise NonFiniteWeights(f"not saving {model_path}: non-finite weights in {', '.join(broken[:5])}"
+                               f"{' …' if len(broken) > 5 else ''}; the last checkpoint in {folder} is kept")
     _write(
         model_path,
         _to_bytes(

@@ -69,12 +69,17 @@ class OptimConfig:
     grad_clip: float | None = option(None, "max global gradient norm; null = no clipping")
     image_lr: float | None = option(None, "peak learning rate of the image tower (fine-tuning); null = lr")
     text_lr: float | None = option(None, "peak learning rate of the text tower (fine-tuning); null = lr")
+    max_nonfinite_steps: int = option(5, "a step whose loss or gradient is not finite is skipped (its samples "
+                                         "logged); this many in a row stop the run")
 
 
 @dataclass
 class CheckpointConfig:
     dir: str | None = option(None, "local or s3://; null = {run_dir}/checkpoints")
     every_steps: int = option(0, "also save every N steps; 0 = only at the end")
+    sigterm_within_steps: int = option(10, "on SIGTERM (Slurm, Kubernetes): a checkpoint due within this many "
+                                           "steps is trained on to, saved, and the run stops (exit 130); one due "
+                                           "later: a checkpoint of the current step is saved at once")
 
 
 @dataclass
@@ -154,6 +159,8 @@ def validate(config: TrainConfig) -> None:
     positive_int("model.image_size", c.model.image_size)
     positive_int("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)
     positive_int("checkpoint.every_steps", c.checkpoint.every_steps, allow_zero=True)
+    positive_int("optim.max_nonfinite_steps", c.optim.max_nonfinite_steps)
+    positive_int("checkpoint.sigterm_within_steps", c.checkpoint.sigterm_within_steps, allow_zero=True)
     if c.steps is None and c.epochs is None:
         problem("steps and epochs are both null: set one, e.g. --set steps=1000")
     if c.steps is not None and c.epochs is not None:

@@ -29,6 +29,11 @@ run's state (``train/state.py``); the LR is a function of the step and the data 
 of (seed, epoch, position), so ``--resume latest`` continues with the very batches the
 stopped run would have seen.
 
+Faults (issue 21): a step whose loss or gradient is not finite updates nothing and logs its
+sample keys, and ``optim.max_nonfinite_steps`` such steps in a row stop the run; SIGTERM is
+noted and the step finished, then the run trains on to a checkpoint due within
+``checkpoint.sigterm_within_steps`` steps (else saves the current step) and exits as Ctrl-C.
+
 Rank 0 writes under ``run_dir``: ``config.yaml``, ``log.jsonl`` and ``tensorboard/``,
 ``zeroshot.json`` (the final figures and the run's totals), ``zeroshot_scores.npz`` (the
 final per-image class scores, ``train.zeroshot.write_scores``); checkpoints go to
@@ -43,7 +48,9 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import islice
@@ -176,6 +183,7 @@ class Stepper:
     loss: str = "clip"
     worker: torch.nn.Module | None = None  # a copy in a lower precision that computes the step (bf16_weights)
     compile: bool | str = False  # True: torch.compile's default backend; a string: that backend (tests: aot_eager)
+    finite: bool = True  # whether the last step's loss and gradients were finite (it updated nothing otherwise)
 
     def __post_init__(self) -> None:
         self.mean, self.std = model_mod.normaliser(self.model, self.compute.device)
@@ -272,6 +280,10 @@ def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
             master.grad = None if work.grad is None else work.grad.to(master.dtype)
     if s.scaler is not None:
         s.scaler.unscale_(s.optimizer)
+    s.finite = _finite(s, loss_sum)
+    if not s.finite:  # a poisoned batch: no update (the caller logs its samples and counts it)
+        s.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
     if s.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.grad_clip)
     if s.scaler is not None:
@@ -283,6 +295,23 @@ def train_step(s: Stepper, micro_batches: Iterable[tuple[torch.Tensor, torch.Ten
         s.model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
     s.sync_worker()
     return loss_sum
+
+
+def _finite(s: Stepper, loss_sum: torch.Tensor) -> bool:
+    """Whether the step's loss and (unscaled) gradients are all finite, the same answer on every rank.
+
+    With fp16's grad scaler, an overflowing gradient is the scaler's to handle (it skips the
+    step and lowers the scale): only the loss counts then. One device sync per step.
+    """
+    total = loss_sum.float()
+    if s.scaler is None:
+        grads = [p.grad for p in s.model.parameters() if p.grad is not None]
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
+    bad = (~torch.isfinite(total)).float()
+    if s.world_size > 1:  # a rank's own loss may be poisoned while the (averaged) gradients look alike
+        torch.distributed.all_reduce(bad)
+    return not bool(bad.item())
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -315,6 +344,7 @@ class Run:
     run_log: RunLog
     meter: throughput.Meter
     resumed: bool
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient (this process's run)
 
 
 def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str | None, world: distributed.World):
@@ -324,30 +354,113 @@ def _train(config: TrainConfig, shards: list[data_mod.Shard], resume_from: str |
                dynamic_ncols=True)  # fmt: skip
     run.run_log.echo = bar.disable
     _train_mode(run)
-    while state.step < run.steps:
-        o = config.optim
-        lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
-                       min_ratio=o.min_lr_ratio)  # fmt: skip
-        micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps))
-        loss_sum = train_step(run.stepper, micro_batches, config.accum_steps, lr)
-        state.step += 1
-        state.samples_seen += config.batch_size
-        bar.update(1)
-        if state.step % config.log_every == 0 or state.step == run.steps:
-            record = _step_record(run, loss_sum, lr)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=record["samples_per_s"])
-        if run.eval_plan is not None and _due(config.eval_every, state.step, run.steps):
-            with run.meter.paused():
-                result = _evaluate(run)
-                _train_mode(run)
-            if world.is_main and result.zeroshot is not None:
-                log.info(result.zeroshot.line())
-        if _due(config.checkpoint.every_steps, state.step, run.steps):
-            with run.meter.paused():
-                _save(run)
+    nonfinite_run = 0  # non-finite steps in a row
+    stop_at = None  # after SIGTERM: the step whose checkpoint ends the run
+    with _sigterm_noted() as sigterm:
+        while state.step < run.steps:
+            o = config.optim
+            lr = cosine_lr(state.step, base_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=run.steps,
+                           min_ratio=o.min_lr_ratio)  # fmt: skip
+            keys: list[str] = []  # the step's samples, logged if its loss or gradient is not finite
+            micro_batches = ((batch.images, batch.texts) for batch in islice(run.data, config.accum_steps)
+                             if not keys.extend(batch.keys))  # fmt: skip
+            loss_sum = train_step(run.stepper, micro_batches, config.accum_steps, lr)
+            nonfinite_run = _check_finite(run, loss_sum, keys, nonfinite_run)
+            state.step += 1
+            state.samples_seen += config.batch_size
+            bar.update(1)
+            if state.step % config.log_every == 0 or state.step == run.steps:
+                record = _step_record(run, loss_sum, lr)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=record["samples_per_s"])
+            if run.eval_plan is not None and _due(config.eval_every, state.step, run.steps):
+                with run.meter.paused():
+                    result = _evaluate(run)
+                    _train_mode(run)
+                if world.is_main and result.zeroshot is not None:
+                    log.info(result.zeroshot.line())
+            if stop_at is None and _signalled(sigterm, world):
+                stop_at = _stop_step(run)
+            stopping = stop_at is not None and stop_at <= state.step < run.steps  # at a step boundary: exact resume
+            if stopping or _due(config.checkpoint.every_steps, state.step, run.steps):
+                with run.meter.paused():
+                    _save(run)
+            if stopping:
+                if world.is_main:
+                    log.warning("SIGTERM: stopped at step %d with its checkpoint in %s; resume with --resume latest",
+                                state.step, config.checkpoint_dir)  # fmt: skip
+                bar.close()
+                run.run_log.close()
+                raise KeyboardInterrupt("SIGTERM")
     train_seconds = run.meter.train_seconds()
     bar.close()
     return finish(run, start_step, train_seconds)
+
+
+@contextlib.contextmanager
+def _sigterm_noted():
+    """While training, SIGTERM is noted (the step finishes) instead of interrupting a step halfway."""
+    noted = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def note(signum, frame):  # noqa: ARG001 - a signal handler's signature
+        noted["signum"] = signum
+
+    previous = signal.signal(signal.SIGTERM, note)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _signalled(noted: dict, world: distributed.World) -> bool:
+    """Whether any rank got SIGTERM (all ranks agree, so that they save and stop at the same step)."""
+    flag = float(bool(noted["signum"]))
+    if world.distributed:
+        flag = distributed.all_reduce_sum([flag], world)[0]
+    return flag > 0
+
+
+def _stop_step(run: Run) -> int:
+    """After SIGTERM: the step to stop at, with a checkpoint: the next one due if it is within
+    ``checkpoint.sigterm_within_steps`` steps (the end of the run included), else the current step."""
+    step, every = run.state.step, run.config.checkpoint.every_steps
+    due = min(run.steps, (step // every + (step % every > 0)) * every) if every else run.steps
+    within = run.config.checkpoint.sigterm_within_steps
+    stop = due if due - step <= within else step
+    if run.world.is_main:
+        log.warning("SIGTERM at step %d: %s", step, f"training on to the checkpoint due at step {due}"
+                    if stop > step else "saving a checkpoint of this step now")  # fmt: skip
+    return stop
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many optimizer steps in a row with a non-finite loss or gradient: the run stops (exit 1)."""
+
+
+def _check_finite(run: Run, loss_sum: torch.Tensor, keys: list[str], in_a_row: int) -> int:
+    """After a step: log a skipped (non-finite) step's samples; stop after ``optim.max_nonfinite_steps`` in a row.
+
+    A skipped step still counts as a step (the schedule and the data stream move on), so a
+    resume stays exact; the weights are those before the batch.
+    """
+    if run.stepper.finite:
+        return 0
+    in_a_row += 1
+    run.nonfinite_steps += 1
+    limit = run.config.optim.max_nonfinite_steps
+    log.warning("step %d: non-finite loss or gradient (loss %s): step skipped, weights unchanged (%d in a row, "
+                "stop at %d); samples on rank %d: %s", run.state.step + 1, loss_sum.item(), in_a_row, limit,
+                run.world.rank, " ".join(keys))  # fmt: skip
+    run.run_log.write({"step": run.state.step + 1, "nonfinite": True, "rank": run.world.rank, "keys": keys})
+    if in_a_row >= limit:
+        raise NonFiniteLoss(
+            f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient (up to step "
+            f"{run.state.step + 1}; their samples are in the log): the model or data is broken; the last checkpoint "
+            f"in {run.config.checkpoint_dir} holds finite weights (optim.max_nonfinite_steps={limit})"
+        )
+    return in_a_row
 
 
 def _train_mode(run: Run) -> None:
@@ -484,6 +597,8 @@ def finish(run: Run, start_step: int, train_seconds: float):
         "data_wait_s": round(run.data.wait_s, 1),
         "data_wait_share": round(run.data.wait_s / train_seconds, 4) if train_seconds > 0 else None,
         "skipped": skipped_total,
+        "nonfinite_steps_skipped": run.nonfinite_steps,
+        **data_mod.storage.retry_counts(),  # object-storage requests retried (rank 0's process)
         "checkpoint": checkpoint_path,
         "model": config.model.name,
         "world_size": world.world_size,
