@@ -22,20 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _commands import run
 from _ingest_web import HostileWeb
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 12
 
 pytestmark = pytest.mark.integration
-
-
-def run(module: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    if "WEBCLIP_DEBUG" not in (env or {}):
-        full_env.pop("WEBCLIP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def one_error(done: subprocess.CompletedProcess, code: int, *words: str) -> str:

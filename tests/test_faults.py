@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from _commands import run
 from _ingest_web import HostileWeb
 from core import storage
 from core.lock import LOCK_NAME, OutputLock, OutputLocked
@@ -34,13 +35,6 @@ lock.acquire()
 print("held", flush=True)
 time.sleep(120)
 """
-
-
-def run(module: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    full_env.pop("WEBCLIP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,19 @@
+"""Run a webclip command as a user would: ``python -m <module> ARGS`` from the repository, output captured."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(module: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The finished command; ``WEBCLIP_DEBUG`` only when ``env`` sets it (tracebacks are a choice)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    if "WEBCLIP_DEBUG" not in (env or {}):
+        full_env.pop("WEBCLIP_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
