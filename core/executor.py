@@ -18,6 +18,8 @@ per GPU with ``ray_options={"num_gpus": 1}``. Inside a unit, ``report(items, **c
 gives its running counts (absolute, so a repeat or a retry is harmless) to the one
 progress bar: units done, items/s, totals. Ctrl-C stops the workers (no process is left
 behind, a Ray this executor started is shut down) and re-raises KeyboardInterrupt.
+A unit's object-storage retries travel back with its result (or its error, with the object
+it gave up on), so the driver's ``core.storage.retry_counts()`` counts the whole stage's.
 
 Backends (``Execution.distributor``): ``inline`` runs here; ``processes`` spawns up to
 ``workers`` local processes, started as needed, a killed one replaced; ``ray`` runs Ray
@@ -28,6 +30,7 @@ local processes — inline when a single worker or unit would be started anyway.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -113,18 +116,19 @@ def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address is None and num_cpus:
         kwargs["num_cpus"] = num_cpus
-    # Ctrl-C halfway through ray.init would orphan some of its daemons: it waits until Ray is up.
+    # Ctrl-C or SIGTERM halfway through ray.init would orphan some of its daemons: they wait until Ray is up.
     interrupted: list[int] = []
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if in_main else None
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum)) for s in signals}
     try:
         ray.init(address=address, **kwargs)
     finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if interrupted:
         ray.shutdown()
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"signal {interrupted[0]}")
     return True
 
 
@@ -159,17 +163,57 @@ def report(items: int, **counts: int) -> None:
 
 
 def _run_unit(fn: Callable, unit: Any, state: Any, send: Callable[[dict], None] | None) -> tuple[Any, dict]:
-    """``fn`` on ``unit`` (with ``state`` when the worker has one); returns (result, final counts)."""
+    """``fn`` on ``unit`` (with ``state`` when the worker has one); returns (result, final counts).
+
+    The counts include the unit's object-storage retries (``core.storage``); an error carries them
+    (``storage_counts``) and, when the unit gave up on an object, its name (``storage_object``), so
+    the driver can count them and name the object wherever the unit ran."""
     global _reporter
     _reporter = _Reporter(send)
+    mark = _storage_mark()
     try:
         result = fn(unit) if state is _NO_STATE else fn(state, unit)
-        return result, _reporter.latest
+        return result, {**_reporter.latest, **_storage_since(mark)[0]}
+    except BaseException as exc:
+        counts, gone = _storage_since(mark)
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.storage_counts = counts
+            if gone:
+                exc.storage_object = gone
+        raise
     finally:
         _reporter = None
 
 
+def _storage_mark() -> tuple[dict, int]:
+    storage = sys.modules.get("core.storage")  # a unit that never touched storage retried nothing
+    return (storage.retry_counts(), storage.gave_up_mark()) if storage is not None else ({}, 0)
+
+
+def _storage_since(mark: tuple[dict, int]) -> tuple[dict[str, int], str | None]:
+    """(the retry counts since ``mark``, those not zero; the object given up on since, if any)."""
+    storage = sys.modules.get("core.storage")
+    if storage is None:
+        return {}, None
+    return ({k: v for k, v in storage.retries_since(mark[0]).items() if v},
+            storage.exhausted_object(since=mark[1]))
+
+
+def _count_storage_retries(counts: dict | None) -> None:
+    """A unit that ran in another process: its object-storage retries become this process's."""
+    if counts and any(key.startswith("storage_") for key in counts):
+        from core import storage
+
+        storage.add_retries_elsewhere(counts)
+
+
 _NO_STATE, _UNSET = object(), object()
+
+
+def _disk_full() -> tuple[type, ...]:
+    """``core.storage.DiskFull`` where storage is in use: a full disk is not worth another try."""
+    storage = sys.modules.get("core.storage")
+    return (storage.DiskFull,) if storage is not None else ()
 
 
 def _setup_state(setup: Callable[[], Any] | None) -> Any:
@@ -272,10 +316,15 @@ class _Inline:
         pass
 
 
+def _stop_worker(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
+    raise SystemExit(128 + signum)  # through the unit's ``finally`` blocks: nothing it staged is left
+
+
 def _process_main(conn, setup) -> None:
     """A worker process: set up once, then run units until told to stop; a ``("fn", fn)`` message
     sets the function of the units that follow (once per map, not with every unit)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
+    signal.signal(signal.SIGTERM, _stop_worker)  # how the driver stops us: the unit cleans up on its way out
     state, fn = _setup_state(setup), None
     while True:
         try:
@@ -299,7 +348,20 @@ def _process_main(conn, setup) -> None:
         try:
             conn.send(outcome)
         except Exception as exc:  # noqa: BLE001 - the result or the error would not pickle
-            conn.send(("error", index, RuntimeError(f"unit #{index}: its outcome cannot be sent back: {exc}")))
+            conn.send(("error", index, _sendable(outcome, index, exc)))
+
+
+def _sendable(outcome: tuple, index: int, exc: Exception) -> BaseException:
+    """An error in place of an outcome that would not pickle; a unit's own error keeps its kind (an
+    ``OSError`` stays one), its message and what it says about object storage (``_run_unit``)."""
+    if outcome[0] != "error":
+        return RuntimeError(f"unit #{index}: its result cannot be sent back: {exc}")
+    error = outcome[2]
+    stand_in = (OSError if isinstance(error, OSError) else RuntimeError)(f"{type(error).__name__}: {error}")
+    for name in ("storage_counts", "storage_object", "__notes__"):
+        if hasattr(error, name):
+            setattr(stand_in, name, getattr(error, name))
+    return stand_in
 
 
 class _Processes:
@@ -336,7 +398,13 @@ class _Processes:
                 process.join()
         conn, child = self.context.Pipe()
         process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
-        process.start()
+        # Ctrl-C reaches the whole process group: a worker starts with SIGINT blocked (held here until
+        # started, never lost), so one still importing cannot die of it with a traceback; the driver stops it.
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         child.close()
         self._send(conn, index, unit)
         self.busy[conn] = (process, index)
@@ -639,9 +707,12 @@ class Executor:
                     break
                 for index, outcome, counts in backend.wait(POLL_S) if pending else []:
                     unit, tries = pending[index]
+                    if not isinstance(backend, _Inline):  # inline units counted theirs here already
+                        _count_storage_retries(getattr(outcome, "storage_counts", None)
+                                               if isinstance(outcome, BaseException) else counts)
                     if isinstance(outcome, BaseException):
                         final = (getattr(backend, "retries_itself", False)
-                                 or isinstance(outcome, (SetupFailed, ConfigError, DataError)))
+                                 or isinstance(outcome, (SetupFailed, ConfigError, DataError, *_disk_full())))
                         if tries <= retries and not final:
                             log.warning("%s: unit #%d failed (%s: %s); try %d of %d", desc or self.desc, index,
                                         type(outcome).__name__, outcome, tries + 1, retries + 1)
