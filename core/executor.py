@@ -34,6 +34,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -117,19 +118,54 @@ def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     if address is None and num_cpus:
         kwargs["num_cpus"] = num_cpus
     # Ctrl-C or SIGTERM halfway through ray.init would orphan some of its daemons: they wait until Ray is up.
+    # ray.init sets its own SIGTERM handler at once, which exits halfway: that exit is taken as the signal
+    # it is, and whatever the start had launched is stopped (Ray's shutdown misses the agents of a half-started node).
+    import psutil
+
     interrupted: list[int] = []
     in_main = threading.current_thread() is threading.main_thread()
     signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum)) for s in signals}
     try:
         ray.init(address=address, **kwargs)
+    except SystemExit as exc:
+        if not in_main or exc.code != signal.SIGTERM:
+            raise
+        interrupted.append(signal.SIGTERM)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     if interrupted:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         ray.shutdown()
+        _stop_ray_session(started)
         raise KeyboardInterrupt(f"signal {interrupted[0]}")
     return True
+
+
+def _stop_ray_session(started: list) -> None:
+    """Stop every process of the Ray session that ``started`` (psutil processes) belong to: the daemons a
+    start cut short had launched, and the agents its raylet launches still (they would outlive it)."""
+    import re
+
+    import psutil
+
+    def cmdline(process) -> str:
+        with contextlib.suppress(psutil.Error):
+            return " ".join(process.cmdline())
+        return ""
+
+    sessions = {m for p in started for m in re.findall(r"session_[0-9_-]+", cmdline(p))}
+    quiet_since = time.monotonic()
+    while sessions and time.monotonic() - quiet_since < 1.0:  # until no new one has shown up for a second
+        found = [p for p in psutil.process_iter() if p.pid != os.getpid() and any(s in cmdline(p) for s in sessions)]
+        for process in found:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        if found:
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
 
 
 def _ray_running() -> bool:
@@ -400,6 +436,8 @@ class _Processes:
         process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
         # Ctrl-C reaches the whole process group: a worker starts with SIGINT blocked (held here until
         # started, never lost), so one still importing cannot die of it with a traceback; the driver stops it.
+        # (multiprocessing's resource tracker is started first: starting it unblocks SIGINT.)
+        multiprocessing.resource_tracker.ensure_running()
         masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             process.start()

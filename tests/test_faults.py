@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -390,3 +392,189 @@ def test_a_full_disk_during_ingest_names_the_shard_and_the_space_and_a_rerun_com
     assert a.keys() == b.keys()
     for name in a:
         assert name == "/_ingest_summary.json" or a[name] == b[name], name
+
+
+# -- interruption: Ctrl-C and SIGTERM during filter, shards and a run on Ray -------------------------
+
+
+@pytest.fixture(scope="module")
+def local_pool(url_list, tmp_path_factory) -> str:
+    pool = str(tmp_path_factory.mktemp("interrupted") / "pool")
+    assert run("ingest", *ingest_args(url_list, pool)).returncode == 0
+    return pool
+
+
+@pytest.fixture(scope="module")
+def local_decisions(local_pool) -> str:
+    decisions = f"{local_pool}-decisions"
+    done = run("filter", "--pool", local_pool, "--output_folder", decisions, "--min_image_size", "8", "--progress",
+               "false")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return decisions
+
+
+def _descendants(pid: int) -> list[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    parents[int(entry)] = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _interrupt(module: str, args: list[str], sig: int, to_group: bool, ready, env: dict | None = None,
+               linger_s: float = 2.0):  # fmt: skip
+    """Start ``python -m module args``, send ``sig`` once ``ready(process)`` (to its process group, as a
+    terminal's Ctrl-C does, or to the process alone, as ``kill`` and Kubernetes do); (process, stderr, seconds).
+    Every process of the command must be gone ``linger_s`` after it ended."""
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while not ready(process):
+            assert process.poll() is None, f"{module} ended before the signal: {process.communicate()}"
+            assert time.monotonic() < deadline, f"{module}: never ready for the signal"
+            time.sleep(0.05)
+        start = time.monotonic()
+        (os.killpg if to_group else os.kill)(process.pid, sig)
+        _, err = process.communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, err[-3000:]
+    assert took < 10, took
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert "interrupted" in err and "Resume with: python -m " + module in err, err[-3000:]
+    for _ in range(int(linger_s * 10)):  # multiprocessing's resource tracker ends when it sees the command gone
+        if not _group(process.pid):
+            break
+        time.sleep(0.1)
+    assert not _group(process.pid), _group(process.pid)  # nothing of it left behind
+    return process, err, took
+
+
+def _group(pgid: int) -> list[str]:
+    """Live processes of a process group (a zombie has ended: only its parent, gone, could reap it)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(entry)
+    return found
+
+
+def _working(process) -> bool:
+    """The command has started its worker processes: it is in the middle of its units."""
+    return bool(_descendants(process.pid))
+
+
+def _nothing_half_visible(folder: str, staging: bool = False) -> None:
+    """No file of an uncommitted shard under its final name; no staging folder either, unless ``staging``
+    (a Ray task is killed outright: its hidden staging folder stays, for the next run to remove)."""
+    left = os.listdir(folder) if os.path.exists(folder) else []
+    assert staging or not [n for n in left if n.startswith(".")], left  # no staging folder, no temporary file
+    assert {n[:5] for n in left if n[:5].isdigit()} == {n[:5] for n in left if n.endswith("_stats.json")}, left
+    assert LOCK_NAME not in left
+
+
+def test_ctrl_c_during_filter_ends_it_and_a_rerun_completes(local_pool, local_decisions, tmp_path):
+    output = str(tmp_path / "decisions")
+    args = ["--pool", local_pool, "--output_folder", output, "--min_image_size", "8", "--progress", "false"]
+    _, err, took = _interrupt("filter", args, signal.SIGINT, True, _working)
+    print(f"\nfilter: Ctrl-C -> exit 130 in {took:.1f} s")
+    _nothing_half_visible(output)
+    assert not os.path.exists(os.path.join(output, "_filter_stats.json"))  # decisions not complete: not marked
+    done = run("filter", *args)
+    assert done.returncode == 0, done.stderr
+    a, b = _objects(local_decisions), _objects(output)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+
+
+def test_sigterm_during_shards_ends_it_and_a_rerun_completes(local_pool, local_decisions, tmp_path):
+    def args(output: str) -> list[str]:
+        return ["--pool", local_pool, "--decisions", local_decisions, "--output_folder", output, "--samples_per_shard",
+                "2", "--max_shards_per_task", "1", "--workers", "2", "--report", "false", "--progress", "false"]
+
+    reference = str(tmp_path / "reference")
+    assert run("shards", *args(reference)).returncode == 0
+    output = str(tmp_path / "train")
+    _, err, took = _interrupt("shards", args(output), signal.SIGTERM, False, _working)
+    print(f"\nshards: SIGTERM -> exit 130 in {took:.1f} s; {err.strip().splitlines()[-1]}")
+    _nothing_half_visible(output)
+    assert not os.path.exists(os.path.join(output, "manifest.json"))
+    done = run("shards", *args(output))
+    assert done.returncode == 0, done.stderr
+    a, b = _objects(reference), _objects(output)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name] == b[name], name
+
+
+def _ray_processes(ray_tmp: str) -> list[str]:
+    """The command lines of live processes that belong to the Ray instance under ``ray_tmp``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                line = handle.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.isdigit() and ray_tmp in line:
+            found.append(f"{entry}: {line[:200]}")
+    return found
+
+
+def test_sigterm_during_a_run_on_ray_leaves_no_process_of_it_and_a_rerun_completes(web, tmp_path):
+    urls = [f"{web.base}/img/r{i}.jpg" for i in range(4)] + [f"{web.base}/hang_once/r-hang.jpg"]
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"a photo of ray thing {i}" for i in range(5)]}), path)
+    web.arm_hang()
+    output = str(tmp_path / "pool")
+    args = ingest_args(path, output, "--timeout", "60", "--distributor", "ray")
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # this run's Ray lives here: its processes name it
+    env = {"RAY_TMPDIR": ray_tmp}
+
+    def no_ray_left() -> None:
+        left = _ray_processes(ray_tmp)
+        for _ in range(50):  # Ray's last daemons may take a moment to go after the driver has ended
+            if not left:
+                break
+            time.sleep(0.1)
+            left = _ray_processes(ray_tmp)
+        assert not left, left
+
+    try:  # while Ray starts (its daemons are up, the driver not yet connected), then during a download
+        _, _, starting = _interrupt("ingest", args, signal.SIGTERM, False,
+                                    lambda _: any("raylet" in p for p in _ray_processes(ray_tmp)), env)  # fmt: skip
+        no_ray_left()
+        _, err, took = _interrupt("ingest", args, signal.SIGTERM, False, lambda _: web.hanging.is_set(), env)
+        web.disarm_hang("r-hang")
+        print(f"\ningest on Ray: SIGTERM while Ray starts -> exit 130 in {starting:.1f} s; during a download -> "
+              f"{took:.1f} s; {err.strip().splitlines()[-1]}")
+        no_ray_left()
+        _nothing_half_visible(output, staging=True)
+        assert "1 pool shards committed" in err, err[-2000:]
+        done = run("ingest", *args, env=env)
+        assert done.returncode == 0, done.stderr
+        assert len(storage.list_files(output, "_stats.json")) == 2
+        _nothing_half_visible(output)
+        assert not _ray_processes(ray_tmp)
+    finally:
+        web.disarm_hang("r-hang")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
