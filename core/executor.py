@@ -100,6 +100,22 @@ def progress_enabled(setting: bool | None) -> bool:
     return sys.stderr.isatty() if setting is None else setting
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Inside, Ctrl-C and SIGTERM are held: the signals that came are in the yielded list, for the caller
+    to act on after the block (a start cut short would orphan what it had started). Main thread only."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance.
 
@@ -122,20 +138,14 @@ def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     # it is, and whatever the start had launched is stopped (Ray's shutdown misses the agents of a half-started node).
     import psutil
 
-    interrupted: list[int] = []
-    in_main = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGINT, signal.SIGTERM) if in_main else ()
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    previous = {s: signal.signal(s, lambda signum, _: interrupted.append(signum)) for s in signals}
-    try:
-        ray.init(address=address, **kwargs)
-    except SystemExit as exc:
-        if not in_main or exc.code != signal.SIGTERM:
-            raise
-        interrupted.append(signal.SIGTERM)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with _interrupts_held() as interrupted:
+        try:
+            ray.init(address=address, **kwargs)
+        except SystemExit as exc:
+            if threading.current_thread() is not threading.main_thread() or exc.code != signal.SIGTERM:
+                raise
+            interrupted.append(signal.SIGTERM)
     if interrupted:
         started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         ray.shutdown()
@@ -353,6 +363,10 @@ class _Inline:
 
 
 def _stop_worker(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
+    if _reporter is None:  # between units, or exiting already: nothing to clean up
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise SystemExit(128 + signum)  # through the unit's ``finally`` blocks: nothing it staged is left
 
 
@@ -434,18 +448,22 @@ class _Processes:
                 process.join()
         conn, child = self.context.Pipe()
         process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
-        # Ctrl-C reaches the whole process group: a worker starts with SIGINT blocked (held here until
-        # started, never lost), so one still importing cannot die of it with a traceback; the driver stops it.
-        # (multiprocessing's resource tracker is started first: starting it unblocks SIGINT.)
+        # Ctrl-C reaches the whole process group: a worker starts with SIGINT blocked, so one still importing
+        # cannot die of it with a traceback (the driver stops it), and the driver holds Ctrl-C and SIGTERM
+        # until the worker has its start-up data. (multiprocessing's resource tracker is started first:
+        # starting it unblocks SIGINT.)
         multiprocessing.resource_tracker.ensure_running()
-        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
+        with _interrupts_held() as interrupted:
+            masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         child.close()
-        self._send(conn, index, unit)
         self.busy[conn] = (process, index)
+        if interrupted:
+            raise KeyboardInterrupt(f"signal {interrupted[0]}")
+        self._send(conn, index, unit)
 
     def _send(self, conn, index: int, unit: Any) -> None:
         if self.has_fn.get(conn) != self.generation:
