@@ -191,9 +191,13 @@ def exists(path: str) -> bool:
 def open_file(path: str, mode: str = "rb") -> IO:
     """Open for reading (streaming: nothing is loaded whole)."""
     fs, p = filesystem(path)
-    if "r" in mode and not is_local(path):
-        fs.invalidate_cache(p)  # a listing cached earlier here may predate the file (another process wrote it)
-    return fs.open(p, mode)
+    try:
+        return fs.open(p, mode)
+    except FileNotFoundError:
+        if is_local(path):
+            raise
+        fs.invalidate_cache(p)  # a listing cached here earlier may predate the file (another process wrote it)
+        return fs.open(p, mode)
 
 
 def list_files(folder: str, suffix: str = "") -> list[str]:
