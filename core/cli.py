@@ -213,9 +213,21 @@ _STORAGE_ERRORS = ("ClientError", "ReadTimeoutError", "ConnectTimeoutError", "Cl
                    "ResponseStreamingError", "ServerDisconnectedError", "EndpointConnectionError")
 
 
-def _exhausted_object() -> str | None:
+def _exhausted_object(exc: BaseException) -> str | None:
+    """The object whose retries ran out: named by the unit that raised ``exc`` (``core.executor``: it may
+    have run in another process or on Ray), else the last one of this process."""
+    for link in _chain(exc):
+        if getattr(link, "storage_object", None):
+            return link.storage_object
     storage = sys.modules.get("core.storage")  # only a process that used storage can have given up on an object
     return storage.exhausted_object() if storage is not None else None
+
+
+def _storage_error(link: BaseException) -> bool:
+    if getattr(link, "storage_object", None):  # a unit's error, raised where it gave up on an object
+        return True
+    names = {type(link).__name__, type(getattr(link, "cause", None)).__name__}  # a Ray task's error: its cause
+    return isinstance(link, OSError) or bool(names & set(_STORAGE_ERRORS))
 
 
 def explain(exc: BaseException) -> tuple[int, str]:
@@ -224,11 +236,12 @@ def explain(exc: BaseException) -> tuple[int, str]:
         return 2, str(exc)
     if isinstance(exc, EmptyResult):
         return 1, str(exc)
-    if type(exc).__name__ == "DiskFull":  # core.storage: names the path and the space
-        return 1, str(exc)
-    gone = _exhausted_object()
+    for link in _chain(exc):
+        if "DiskFull" in type(link).__name__:  # core.storage's, maybe from a unit elsewhere: path and space
+            return 1, str(getattr(link, "message", link))
+    gone = _exhausted_object(exc)
     unreachable = any(type(link).__name__ in ("EndpointConnectionError", "ConnectTimeoutError") for link in _chain(exc))
-    if gone and not unreachable and any(isinstance(link, OSError) or type(link).__name__ in _STORAGE_ERRORS for link in _chain(exc)):
+    if gone and not unreachable and any(_storage_error(link) for link in _chain(exc)):
         return 1, (f"object storage: gave up on {gone}, the retry budget spent (WEBCLIP_S3_RETRIES); rerun the "
                    "same command: what is committed is kept")
     for link in _chain(exc):

@@ -18,6 +18,8 @@ per GPU with ``ray_options={"num_gpus": 1}``. Inside a unit, ``report(items, **c
 gives its running counts (absolute, so a repeat or a retry is harmless) to the one
 progress bar: units done, items/s, totals. Ctrl-C stops the workers (no process is left
 behind, a Ray this executor started is shut down) and re-raises KeyboardInterrupt.
+A unit's object-storage retries travel back with its result (or its error, with the object
+it gave up on), so the driver's ``core.storage.retry_counts()`` counts the whole stage's.
 
 Backends (``Execution.distributor``): ``inline`` runs here; ``processes`` spawns up to
 ``workers`` local processes, started as needed, a killed one replaced; ``ray`` runs Ray
@@ -28,9 +30,11 @@ local processes — inline when a single worker or unit would be started anyway.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import signal
 import sys
@@ -96,6 +100,22 @@ def progress_enabled(setting: bool | None) -> bool:
     return sys.stderr.isatty() if setting is None else setting
 
 
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[list[int]]:
+    """Inside, Ctrl-C and SIGTERM are held: the signals that came are in the yielded list, for the caller
+    to act on after the block (a start cut short would orphan what it had started). Main thread only."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     """Join the cluster at ``address`` (or RAY_ADDRESS), else start a local instance.
 
@@ -113,19 +133,49 @@ def init_ray(address: str | None, num_cpus: int = 0) -> bool:
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if address is None and num_cpus:
         kwargs["num_cpus"] = num_cpus
-    # Ctrl-C halfway through ray.init would orphan some of its daemons: it waits until Ray is up.
-    interrupted: list[int] = []
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(1)) if in_main else None
-    try:
-        ray.init(address=address, **kwargs)
-    finally:
-        if in_main:
-            signal.signal(signal.SIGINT, previous)
+    # Ctrl-C or SIGTERM halfway through ray.init would orphan some of its daemons: they wait until Ray is up.
+    # ray.init sets its own SIGTERM handler at once, which exits halfway: that exit is taken as the signal
+    # it is, and whatever the start had launched is stopped (Ray's shutdown misses the agents of a half-started node).
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with _interrupts_held() as interrupted:
+        try:
+            ray.init(address=address, **kwargs)
+        except SystemExit as exc:
+            if threading.current_thread() is not threading.main_thread() or exc.code != signal.SIGTERM:
+                raise
+            interrupted.append(signal.SIGTERM)
     if interrupted:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         ray.shutdown()
-        raise KeyboardInterrupt
+        _stop_ray_session(started)
+        raise KeyboardInterrupt(f"signal {interrupted[0]}")
     return True
+
+
+def _stop_ray_session(started: list) -> None:
+    """Stop every process of the Ray session that ``started`` (psutil processes) belong to: the daemons a
+    start cut short had launched, and the agents its raylet launches still (they would outlive it)."""
+    import re
+
+    import psutil
+
+    def cmdline(process) -> str:
+        with contextlib.suppress(psutil.Error):
+            return " ".join(process.cmdline())
+        return ""
+
+    sessions = {m for p in started for m in re.findall(r"session_[0-9_-]+", cmdline(p))}
+    quiet_since = time.monotonic()
+    while sessions and time.monotonic() - quiet_since < 1.0:  # until no new one has shown up for a second
+        found = [p for p in psutil.process_iter() if p.pid != os.getpid() and any(s in cmdline(p) for s in sessions)]
+        for process in found:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        if found:
+            quiet_since = time.monotonic()
+        time.sleep(0.1)
 
 
 def _ray_running() -> bool:
@@ -159,17 +209,57 @@ def report(items: int, **counts: int) -> None:
 
 
 def _run_unit(fn: Callable, unit: Any, state: Any, send: Callable[[dict], None] | None) -> tuple[Any, dict]:
-    """``fn`` on ``unit`` (with ``state`` when the worker has one); returns (result, final counts)."""
+    """``fn`` on ``unit`` (with ``state`` when the worker has one); returns (result, final counts).
+
+    The counts include the unit's object-storage retries (``core.storage``); an error carries them
+    (``storage_counts``) and, when the unit gave up on an object, its name (``storage_object``), so
+    the driver can count them and name the object wherever the unit ran."""
     global _reporter
     _reporter = _Reporter(send)
+    mark = _storage_mark()
     try:
         result = fn(unit) if state is _NO_STATE else fn(state, unit)
-        return result, _reporter.latest
+        return result, {**_reporter.latest, **_storage_since(mark)[0]}
+    except BaseException as exc:
+        counts, gone = _storage_since(mark)
+        with contextlib.suppress(AttributeError, TypeError):
+            exc.storage_counts = counts
+            if gone:
+                exc.storage_object = gone
+        raise
     finally:
         _reporter = None
 
 
+def _storage_mark() -> tuple[dict, int]:
+    storage = sys.modules.get("core.storage")  # a unit that never touched storage retried nothing
+    return (storage.retry_counts(), storage.gave_up_mark()) if storage is not None else ({}, 0)
+
+
+def _storage_since(mark: tuple[dict, int]) -> tuple[dict[str, int], str | None]:
+    """(the retry counts since ``mark``, those not zero; the object given up on since, if any)."""
+    storage = sys.modules.get("core.storage")
+    if storage is None:
+        return {}, None
+    return ({k: v for k, v in storage.retries_since(mark[0]).items() if v},
+            storage.exhausted_object(since=mark[1]))
+
+
+def _count_storage_retries(counts: dict | None) -> None:
+    """A unit that ran in another process: its object-storage retries become this process's."""
+    if counts and any(key.startswith("storage_") for key in counts):
+        from core import storage
+
+        storage.add_retries_elsewhere(counts)
+
+
 _NO_STATE, _UNSET = object(), object()
+
+
+def _disk_full() -> tuple[type, ...]:
+    """``core.storage.DiskFull`` where storage is in use: a full disk is not worth another try."""
+    storage = sys.modules.get("core.storage")
+    return (storage.DiskFull,) if storage is not None else ()
 
 
 def _setup_state(setup: Callable[[], Any] | None) -> Any:
@@ -272,10 +362,19 @@ class _Inline:
         pass
 
 
+def _stop_worker(signum, frame) -> None:  # noqa: ARG001 - a signal handler's signature
+    if _reporter is None:  # between units, or exiting already: nothing to clean up
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)  # through the unit's ``finally`` blocks: nothing it staged is left
+
+
 def _process_main(conn, setup) -> None:
     """A worker process: set up once, then run units until told to stop; a ``("fn", fn)`` message
     sets the function of the units that follow (once per map, not with every unit)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops us
+    signal.signal(signal.SIGTERM, _stop_worker)  # how the driver stops us: the unit cleans up on its way out
     state, fn = _setup_state(setup), None
     while True:
         try:
@@ -299,7 +398,20 @@ def _process_main(conn, setup) -> None:
         try:
             conn.send(outcome)
         except Exception as exc:  # noqa: BLE001 - the result or the error would not pickle
-            conn.send(("error", index, RuntimeError(f"unit #{index}: its outcome cannot be sent back: {exc}")))
+            conn.send(("error", index, _sendable(outcome, index, exc)))
+
+
+def _sendable(outcome: tuple, index: int, exc: Exception) -> BaseException:
+    """An error in place of an outcome that would not pickle; a unit's own error keeps its kind (an
+    ``OSError`` stays one), its message and what it says about object storage (``_run_unit``)."""
+    if outcome[0] != "error":
+        return RuntimeError(f"unit #{index}: its result cannot be sent back: {exc}")
+    error = outcome[2]
+    stand_in = (OSError if isinstance(error, OSError) else RuntimeError)(f"{type(error).__name__}: {error}")
+    for name in ("storage_counts", "storage_object", "__notes__"):
+        if hasattr(error, name):
+            setattr(stand_in, name, getattr(error, name))
+    return stand_in
 
 
 class _Processes:
@@ -336,10 +448,22 @@ class _Processes:
                 process.join()
         conn, child = self.context.Pipe()
         process = self.context.Process(target=_process_main, args=(child, self.setup), daemon=True)
-        process.start()
+        # Ctrl-C reaches the whole process group: a worker starts with SIGINT blocked, so one still importing
+        # cannot die of it with a traceback (the driver stops it), and the driver holds Ctrl-C and SIGTERM
+        # until the worker has its start-up data. (multiprocessing's resource tracker is started first:
+        # starting it unblocks SIGINT.)
+        multiprocessing.resource_tracker.ensure_running()
+        with _interrupts_held() as interrupted:
+            masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                process.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         child.close()
-        self._send(conn, index, unit)
         self.busy[conn] = (process, index)
+        if interrupted:
+            raise KeyboardInterrupt(f"signal {interrupted[0]}")
+        self._send(conn, index, unit)
 
     def _send(self, conn, index: int, unit: Any) -> None:
         if self.has_fn.get(conn) != self.generation:
@@ -639,9 +763,12 @@ class Executor:
                     break
                 for index, outcome, counts in backend.wait(POLL_S) if pending else []:
                     unit, tries = pending[index]
+                    if not isinstance(backend, _Inline):  # inline units counted theirs here already
+                        _count_storage_retries(getattr(outcome, "storage_counts", None)
+                                               if isinstance(outcome, BaseException) else counts)
                     if isinstance(outcome, BaseException):
                         final = (getattr(backend, "retries_itself", False)
-                                 or isinstance(outcome, (SetupFailed, ConfigError, DataError)))
+                                 or isinstance(outcome, (SetupFailed, ConfigError, DataError, *_disk_full())))
                         if tries <= retries and not final:
                             log.warning("%s: unit #%d failed (%s: %s); try %d of %d", desc or self.desc, index,
                                         type(outcome).__name__, outcome, tries + 1, retries + 1)

@@ -16,18 +16,22 @@ All three take samples in key order through ``add(row, image)`` and publish with
 everything is staged under a temporary name, then renamed (locally) or uploaded
 (object storage: a PUT is atomic per object), and ``{N}_stats.json`` goes last — its
 presence is what marks a shard as done for readers and for resume. A staged shard
-that was never committed is simply redone by the next run. Tar bytes are
+that was never committed is simply redone by the next run; a full disk while staging or
+committing is a ``core.storage.DiskFull`` naming the shard, the bytes it had staged and the
+space free, and leaves nothing of the shard behind. Tar bytes are
 deterministic (fixed member metadata), so a rerun of the same input writes the
 same shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -83,6 +87,22 @@ class BaseShardWriter(ABC):
             storage.makedirs(output_folder)
         self._tmpdir = tempfile.mkdtemp(prefix=f".tmp-{self.name}-", dir=output_folder if local else None)
         self._columns: dict[str, list[Any]] = {f.name: [] for f in POOL_SCHEMA} | {c: [] for c in self.extra_columns}
+        self._published: list[str] = []  # final names written so far: removed again if the commit fails
+        self._image_bytes = 0  # what the shard holds so far, for the error of a full disk
+        self._retries = storage.retry_counts()  # the shard's object-storage retries go in its stats
+
+    @contextlib.contextmanager
+    def _space(self) -> Iterator[None]:
+        """A write that found the disk full: a ``DiskFull`` naming the shard, the bytes staged and the space free."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in storage.NO_SPACE or isinstance(exc, storage.DiskFull):
+                raise
+            staged = sum(os.path.getsize(os.path.join(top, name))
+                         for top, _, names in os.walk(self._tmpdir) for name in names)
+            raise storage.disk_full(storage.join(self.output_folder, self.name), os.path.dirname(self._tmpdir), exc,
+                                    written=max(staged, self._image_bytes)) from None
 
     @property
     def metadata_schema(self) -> pa.Schema:
@@ -98,7 +118,9 @@ class BaseShardWriter(ABC):
             values.append(row.get(column))
         if image is not None:
             meta = {k: v for k, v in row.items() if k in self._columns and v is not None}
-            self._add_sample(row["key"], image, image_ext or self.encode_format, row.get("caption"), meta)
+            self._image_bytes += len(image)
+            with self._space():
+                self._add_sample(row["key"], image, image_ext or self.encode_format, row.get("caption"), meta)
 
     @abstractmethod
     def _add_sample(self, key: str, image: bytes, ext: str, caption: str | None, meta: dict[str, Any]) -> None:
@@ -133,19 +155,37 @@ class BaseShardWriter(ABC):
 
         The marker also lists the shard's files with their bytes and sha256 (``files``),
         so ``python -m shards.verify`` can check a pool's integrity without a manifest.
-        The returned entry is the image data's (tar) with the parquet's under ``metadata``.
+        The returned entry is the image data's (tar) with the parquet's under ``metadata``. The
+        marker also counts the object-storage requests retried while the shard was made
+        (``storage_retries``, ``storage_retried_objects``; its own upload aside). A commit that
+        fails (a full disk: ``DiskFull``) removes what it had published: nothing of the shard stays.
         """
+        committed = False
         try:
-            entry = self._publish_samples()
-            parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
-            self._write_metadata(parquet_tmp)
-            metadata = _file_entry(f"{self.name}.parquet", parquet_tmp)
-            _publish_file(parquet_tmp, storage.join(self.output_folder, f"{self.name}.parquet"))
-            files = [metadata] if entry["name"] == metadata["name"] else [entry, metadata]
-            storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), {**stats, "files": files})
+            with self._space():
+                entry = self._publish_samples()
+                parquet_tmp = os.path.join(self._tmpdir, f"{self.name}.parquet")
+                self._write_metadata(parquet_tmp)
+                metadata = _file_entry(f"{self.name}.parquet", parquet_tmp)
+                self._publish(parquet_tmp, storage.join(self.output_folder, f"{self.name}.parquet"))
+                files = [metadata] if entry["name"] == metadata["name"] else [entry, metadata]
+                stats = {**stats, **storage.retries_since(self._retries), "files": files}
+                storage.write_json(storage.join(self.output_folder, self.name + STATS_SUFFIX), stats)
+            committed = True
         finally:
             self.close()
+            if not committed:
+                self._unpublish()
         return {**entry, "metadata": metadata}
+
+    def _publish(self, local: str, target: str) -> None:
+        self._published.append(target)
+        _publish_file(local, target)
+
+    def _unpublish(self) -> None:
+        for target in self._published:
+            with contextlib.suppress(OSError):
+                storage.remove(target)
 
     def close(self) -> None:
         """Drop temporary files (after commit, or to abandon the shard)."""
@@ -173,13 +213,14 @@ class ShardWriter(BaseShardWriter):
     def _publish_samples(self) -> dict[str, Any]:
         self._tar.close()
         entry = _file_entry(f"{self.name}.tar", self._tar_path)
-        _publish_file(self._tar_path, storage.join(self.output_folder, f"{self.name}.tar"))
+        self._publish(self._tar_path, storage.join(self.output_folder, f"{self.name}.tar"))
         return entry
 
     def close(self) -> None:
         try:
             if not self._tar.closed:
-                self._tar.close()  # may fail again on a full disk: the staging folder goes all the same
+                with contextlib.suppress(OSError):  # fails again on a full disk: the shard is abandoned anyway
+                    self._tar.close()
         finally:
             super().close()
 
@@ -208,6 +249,7 @@ class FilesShardWriter(BaseShardWriter):
     def _publish_samples(self) -> dict[str, Any]:
         target = storage.join(self.output_folder, self.name)
         fs, path = storage.filesystem(target)
+        self._published.append(target)
         if storage.is_local(target):
             if os.path.exists(path):  # left by a run killed before its marker: replace it whole
                 shutil.rmtree(path)
@@ -242,7 +284,8 @@ class ParquetShardWriter(BaseShardWriter):
         super().add(row, image, image_ext)
         self._images.append(image)
         if len(self._images) >= self.ROWS_PER_GROUP:
-            self._flush()
+            with self._space():
+                self._flush()
 
     def _add_sample(self, key, image, ext, caption, meta) -> None:
         self._bytes += len(image)
@@ -265,9 +308,12 @@ class ParquetShardWriter(BaseShardWriter):
             os.replace(self._path, path)
 
     def close(self) -> None:
-        if self._writer.is_open:
-            self._writer.close()
-        super().close()
+        try:
+            if self._writer.is_open:
+                with contextlib.suppress(OSError):  # a full disk: the shard is abandoned anyway
+                    self._writer.close()
+        finally:
+            super().close()
 
 
 WRITERS: dict[str, type[BaseShardWriter]] = {

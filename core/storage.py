@@ -76,12 +76,17 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 class _RetryWatch:
     """Counts object-storage requests that failed and were retried, logs the first per object, and
-    remembers the last object whose retries ran out (``core.cli`` names it in the error)."""
+    remembers the objects whose retries ran out (``core.cli`` names the last in the error).
+
+    A driver's counts include its units' that ran in other processes or on Ray (``core.executor``
+    hands them over with each unit's result: ``add_elsewhere``), so one stage's count is one figure.
+    """
 
     def __init__(self) -> None:
         self.failed_attempts = 0
         self.objects: set[str] = set()
-        self.exhausted: str | None = None
+        self.objects_elsewhere = 0
+        self.gave_up, self.last_gave_up = 0, ""
         self._session = None
 
     def session(self):
@@ -109,24 +114,58 @@ class _RetryWatch:
                 "object storage: %s %s failed (%s, attempt %d): retrying with backoff", getattr(operation, "name", ""),
                 where, why, attempts)  # fmt: skip
         if attempts >= _attempts():
-            self.exhausted = f"{where} ({getattr(operation, 'name', '')}: {why} on every one of {attempts} attempts)"
+            self.gave_up += 1
+            self.last_gave_up = f"{where} ({getattr(operation, 'name', '')}: {why} on every one of {attempts} attempts)"
         return None
 
     def counts(self) -> dict[str, int]:
-        """Failed (retried) requests and the objects they were for, in this process so far."""
-        return {"storage_retries": self.failed_attempts, "storage_retried_objects": len(self.objects)}
+        return {"storage_retries": self.failed_attempts,
+                "storage_retried_objects": len(self.objects) + self.objects_elsewhere}
+
+    def add_elsewhere(self, counts: dict[str, int]) -> None:
+        self.failed_attempts += counts.get("storage_retries", 0)
+        self.objects_elsewhere += counts.get("storage_retried_objects", 0)
 
 
 _retry_watch = _RetryWatch()
+RETRY_KEYS = ("storage_retries", "storage_retried_objects")
 
 
 def retry_counts() -> dict[str, int]:
+    """Object-storage requests that failed and were retried, and the objects they were for: in this
+    process so far, units it ran elsewhere (``core.executor``) included."""
     return _retry_watch.counts()
 
 
-def exhausted_object() -> str | None:
-    """The last object whose requests failed every attempt in this process (None: none)."""
-    return _retry_watch.exhausted
+def retries_since(mark: dict[str, int]) -> dict[str, int]:
+    """``retry_counts()`` less ``mark`` (an earlier ``retry_counts()``): what one run or unit retried."""
+    now = retry_counts()
+    return {key: now[key] - mark.get(key, 0) for key in RETRY_KEYS}
+
+
+def add_retries_elsewhere(counts: dict[str, int]) -> None:
+    """Count the retries a unit made in another process (its ``retries_since``) as this process's."""
+    _retry_watch.add_elsewhere(counts)
+
+
+def retries_note(counts: dict[str, int]) -> str:
+    """'; N object-storage requests retried (M objects)' for a stage's last line, or '' when none were."""
+    n = counts.get("storage_retries", 0)
+    if not n:
+        return ""
+    objects = counts.get("storage_retried_objects", 0)
+    return f"; {n} object-storage request{'s' * (n != 1)} retried ({objects} object{'s' * (objects != 1)})"
+
+
+def gave_up_mark() -> int:
+    """How many objects this process has given up on so far (for ``exhausted_object(since=...)``)."""
+    return _retry_watch.gave_up
+
+
+def exhausted_object(since: int = 0) -> str | None:
+    """The last object whose requests failed every attempt in this process (after the ``since``-th
+    give-up: ``gave_up_mark()``); None: none."""
+    return _retry_watch.last_gave_up if _retry_watch.gave_up > since else None
 
 
 def is_local(path: str) -> bool:
@@ -152,7 +191,13 @@ def exists(path: str) -> bool:
 def open_file(path: str, mode: str = "rb") -> IO:
     """Open for reading (streaming: nothing is loaded whole)."""
     fs, p = filesystem(path)
-    return fs.open(p, mode)
+    try:
+        return fs.open(p, mode)
+    except FileNotFoundError:
+        if is_local(path):
+            raise
+        fs.invalidate_cache(p)  # a listing cached here earlier may predate the file (another process wrote it)
+        return fs.open(p, mode)
 
 
 def list_files(folder: str, suffix: str = "") -> list[str]:
@@ -175,6 +220,12 @@ class DiskFull(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self):  # travels back from a worker process whole
+        return DiskFull, (self.message, self.filename)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 
 @contextlib.contextmanager
@@ -201,10 +252,10 @@ def atomic_write(path: str, mode: str = "wb", size: int | None = None) -> Iterat
                 handle.flush()
                 os.fsync(handle.fileno())
             except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                if exc.errno not in NO_SPACE:
                     raise
                 written = written or _tell(handle)
-                raise _disk_full(p, folder, size, written, exc) from None
+                raise disk_full(p, folder, exc, size, written) from None
         os.replace(tmp, p)
     finally:
         if os.path.exists(tmp):
@@ -218,7 +269,9 @@ def _tell(handle: IO) -> int:
         return 0
 
 
-def _disk_full(path: str, folder: str, size: int | None, written: int, exc: OSError) -> DiskFull:
+def disk_full(path: str, folder: str, exc: OSError, size: int | None = None, written: int = 0) -> DiskFull:
+    """The ``DiskFull`` of a write to ``path`` (in ``folder``) that failed with ``exc`` (errno in ``NO_SPACE``):
+    ``size`` the bytes it needed when known, else ``written`` the bytes written before it failed."""
     import shutil
 
     free = shutil.disk_usage(folder).free

@@ -72,8 +72,10 @@ class TarWriter:
             return
         end = 2 * BLOCK  # two zero blocks mark the end
         end += -(self._offset + end) % RECORD
-        self._file.write(bytes(end))
-        self._file.close()
+        try:
+            self._file.write(bytes(end))
+        finally:
+            self._file.close()  # also when the write failed (a full disk): no open file is left
 
     def __enter__(self) -> TarWriter:
         return self

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from core import cli, outcome
+from core import cli, outcome, storage
 from core.config import parse_config
 from filter.config import FilterConfig
 from filter.run import run_filter
@@ -35,7 +35,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"{summary.rows} rows in {summary.shards} shards: kept {summary.kept}, rejected {summary.rows - summary.kept}")
     for reason, n in sorted(summary.reasons.items(), key=lambda kv: -kv[1]):
         print(f"  {reason:<20} {n}")
-    print(f"decisions written to {cfg.output_folder}")
+    print(f"decisions written to {cfg.output_folder}{storage.retries_note(summary.storage_retries)}")
     outcome.verdict("filter", summary.rows, summary.kept, summary.reasons, "kept")
     return 0
 

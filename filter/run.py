@@ -85,6 +85,7 @@ class FilterSummary:
     near_dup_plan: dict[str, Any] = field(default_factory=dict)
     semantic_dup: dict[str, Any] = field(default_factory=dict)
     skipped_checks: list[str] = field(default_factory=list)
+    storage_retries: dict[str, int] = field(default_factory=dict)  # object-storage requests retried, workers' too
 
 
 # -- task bodies: module level, so processes and Ray can ship them; the unit comes last ------
@@ -289,7 +290,7 @@ def _check_previous(cfg: FilterConfig, identity: dict[str, Any]) -> None:
 
 
 def run_filter(cfg: FilterConfig) -> FilterSummary:
-    start = time.time()
+    start, retries = time.time(), storage.retry_counts()
     storage.refuse_overlap("output_folder", cfg.output_folder, {
         "pool": cfg.pool, "embeddings": cfg.embeddings or None, "clip_scores": cfg.clip_scores or None,
         "decontaminate": cfg.decontaminate or None})
@@ -331,6 +332,7 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
         _passes(cfg, ex, shard_ids, work, eval_hashes, summary)
     storage.remove(work)
     summary.duration = time.time() - start
+    summary.storage_retries = storage.retries_since(retries)
     storage.write_json(stats_path, {
         "rows": summary.rows,
         "kept": summary.kept,
@@ -345,6 +347,7 @@ def run_filter(cfg: FilterConfig) -> FilterSummary:
         "config": to_dict(cfg),
         **identity,
         "duration": summary.duration,
+        **summary.storage_retries,
     })
     return summary
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from core import cli
+from core import cli, storage
 from core.config import parse_config
 from ingest.config import IngestConfig
 from ingest.run import judge, run_ingest
@@ -52,7 +52,7 @@ def _main(argv: list[str] | None) -> int:
     summary = run_ingest(cfg)
     for line in summary.lines():
         print(line)
-    print(f"pool written to {cfg.output_folder} in {summary.duration:.1f}s")
+    print(f"pool written to {cfg.output_folder} in {summary.duration:.1f}s{storage.retries_note(summary.__dict__)}")
     judge(cfg, summary)
     return 0
 

@@ -43,6 +43,8 @@ class IngestSummary:
     failed_to_resize: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     duration: float = 0.0
+    storage_retries: int = 0  # object-storage requests retried in this run, its workers' included
+    storage_retried_objects: int = 0
 
     def add(self, stats: dict[str, Any]) -> None:
         self.shards_total += 1
@@ -118,7 +120,7 @@ def _check_settings(cfg: IngestConfig, previous: dict[int, dict[str, Any]]) -> N
 
 
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
-    start = time.time()
+    start, retries = time.time(), storage.retry_counts()
     storage.refuse_overlap("output_folder", cfg.output_folder, {"url_list": cfg.url_list})
     input_files(cfg.url_list, cfg.input_format)  # every input checked before anything is deleted
     if cfg.incremental_mode == "overwrite" and storage.exists(cfg.output_folder):
@@ -172,10 +174,12 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         for stats in executor.map(partial(download_unit, cfg), pending_shards()):
             summary.add(stats)
     summary.duration = time.time() - start
+    inputs = [storage.fingerprint(p) for p in input_files(cfg.url_list, cfg.input_format)]
+    summary.__dict__.update(storage.retries_since(retries))
     storage.write_json(
         storage.join(cfg.output_folder, SUMMARY_FILE),
         {**summary.__dict__, "config": to_dict(cfg),
          # what the pool was made from, for the train shards' manifest
-         "inputs": [storage.fingerprint(p) for p in input_files(cfg.url_list, cfg.input_format)]},
+         "inputs": inputs},
     )
     return summary

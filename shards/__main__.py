@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     cfg = parse_config(ShardsConfig, argv, prog="python -m shards", description=DESCRIPTION)
+    retries = storage.retry_counts()
     cli.using(cfg, cli.shards_committed(cfg.output_folder, "train shards"))
     cli.hold_output(cfg.output_folder)
     try:
@@ -44,13 +45,14 @@ def _main(argv: list[str] | None) -> int:
     if not manifest["total_samples"]:
         raise cli.EmptyResult(f"the decisions in {cfg.decisions} keep no sample of the pool: no train shard was written "
                               "(their _filter_stats.json counts the reasons; `python -m filter` says the likely fix)")
-    print(f"manifest: {storage.join(cfg.output_folder, MANIFEST)}")
+    print(f"manifest: {storage.join(cfg.output_folder, MANIFEST)}"
+          f"{'' if cfg.report else storage.retries_note(storage.retries_since(retries))}")
     if cfg.report:
         report = build_report(ReportConfig(pool=cfg.pool, decisions=cfg.decisions, train=cfg.output_folder,
                                            output_folder=cfg.output_folder, **cfg.execution_options()))
         paths = write_report(cfg.output_folder, report)
         print(" → ".join(f"{s['label'].split(' (')[0]} {s['count']:,}" for s in report["funnel"]))
-        print(f"report:   {paths['html']}")
+        print(f"report:   {paths['html']}{storage.retries_note(storage.retries_since(retries))}")
     return 0
 
 

@@ -159,7 +159,7 @@ def check_belong_together(cfg: ReportConfig, manifest: dict[str, Any]) -> None:
 
 def build_report(cfg: ReportConfig) -> dict[str, Any]:
     """Every number of the report (the content of report.json)."""
-    start = time.time()
+    start, retries = time.time(), storage.retry_counts()
     shard_ids = sorted(committed_shards(cfg.pool))
     if not shard_ids:
         raise SystemExit(f"report: no committed shards ({{shard}}_stats.json) in {cfg.pool!r}")
@@ -215,6 +215,7 @@ def build_report(cfg: ReportConfig) -> dict[str, Any]:
     report["warnings"] = _warnings(summary, manifest, report)
     report["datasheet"] = render_datasheet(report)
     report["duration_s"] = round(time.time() - start, 2)
+    report.update(storage.retries_since(retries))  # object-storage requests retried, workers' included
     return report
 
 
@@ -276,7 +277,7 @@ def _main(argv: list[str] | None) -> int:
     paths = write_report(cfg.output_folder, report)
     funnel = " → ".join(f"{s['label'].split(' (')[0]} {s['count']:,}" for s in report["funnel"])
     print(funnel)
-    print(f"report:    {paths['html']}  (and {REPORT_JSON}, {DATASHEET})")
+    print(f"report:    {paths['html']}  (and {REPORT_JSON}, {DATASHEET}){storage.retries_note(report)}")
     return 0
 
 

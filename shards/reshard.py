@@ -236,8 +236,8 @@ def _prepare_output(cfg: ShardsConfig, identity: dict[str, Any]) -> set[int]:
 
 
 def reshard(cfg: ShardsConfig) -> dict[str, Any]:
-    """Write the train shards and manifest.json; return the manifest."""
-    start = time.time()
+    """Write the train shards and manifest.json; return the manifest (with the run's object-storage retries)."""
+    start, retries = time.time(), storage.retry_counts()
     storage.refuse_overlap("output_folder", cfg.output_folder, {"pool": cfg.pool, "decisions": cfg.decisions})
     pool_ids = sorted(committed_shards(cfg.pool))
     extra_columns = _check_pool(cfg, pool_ids)
@@ -262,5 +262,6 @@ def reshard(cfg: ShardsConfig) -> dict[str, Any]:
         tar, metadata = marker["files"]
         entries.append({**tar, "count": marker["count"], "metadata": metadata})
     manifest = build_manifest(entries, inputs, plan.describe(), to_dict(cfg), time.time() - start)
+    manifest.update(storage.retries_since(retries))
     storage.write_json(storage.join(cfg.output_folder, MANIFEST), manifest)
     return manifest

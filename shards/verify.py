@@ -331,6 +331,7 @@ def check_task(task: tuple) -> ShardCheck:
 
 def verify(cfg: VerifyConfig) -> dict[str, Any]:
     """Check the folder; return the findings and totals (``ok`` says whether all is well)."""
+    retries = storage.retry_counts()
     if not storage.exists(cfg.folder):
         raise SystemExit(f"verify: {cfg.folder!r} does not exist")
     tasks, findings, described = plan_checks(cfg.folder)
@@ -350,6 +351,7 @@ def verify(cfg: VerifyConfig) -> dict[str, Any]:
         "ok": not findings,
         "counts": counts,
         "findings": [asdict(f) for f in findings],
+        **storage.retries_since(retries),  # object-storage requests retried, workers' included
     }
 
 
@@ -383,11 +385,11 @@ def _main(argv: list[str] | None) -> int:
     size = f"{result['bytes'] / 1e6:,.1f} MB"
     if result["ok"]:
         print(f"verify: OK — {result['shards_checked']} shards, {result['samples']:,} samples, {size} "
-              f"checked against {result['records']}")
+              f"checked against {result['records']}{storage.retries_note(result)}")
         return 0
     summary = ", ".join(f"{n} {kind}" for kind, n in result["counts"].items() if n)
     print(f"verify: FAILED — {summary} ({result['shards_checked']} shards, {result['samples']:,} samples, {size} "
-          f"read; records: {result['records']})", file=sys.stderr)
+          f"read; records: {result['records']}){storage.retries_note(result)}", file=sys.stderr)
     return 1
 
 

@@ -72,7 +72,10 @@ def test_reads_writes_and_listings_survive_every_fault_byte_identical(s3_env, th
         assert back[name] == data, name
         assert back[name + "?"] == len(data)
     assert set(proxy.counts) == set(FAULTS), proxy.counts  # every kind was injected and survived
-    assert storage.retry_counts()["storage_retries"] > before
+    # every fault that needed a retry is counted (a reset after a complete answer needs none; s3fs re-reads a
+    # body cut mid-read itself, uncounted), and no more than were injected
+    needed = sum(1 for fault, _, _ in proxy.injected if fault != "reset")
+    assert needed <= storage.retry_counts()["storage_retries"] - before <= len(proxy.injected)
 
 
 # -- training checkpoints and resume ---------------------------------------------------------------

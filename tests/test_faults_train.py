@@ -7,7 +7,6 @@ overflows the text tower's LayerNorm to NaN, and captions without it train norma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 import _train_fixtures as fx
+from _commands import small_filesystem
 from train import checkpoint as ckpt
 from train import model as model_mod
 from train.config import load_config
@@ -154,20 +154,6 @@ def test_sigterm_saves_the_checkpoint_due_soon_and_the_run_resumes_exactly(tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-@contextlib.contextmanager
-def _small_filesystem(folder, size: int):
-    """A size-limited tmpfs at ``folder`` (mounting needs root): yields True; else (not permitted) yields
-    False and the caller limits the file size of its subprocess instead (RLIMIT_FSIZE)."""
-    os.makedirs(folder, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0  # fmt: skip
-    try:
-        yield mounted
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
 @pytest.mark.integration
 def test_a_full_disk_stops_with_the_path_and_the_space_and_a_rerun_completes(tmp_path, shards_dir, tiny_model):
     steps = ["steps=4", "checkpoint.every_steps=2"]
@@ -177,7 +163,7 @@ def test_a_full_disk_stops_with_the_path_and_the_space_and_a_rerun_completes(tmp
     state_bytes = os.path.getsize(os.path.join(whole.checkpoint_dir, "step_00000002.state.pt"))
 
     disk = tmp_path / "disk"
-    with _small_filesystem(disk, 4 * (model_bytes + state_bytes) + (1 << 20)) as mounted:
+    with small_filesystem(disk, 4 * (model_bytes + state_bytes) + (1 << 20)) as mounted:
         checkpoints = disk / "ck"
         args = [a for p in _common(shards_dir, tiny_model, tmp_path / "run", *steps, f"checkpoint.dir={checkpoints}")
                 for a in ("--set", p)]  # fmt: skip
