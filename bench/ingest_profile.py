@@ -65,7 +65,8 @@ STEPS = {
     ("PIL/Image.py", "reduce"): "resize",
     ("ingest/resizer.py", "_resize"): "resize",
     ("ingest/resizer.py", "perceptual_signature"): "phash",
-    ("ingest/resizer.py", "_finish_geometry"): "crop/border",
+    ("ingest/resizer.py", "_resize_center_crop"): "resize",
+    ("ingest/resizer.py", "_add_border"): "crop/border",
     ("PIL/Image.py", "save"): "encode",
 }
 
