@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from bench.measure import save_result
+from bench.ingest_vs_img2dataset import PHOTOS
 from bench.photo_corpus import generate_photos
 from core.shard_writer import open_shard_writer
 from infra.local.webserver import serve
@@ -66,6 +67,7 @@ STEPS = {
     ("ingest/resizer.py", "_resize"): "resize",
     ("ingest/resizer.py", "perceptual_signature"): "phash",
     ("ingest/resizer.py", "_resize_center_crop"): "resize",
+    ("ingest/resizer.py", "_finish_geometry"): "crop/border",  # the code before issue 20
     ("ingest/resizer.py", "_add_border"): "crop/border",
     ("PIL/Image.py", "save"): "encode",
 }
@@ -151,12 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ingest_profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000, help="images of the photo corpus to profile on")
-    p.add_argument("--count", type=int, default=10000, help="the photo corpus's size (the same as the benchmark's)")
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--resize_modes", default="border,center_crop")
     p.add_argument("--threads", type=int, default=32)
     args = p.parse_args(argv)
-    photos = generate_photos(ROOT / "data/bench/photos", args.count, seed=0)
+    photos = generate_photos(ROOT / "data/bench/photos", max(args.images, PHOTOS), seed=0)
     paths = photos.column("path").to_pylist()[: args.images]
     results = []
     with tempfile.TemporaryDirectory(prefix="ingest-profile-") as tmp, serve(ROOT / "data/bench/photos/site") as base:

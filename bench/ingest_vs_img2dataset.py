@@ -62,13 +62,14 @@ from ingest.resizer import ResizeConfig, resize_image
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = ROOT / ".bench/img2dataset/bin/img2dataset"
+PHOTOS = 10_000  # the photo corpus made and kept on disk; --count uses its first images
 
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", choices=("photos", "synthetic"), default="photos",
                    help="photos: real photographs (bench.photo_corpus); synthetic: the demo web's scenes")
-    p.add_argument("--count", type=int, default=10000, help="images of the photo corpus")
+    p.add_argument("--count", type=int, default=PHOTOS, help="URLs of the photo corpus to download")
     p.add_argument("--rows", type=int, default=12000, help="rows of the synthetic demo web (≈87%% download)")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--threads", type=int, default=32)
@@ -124,7 +125,7 @@ def _web(args, base_url: str | None) -> tuple[Path, pa.Table | None]:
     """(site folder, rows that should download: url, caption, path); made first with base_url None."""
     if args.corpus == "photos":
         out = ROOT / "data/bench/photos"
-        photos = generate_photos(out, args.count, seed=0, progress=True)
+        photos = generate_photos(out, max(args.count, PHOTOS), seed=0, progress=True).slice(0, args.count)
         if base_url is None:
             return out / "site", None
         urls = [base_url + p for p in photos.column("path").to_pylist()]
@@ -159,11 +160,15 @@ def _target(width: int, height: int, size: int, mode: str) -> tuple[int, int]:
 
 
 def _reference(source: bytes, size: int, mode: str) -> np.ndarray:
-    """Full-resolution decode and a Lanczos resize of the whole image: the careful way."""
+    """Full-resolution decode and a Lanczos resize of the whole image (then the crop): the careful way."""
     image = Image.open(io.BytesIO(source))
     image = (ImageOps.exif_transpose(image) or image).convert("RGB")
     w, h = _target(image.width, image.height, size, mode)
-    return np.asarray(image.resize((w, h), Image.Resampling.LANCZOS), dtype=np.float64)
+    image = image.resize((w, h), Image.Resampling.LANCZOS)
+    if mode == "center_crop" and min(w, h) >= size:  # the centre square, as both tools crop it
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.float64)
 
 
 def _content(output: bytes, ref_shape: tuple[int, int], size: int, mode: str) -> np.ndarray:
