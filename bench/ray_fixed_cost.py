@@ -46,7 +46,8 @@ def measure(num_cpus: int, idle_s: float) -> dict:
     time.sleep(idle_s)
     cpu: dict[int, float] = {}
     rss = tree_rss_bytes(os.getpid(), cpu)
-    idle_cpu = sum(cpu.values()) - cpu_before
+    tree_cpu = sum(cpu.values())  # the driver, the daemons and the workers, from the start
+    idle_cpu = tree_cpu - cpu_before
     idle_wall = time.perf_counter() - idle_start
     stop = time.perf_counter()
     ray.shutdown()
@@ -59,7 +60,7 @@ def measure(num_cpus: int, idle_s: float) -> dict:
         "fixed_wall_s": round(stopped - start - idle_wall, 2),  # all of the above
         "idle_cpu_share": round(idle_cpu / idle_wall, 3),  # CPUs busy while nothing runs
         "tree_rss_mib": round(rss / 2**20),
-        "tree_cpu_s": round(_tree_cpu(), 1),  # whole run, this process and what remains of the tree
+        "tree_cpu_s": round(tree_cpu, 1),  # CPU of the whole tree up to the end of the idle wait
         "num_cpus": num_cpus,
     }
 
