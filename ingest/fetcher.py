@@ -196,10 +196,11 @@ class Fetcher:
             raise SampleError(Reason.NOT_IMAGE, content_type)
         if response.content_length is not None and response.content_length > self.cfg.max_bytes:
             raise SampleError(Reason.TOO_LARGE, f"Content-Length {response.content_length}")
-        if response.content_length is not None and "Content-Encoding" not in response.headers:
+        framing = ("Content-Encoding", "Transfer-Encoding")
+        if response.content_length is not None and not any(h in response.headers for h in framing):
             # the announced length bounds what aiohttp reads (and it is within the cap, above): one read
             data = await response.read()
-        else:  # unannounced or compressed: the decoded size is unknown, so count while reading
+        else:  # unannounced, chunked or compressed: the size is unknown, so count while reading
             data = await self._read_capped(response)
         return Fetched(
             data=data,

@@ -201,8 +201,9 @@ def _filter(size: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
     After the DCT-scaled decode a JPEG is at most 2x the target (times the margin).
     Pillow's filters widen with the scale factor, so shrinking is antialiased; the
     Hamming-windowed sinc has the support, hence the cost, of bilinear but keeps more
-    detail: on real photographs +1.2 dB mean against a full-resolution Lanczos
-    reference, within 1 dB of bicubic at 20% less CPU (BENCHMARKS.md, ingest on photographs).
+    detail: on real photographs +0.9-1.2 dB mean against a full-resolution Lanczos
+    reference; bicubic adds 1-2 dB more for 15-20% more CPU (BENCHMARKS.md, ingest on
+    photographs).
     """
     shrinking = target[0] < size[0] and target[1] < size[1]
     return Image.Resampling.HAMMING if shrinking else Image.Resampling.LANCZOS
