@@ -112,10 +112,10 @@ class IngestConfig(Execution):
     max_bytes: int = option(20_000_000, "refuse bodies larger than this many bytes (checked while reading)")
     max_pixels: int = option(178_956_970, "refuse images announcing more pixels than this, from the header, before decoding")
     decode_margin: float = option(
-        1.0,
+        1.5,
         "decode JPEGs at the smallest DCT scale (1/2, 1/4, 1/8) giving at least this many times the output "
-        "size: 1 is fastest; 1.5 costs ~50% more decode CPU for a worst case on a par with a full decode; "
-        "0 always decodes at full size",
+        "size: 1 is fastest but loses fine detail on photographs (below 35 dB PSNR against a full decode); "
+        "1.5 keeps it (≈ +0.4 ms per web photo); 0 always decodes at full size",
     )
     max_redirects: int = option(5, "redirects followed per request; more is too_many_redirects")
     allow_networks: list[str] = option(

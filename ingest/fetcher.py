@@ -10,8 +10,9 @@ Why it is built this way:
   followed by hand so each hop's URL and address get the same checks;
 * one overall deadline per request (redirects and body included), so a server
   that trickles bytes cannot hold a worker longer than ``timeout``;
-* opt-out headers and the announced length are checked before the body is read,
-  and the body is read in chunks up to the byte cap;
+* opt-out headers and the announced length are checked before the body is read;
+  a body of announced length (and no content coding) is read at once, any other in
+  chunks, counted against the byte cap as it decodes (a gzip bomb stops at the cap);
 * retries with exponential backoff only for failures a retry can fix.
 """
 
@@ -195,12 +196,12 @@ class Fetcher:
             raise SampleError(Reason.NOT_IMAGE, content_type)
         if response.content_length is not None and response.content_length > self.cfg.max_bytes:
             raise SampleError(Reason.TOO_LARGE, f"Content-Length {response.content_length}")
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(65536):
-            body += chunk
-            if len(body) > self.cfg.max_bytes:
-                raise SampleError(Reason.TOO_LARGE, f"more than {self.cfg.max_bytes} bytes")
-        data = bytes(body)
+        framing = ("Content-Encoding", "Transfer-Encoding")
+        if response.content_length is not None and not any(h in response.headers for h in framing):
+            # the announced length bounds what aiohttp reads (and it is within the cap, above): one read
+            data = await response.read()
+        else:  # unannounced, chunked or compressed: the size is unknown, so count while reading
+            data = await self._read_capped(response)
         return Fetched(
             data=data,
             http_status=response.status,
@@ -209,3 +210,11 @@ class Fetcher:
             final_url=url,
             charset=response.charset,
         )
+
+    async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(65536):
+            body += chunk
+            if len(body) > self.cfg.max_bytes:
+                raise SampleError(Reason.TOO_LARGE, f"more than {self.cfg.max_bytes} bytes")
+        return bytes(body)

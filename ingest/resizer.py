@@ -10,9 +10,12 @@ The order of work is what keeps this fast and safe on hostile input:
 3. apply the EXIF orientation, flatten alpha / palette / CMYK / 16-bit to RGB;
 4. resize with the img2dataset modes, re-encode (which also drops metadata).
 
-The perceptual hash of the result is computed here too: the image is already
+The perceptual hash of the picture is computed here too: the image is already
 decoded and small, so it costs almost nothing, and filter/ needs it for
-near-duplicate dedupe.
+near-duplicate dedupe. With ``center_crop`` it is taken before the crop (it
+identifies the picture, and filter's decontamination hashes whole images), and only
+the kept square is resampled (Pillow's ``box``): the same pixels as resizing the
+whole image and cropping, without resampling what the crop throws away.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class ResizeConfig:
     max_pixels: int = 178_956_970  # decompression-bomb cap, checked from the header
     # JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) giving at least this
     # many times the output size; 0 turns reduced-scale decoding off.
-    decode_margin: float = 1.0
+    decode_margin: float = 1.5
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
@@ -107,10 +110,13 @@ def perceptual_signature(image: Image.Image) -> tuple[str, float]:
     filter's near-duplicate dedupe compares it by Hamming distance); the deviation
     is what the filter's near-blank check reads (0 for a flat image).
     """
-    gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    # reducing_gap: a large picture is first box-reduced by an integer factor, so the
+    # cost stays small whatever size the caller hands in (the decoded picture, for center_crop)
+    thumbnail = image.convert("L").resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    gray = np.asarray(thumbnail, dtype=np.float64)
     low = _DCT8 @ gray @ _DCT8.T  # 8x8 lowest frequencies of the 32x32 DCT-II
-    bits = (low > np.median(low.flatten()[1:])).flatten()
-    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}", float(gray.std())
+    bits = low.flatten() > np.median(low.flatten()[1:])
+    return np.packbits(bits).tobytes().hex(), float(gray.std())
 
 
 def phash(image: Image.Image) -> str:
@@ -152,21 +158,25 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
         rotated = orientation in (5, 6, 7, 8)
         out_w, out_h = _target_size(height, width, cfg) if rotated else _target_size(width, height, cfg)
         if image.format == "JPEG" and cfg.decode_margin:
-            # Reduced-scale DCT decode, never below the request. With margin 1 a JPEG
-            # lands between 1x and 2x the output: the fastest, 40 dB mean PSNR against a
-            # full-resolution decode, but a few images that land just above 1x lose up
-            # to 8 dB; margin 1.5 brings the worst case level with img2dataset's full
-            # decode for ~50% more decode CPU (BENCHMARKS.md, ingest).
+            # Reduced-scale DCT decode, never below the request. libjpeg's scaled IDCT
+            # blurs and aliases fine detail, so an image that lands just above 1x the
+            # output loses up to 10 dB on real photographs; margin 1.5 keeps it at least
+            # 1.5x for +0.4 ms per web photo (the entropy decoding, most of the cost, is
+            # the same at every scale). Figures: BENCHMARKS.md, ingest on photographs.
             w, h = (out_h, out_w) if rotated else (out_w, out_h)
             margin = cfg.decode_margin
             image.draft("RGB", (math.ceil(w * margin), math.ceil(h * margin)))
         image.load()
         image = ImageOps.exif_transpose(image) or image
         image = _to_rgb(image)
-        if image.size != (out_w, out_h):
-            image = image.resize((out_w, out_h), _filter(image.size, (out_w, out_h)))
-        content_hash, luma_std = perceptual_signature(image)  # of the picture, before any border
-        image = _finish_geometry(image, cfg)
+        if cfg.resize_mode == "center_crop":  # the hash sees the whole picture, the resize only what is kept
+            content_hash, luma_std = perceptual_signature(image)
+            image = _resize_center_crop(image, (out_w, out_h), cfg.image_size)
+        else:
+            if image.size != (out_w, out_h):
+                image = image.resize((out_w, out_h), _filter(image.size, (out_w, out_h)))
+            content_hash, luma_std = perceptual_signature(image)  # of the picture, before any border
+            image = _add_border(image, cfg)
         buffer = io.BytesIO()
         save_args = {"quality": cfg.encode_quality} if cfg.encode_format != "png" else {}
         image.save(buffer, format=ENCODE_FORMATS[cfg.encode_format], **save_args)
@@ -186,25 +196,39 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
 
 
 def _filter(size: tuple[int, int], target: tuple[int, int]) -> Image.Resampling:
-    """Bilinear to shrink, Lanczos to enlarge.
+    """Hamming to shrink, Lanczos to enlarge.
 
-    After the DCT-scaled decode a JPEG is at most 2x the target (times the margin), and Pillow's bilinear
-    filter widens with the scale factor (a triangle filter over the whole footprint),
-    so shrinking with it is properly antialiased: against a full-resolution Lanczos
-    reference it loses well under 1 dB to Lanczos after JPEG re-encoding at quality
-    95, at 40% less CPU (bench/ingest_vs_img2dataset.py, BENCHMARKS.md).
+    After the DCT-scaled decode a JPEG is at most 2x the target (times the margin).
+    Pillow's filters widen with the scale factor, so shrinking is antialiased; the
+    Hamming-windowed sinc has the support, hence the cost, of bilinear but keeps more
+    detail: on real photographs +0.9-1.2 dB mean against a full-resolution Lanczos
+    reference; bicubic adds 1-2 dB more for 15-20% more CPU (BENCHMARKS.md, ingest on
+    photographs).
     """
     shrinking = target[0] < size[0] and target[1] < size[1]
-    return Image.Resampling.BILINEAR if shrinking else Image.Resampling.LANCZOS
+    return Image.Resampling.HAMMING if shrinking else Image.Resampling.LANCZOS
 
 
-def _finish_geometry(image: Image.Image, cfg: ResizeConfig) -> Image.Image:
-    """Center crop or border to a square, for the modes that ask for one."""
-    size = cfg.image_size
-    if cfg.resize_mode == "center_crop" and min(image.size) >= size:
-        left = (image.width - size) // 2
-        top = (image.height - size) // 2
+def _resize_center_crop(image: Image.Image, target: tuple[int, int], size: int) -> Image.Image:
+    """The centre ``size`` square of ``image`` resized to ``target``; only that window is resampled.
+
+    Resizing the kept window alone (Pillow's ``box``) gives the pixels of a resize of
+    the whole image followed by the crop, without resampling what the crop throws away.
+    """
+    out_w, out_h = target
+    if min(target) < size:  # smaller than the square (resize_only_if_bigger): resized, not cropped
+        return image if image.size == target else image.resize(target, _filter(image.size, target))
+    left, top = (out_w - size) // 2, (out_h - size) // 2
+    if image.size == target:
         return image.crop((left, top, left + size, top + size))
+    sx, sy = image.width / out_w, image.height / out_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return image.resize((size, size), _filter(image.size, target), box=box)
+
+
+def _add_border(image: Image.Image, cfg: ResizeConfig) -> Image.Image:
+    """With resize_mode border: the image centred on a white square."""
+    size = cfg.image_size
     if cfg.resize_mode == "border" and max(image.size) <= size and image.size != (size, size):
         canvas = Image.new("RGB", (size, size), (255, 255, 255))
         canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))

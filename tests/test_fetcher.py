@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 
 import pytest
@@ -49,6 +50,10 @@ def make_app(hits: dict[str, int]) -> web.Application:
             await asyncio.sleep(0.1)
         return response
 
+    async def gzip_bomb(request):  # a small announced length, a large body once decoded
+        body = gzip.compress(b"\0" * 1_000_000)
+        return web.Response(body=body, headers={"Content-Type": "image/jpeg", "Content-Encoding": "gzip"})
+
     async def page(request):
         return web.Response(text="<html></html>", content_type="text/html")
 
@@ -59,7 +64,7 @@ def make_app(hits: dict[str, int]) -> web.Application:
     app.add_routes([
         web.get("/ok.jpg", ok), web.get("/status/{code}", error), web.get("/optout", optout_then_hang),
         web.get("/big", chunked_big), web.get("/trickle", trickle), web.get("/redirect", redirect),
-        web.get("/page", page),
+        web.get("/page", page), web.get("/bomb", gzip_bomb),
     ])
     return app
 
@@ -113,6 +118,10 @@ def test_opt_out_is_decided_before_the_body_is_read():
 
 def test_byte_cap_applies_to_streamed_bodies():
     assert reason_of("/big", max_bytes=50_000) is Reason.TOO_LARGE
+
+
+def test_byte_cap_applies_to_the_decoded_body_of_a_compressed_response():
+    assert reason_of("/bomb", max_bytes=50_000) is Reason.TOO_LARGE
 
 
 def test_overall_deadline_stops_a_trickling_server():

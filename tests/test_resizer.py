@@ -143,3 +143,17 @@ def test_decode_margin_trades_decode_size_for_fidelity():
     assert (fast.original_width, fast.original_height) == (1600, 1200)
     with pytest.raises(ValueError, match="decode_margin=0.5"):
         ResizeConfig(decode_margin=0.5)
+
+
+def test_center_crop_resamples_the_kept_square_and_hashes_the_whole_picture():
+    """The same pixels as resizing the whole image then cropping; the hash is of the whole picture."""
+    y, x = np.mgrid[0:400, 0:600]
+    picture = np.stack([128 + 100 * np.sin(x / 7), 128 + 100 * np.cos(y / 5), (x + y) * 0.25], axis=-1)
+    image = Image.fromarray(picture.astype(np.uint8), "RGB")
+    out = resize_image(encode(image, "PNG"), ResizeConfig(image_size=64, resize_mode="center_crop"))
+    assert (out.width, out.height) == (64, 64)
+    expected = image.resize((96, 64), Image.Resampling.HAMMING).crop((16, 0, 80, 64))
+    got = np.asarray(Image.open(io.BytesIO(out.data)), dtype=np.float64)
+    same_way = np.asarray(Image.open(io.BytesIO(encode(expected, quality=95))), dtype=np.float64)
+    assert np.abs(got - same_way).max() <= 2
+    assert out.phash == phash(image) != phash(expected)
