@@ -1,0 +1,226 @@
+"""The job-wide (URL, caption) dedupe, as a sort/partition pass that no process outgrows.
+
+Rule (``ingest.plan``): of the rows with equal ``fingerprint(url, caption)``, the first in
+job order is kept and every later one is ``dup_url``; rows the reader flagged and rows
+without a URL take no part. A row's *position* is ``shard_id * rows_per_shard + row``,
+which orders the job. Three steps, before any download:
+
+1. **Fingerprints** (``spill_chunk``, executor units, in parallel): the driver streams the
+   input once and hands out chunks of ``CHUNK_ROWS`` eligible rows (their positions, URLs
+   and captions); a unit normalises and hashes them and writes one spill file,
+   ``{output_folder}/_plan/keys/{chunk}.bin``: the (fingerprint, position) records sorted
+   by fingerprint, behind an index of where each of ``BUCKETS`` fingerprint ranges starts.
+2. **Duplicates** (``find_duplicates``, one unit per partition, in parallel): a partition is
+   a range of buckets, sized from the row count so that it holds about
+   ``plan_rows_per_partition`` records. A unit reads its slice of every spill file, sorts by
+   fingerprint (stable: chunks are in job order, so equal fingerprints stay in position
+   order), keeps the first of each and writes the others' positions, sorted, to
+   ``_plan/dups/{partition}.bin``, behind an index of where each block of ``block_rows``
+   positions starts.
+3. **Marks** (``DuplicateMarks``, in the driver, as shards are read again for download):
+   a block's duplicate positions are gathered from every partition's file, and each shard
+   takes its own.
+
+Memory: a unit holds its chunk or its partition (about 50 bytes a record); the driver the
+chunks in flight and one block of positions (8 bytes each), whatever the job's size. The
+spill takes 16 bytes per eligible row, on the output folder (so it works on ``s3://`` and
+on a cluster whose workers share that folder). Why a sort rather than a shared hash set:
+nothing is held job-wide anywhere, every step is a pure function of the input (the same
+marks with 1 or 1,000 partitions, on any distributor, on a rerun), and each step is
+ordinary executor units that retry as any unit does.
+
+The plan is a scratch record: recomputed on every run, resumed ones included (the reread
+costs a fraction of the job's download: BENCHMARKS.md), and ``_plan/`` removed once the
+download is done; a crashed run's leftover is removed when the next run starts planning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from core import storage
+from core.executor import Executor, report
+from ingest.plan import eligible_rows, fingerprint
+from ingest.reader import ShardInput
+
+PLAN_FOLDER = "_plan"
+CHUNK_ROWS = 1 << 16  # eligible rows per fingerprint unit: bounds what the driver keeps in flight
+BUCKET_BITS = 12
+BUCKETS = 1 << BUCKET_BITS  # fingerprint ranges indexed in each spill file; the most partitions a job gets
+RECORD = np.dtype([("fp", "<u8"), ("pos", "<u8")])
+INDEX = np.dtype("<u8")
+READ_THREADS = 16  # concurrent range reads of one unit (object storage: latency, not bandwidth)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Eligible rows, in job order, for one fingerprint unit."""
+
+    index: int
+    positions: np.ndarray
+    urls: list[str]
+    captions: list[str | None]
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One duplicates unit: fingerprint buckets ``[first, last)`` of ``chunks`` spill files."""
+
+    index: int
+    first: int
+    last: int
+    chunks: int
+    block_rows: int
+    blocks: int
+
+
+def _keys_path(folder: str, chunk: int) -> str:
+    return storage.join(folder, "keys", f"{chunk:07d}.bin")
+
+
+def _dups_path(folder: str, partition: int) -> str:
+    return storage.join(folder, "dups", f"{partition:05d}.bin")
+
+
+def _write(path: str, index: np.ndarray, payload: np.ndarray) -> None:
+    with storage.atomic_write(path, size=index.nbytes + payload.nbytes) as handle:
+        handle.write(index.astype(INDEX).tobytes())
+        handle.write(payload.tobytes())
+
+
+def _read(path: str, entries: int, dtype: np.dtype, start: int, stop: int, offset: int = 0) -> np.ndarray:
+    """Items ``[start, stop)`` of ``dtype`` after an ``entries``-long index (and ``offset`` bytes more)."""
+    if stop <= start:
+        return np.empty(0, dtype)
+    with storage.open_file(path) as handle:
+        handle.seek(offset + entries * INDEX.itemsize + start * dtype.itemsize)
+        return np.frombuffer(handle.read((stop - start) * dtype.itemsize), dtype)
+
+
+def _read_index(path: str, first: int, last: int) -> np.ndarray:
+    """Entries ``[first, last]`` of a file's index."""
+    with storage.open_file(path) as handle:
+        handle.seek(first * INDEX.itemsize)
+        return np.frombuffer(handle.read((last - first + 1) * INDEX.itemsize), INDEX)
+
+
+# -- the units ------------------------------------------------------------------------------------
+
+
+def spill_chunk(folder: str, chunk: Chunk) -> int:
+    """Step 1: hash a chunk's rows, write its records sorted by fingerprint; returns its row count."""
+    digests = b"".join(fingerprint(url, caption) for url, caption in zip(chunk.urls, chunk.captions))
+    records = np.empty(len(chunk.urls), RECORD)
+    records["fp"] = np.frombuffer(digests, "<u8")
+    records["pos"] = chunk.positions
+    records = records[np.argsort(records["fp"], kind="stable")]  # equal fingerprints stay in position order
+    starts = np.searchsorted(records["fp"], np.arange(BUCKETS, dtype=np.uint64) << np.uint64(64 - BUCKET_BITS))
+    starts = np.append(starts, len(records))
+    _write(_keys_path(folder, chunk.index), starts, records)
+    report(len(records))
+    return len(records)
+
+
+def find_duplicates(folder: str, part: Partition) -> int:
+    """Step 2: the positions of all but the first of each fingerprint in a partition; returns their count."""
+    paths = [_keys_path(folder, c) for c in range(part.chunks)]
+
+    def slice_of(path: str) -> np.ndarray:
+        start, stop = _read_index(path, part.first, part.last)[[0, -1]]
+        return _read(path, BUCKETS + 1, RECORD, int(start), int(stop))
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        records = np.concatenate(list(pool.map(slice_of, paths))) if paths else np.empty(0, RECORD)
+    fps = records["fp"]
+    order = np.argsort(fps, kind="stable")  # chunks in job order: ties stay in position order
+    fps = fps[order]
+    repeat = np.zeros(fps.size, bool)
+    np.equal(fps[1:], fps[:-1], out=repeat[1:])  # the first of each fingerprint is not a repeat
+    del fps
+    dups = np.sort(records["pos"][order[repeat]])
+    del records, order
+    starts = np.searchsorted(dups, np.arange(part.blocks + 1, dtype=np.uint64) * np.uint64(part.block_rows))
+    starts[-1] = dups.size
+    _write(_dups_path(folder, part.index), starts, dups.astype("<u8"))
+    report(int(repeat.size))
+    return int(dups.size)
+
+
+# -- the driver's side ----------------------------------------------------------------------------
+
+
+class DuplicateMarks:
+    """Step 3: each shard's duplicate rows, gathered a block of positions at a time (shards in order)."""
+
+    def __init__(self, folder: str, partitions: int, rows_per_shard: int, block_rows: int, blocks: int):
+        self.folder, self.partitions, self.rows_per_shard = folder, partitions, rows_per_shard
+        self.block_rows, self.blocks = block_rows, blocks
+        self._block, self._positions = -1, np.empty(0, np.uint64)
+        self._indexes: list[np.ndarray] | None = None
+
+    def rows(self, shard: ShardInput) -> np.ndarray:
+        """Row indices of ``shard`` marked ``dup_url``, ascending."""
+        first = shard.shard_id * self.rows_per_shard
+        block = first // self.block_rows  # block_rows is a multiple of rows_per_shard: one block per shard
+        if block != self._block:
+            self._load(block)
+        positions = self._positions
+        lo, hi = np.searchsorted(positions, [first, first + len(shard)])
+        return (positions[lo:hi] - np.uint64(first)).astype(np.int64)
+
+    def _load(self, block: int) -> None:
+        self._block, self._positions = block, np.empty(0, np.uint64)
+        if block >= self.blocks or not self.partitions:
+            return
+        paths = [_dups_path(self.folder, p) for p in range(self.partitions)]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            if self._indexes is None:
+                self._indexes = list(pool.map(lambda p: _read_index(p, 0, self.blocks), paths))
+            parts = pool.map(lambda pi: _read(pi[0], self.blocks + 1, INDEX, int(pi[1][block]), int(pi[1][block + 1])),
+                             zip(paths, self._indexes))
+            self._positions = np.sort(np.concatenate(list(parts)))
+
+
+def _chunks(shards: Iterable[ShardInput], rows_per_shard: int, tally: dict) -> Iterator[Chunk]:
+    """Chunks of ``CHUNK_ROWS`` eligible rows from the shards; ``tally``: the rows and positions seen."""
+    positions: list[int] = []
+    urls: list[str] = []
+    captions: list[str | None] = []
+    index = 0
+    for shard in shards:
+        base = shard.shard_id * rows_per_shard
+        for i in eligible_rows(shard):
+            positions.append(base + i)
+            urls.append(shard.urls[i])
+            captions.append(shard.captions[i])
+            if len(urls) == CHUNK_ROWS:
+                yield Chunk(index, np.asarray(positions, np.uint64), urls, captions)
+                index, positions, urls, captions = index + 1, [], [], []
+        tally["positions"] = base + len(shard)
+    if urls:
+        yield Chunk(index, np.asarray(positions, np.uint64), urls, captions)
+
+
+def plan_duplicates(executor: Executor, output_folder: str, shards: Iterable[ShardInput], rows_per_shard: int,
+                    rows_per_partition: int) -> DuplicateMarks:
+    """Steps 1 and 2 over ``shards`` (every shard of the job, in order) on ``executor``'s workers."""
+    folder = storage.join(output_folder, PLAN_FOLDER)
+    storage.remove(folder)  # a crashed run's leftover: its chunks may not match this run's
+    tally = {"positions": 0}
+    spilled = list(executor.map(partial(spill_chunk, folder), _chunks(shards, rows_per_shard, tally), ordered=True,
+                                desc="plan: fingerprints"))
+    rows = sum(spilled)
+    partitions = min(BUCKETS, max(1, math.ceil(rows / rows_per_partition))) if rows else 0
+    block_rows = rows_per_shard * max(1, rows_per_partition // rows_per_shard)
+    blocks = math.ceil(tally["positions"] / block_rows)
+    units = [Partition(p, p * BUCKETS // partitions, (p + 1) * BUCKETS // partitions, len(spilled), block_rows, blocks)
+             for p in range(partitions)]
+    for _ in executor.map(partial(find_duplicates, folder), units, desc="plan: duplicates"):
+        pass
+    return DuplicateMarks(folder, partitions, rows_per_shard, block_rows, blocks)
