@@ -38,6 +38,7 @@ from core.executor import Execution
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
+from ingest.dedupe import ROWS_PER_PARTITION
 from ingest.plan import PlanRules
 from ingest.reader import INPUT_FORMATS
 from ingest.resizer import ENCODE_FORMATS, ResizeConfig
@@ -87,7 +88,7 @@ class IngestConfig(Execution):
         "and this false, captions are not checked at all, as in img2dataset",
     )
     plan_rows_per_partition: int = option(
-        1 << 23,
+        ROWS_PER_PARTITION,
         "ours: the dedupe runs before download as a sort over partitions of the rows' fingerprints, each of "
         "about this many rows (~50 bytes each in its worker); the partitions change nothing in the result, "
         "only how the work is split",

@@ -50,6 +50,7 @@ from ingest.plan import eligible_rows, fingerprint
 from ingest.reader import ShardInput
 
 PLAN_FOLDER = "_plan"
+ROWS_PER_PARTITION = 1 << 23  # default: ~400 MiB in a duplicates unit
 CHUNK_ROWS = 1 << 16  # eligible rows per fingerprint unit: bounds what the driver keeps in flight
 BUCKET_BITS = 12
 BUCKETS = 1 << BUCKET_BITS  # fingerprint ranges indexed in each spill file; the most partitions a job gets

@@ -469,15 +469,45 @@ def test_a_resumed_run_marks_the_same_rows(planned_run, web):
     for path in resumed.iterdir():
         if not path.name.startswith("00000") and not path.name.startswith("_"):
             path.unlink()
+    for name in ("keys/0000000.bin", "keys/0000009.bin", "dups/00000.bin"):  # a crashed run's half-done plan
+        (resumed / dedupe.PLAN_FOLDER / name).parent.mkdir(parents=True, exist_ok=True)
+        (resumed / dedupe.PLAN_FOLDER / name).write_bytes(b"\xff" * 40000)
     before = len(web.paths())
     summary = run_ingest(config(tmp / "lists", resumed, distributor="multiprocessing", workers=2))
     assert summary.shards_skipped == 1 and summary.count == len(planned_run["rows"])
+    assert not (resumed / dedupe.PLAN_FOLDER).exists()  # recomputed, then removed
     strip = ("duration", "start_time", "end_time")
     original, again = pool(tmp / "pool"), pool(resumed)
     assert [{k: v for k, v in r.items() if k not in strip} for r in again] == \
         [{k: v for k, v in r.items() if k not in strip} for r in original]
     # Rows 6 and 7 repeat shard 0's a.jpg and b.jpg: still not requested.
     assert requests(web, before) == Counter({"/img/a.jpg": 1, "/img/c.jpg": 1})
+
+
+def test_one_partition_or_many_give_the_same_pool(planned_run, web, monkeypatch):
+    """Every eligible row its own partition, three rows a spill file: the same pool, byte for byte but the clock."""
+    monkeypatch.setattr(dedupe, "CHUNK_ROWS", 3)
+    tmp = planned_run["tmp"]
+    before = len(web.paths())
+    run_ingest(config(tmp / "lists", tmp / "many", plan_rows_per_partition=1, distributor="processes", workers=2))
+    assert requests(web, before) == planned_run["requests"]
+    clock = ("duration", "start_time", "end_time")
+    names = sorted(p.name for p in (tmp / "pool").iterdir() if p.name[:1].isdigit())
+    assert names == sorted(p.name for p in (tmp / "many").iterdir() if p.name[:1].isdigit())
+    assert any(n.endswith(".tar") for n in names) and any(n.endswith(".parquet") for n in names)
+    for name in names:
+        one, many = (tmp / "pool" / name).read_bytes(), (tmp / "many" / name).read_bytes()
+        if name.endswith(".tar"):
+            assert one == many, name
+        elif name.endswith(".parquet"):
+            one, many = (pq.read_table(tmp / folder / name).to_pylist() for folder in ("pool", "many"))
+            assert [{k: v for k, v in r.items() if k not in clock} for r in one] == \
+                [{k: v for k, v in r.items() if k not in clock} for r in many], name
+        else:
+            one, many = json.loads(one), json.loads(many)
+            assert {k: v for k, v in one.items() if k not in clock} == \
+                {k: v for k, v in many.items() if k not in clock}, name
+    assert not (tmp / "many" / dedupe.PLAN_FOLDER).exists() and not (tmp / "pool" / dedupe.PLAN_FOLDER).exists()
 
 
 def test_a_url_only_list_is_not_caption_checked(web, tmp_path):
