@@ -12,17 +12,17 @@ which orders the job. Three steps, before any download:
    by fingerprint, behind an index of where each of ``BUCKETS`` fingerprint ranges starts.
 2. **Duplicates** (``find_duplicates``, one unit per partition, in parallel): a partition is
    a range of buckets, sized from the row count so that it holds about
-   ``plan_rows_per_partition`` records. A unit reads its slice of every spill file, sorts by
-   fingerprint (stable: chunks are in job order, so equal fingerprints stay in position
-   order), keeps the first of each and writes the others' positions, sorted, to
+   ``plan_rows_per_partition`` records. A unit reads its slice of every spill file, keeps
+   the first position of each fingerprint (``filter.dedupe.first_of_groups``: the filter's
+   rule for its own repeats, one implementation) and writes the others, sorted, to
    ``_plan/dups/{partition}.bin``, behind an index of where each block of ``block_rows``
-   positions starts.
+   positions starts (``BLOCK_PARTITIONS`` partitions' worth).
 3. **Marks** (``DuplicateMarks``, in the driver, as shards are read again for download):
    a block's duplicate positions are gathered from every partition's file, and each shard
    takes its own.
 
-Memory: a unit holds its chunk or its partition (about 50 bytes a record); the driver the
-chunks in flight and one block of positions (8 bytes each), whatever the job's size. The
+Memory: a unit holds its chunk or its partition (about 80 bytes a record); the driver the
+chunks in flight and one block's duplicate positions (8 bytes each), whatever the job's size. The
 spill takes 16 bytes per eligible row, on the output folder (so it works on ``s3://`` and
 on a cluster whose workers share that folder). Why a sort rather than a shared hash set:
 nothing is held job-wide anywhere, every step is a pure function of the input (the same
@@ -46,11 +46,13 @@ import numpy as np
 
 from core import storage
 from core.executor import Executor, report
+from filter.dedupe import first_of_groups
 from ingest.plan import eligible_rows, fingerprint
 from ingest.reader import ShardInput
 
 PLAN_FOLDER = "_plan"
-ROWS_PER_PARTITION = 1 << 23  # default: ~400 MiB in a duplicates unit
+ROWS_PER_PARTITION = 1 << 22  # default: ~350 MiB in a duplicates unit (~80 bytes a record)
+BLOCK_PARTITIONS = 4  # positions per block of marks, in partitions: fewer reads, at most 32 bytes a partition row
 CHUNK_ROWS = 1 << 16  # eligible rows per fingerprint unit: bounds what the driver keeps in flight
 BUCKET_BITS = 12
 BUCKETS = 1 << BUCKET_BITS  # fingerprint ranges indexed in each spill file; the most partitions a job gets
@@ -138,18 +140,13 @@ def find_duplicates(folder: str, part: Partition) -> int:
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         records = np.concatenate(list(pool.map(slice_of, paths))) if paths else np.empty(0, RECORD)
-    fps = records["fp"]
-    order = np.argsort(fps, kind="stable")  # chunks in job order: ties stay in position order
-    fps = fps[order]
-    repeat = np.zeros(fps.size, bool)
-    np.equal(fps[1:], fps[:-1], out=repeat[1:])  # the first of each fingerprint is not a repeat
-    del fps
-    dups = np.sort(records["pos"][order[repeat]])
-    del records, order
+    total = len(records)
+    dups = np.sort(first_of_groups(records["fp"], records["pos"])[0])  # the filter's rule: the first position wins
+    del records
     starts = np.searchsorted(dups, np.arange(part.blocks + 1, dtype=np.uint64) * np.uint64(part.block_rows))
     starts[-1] = dups.size
     _write(_dups_path(folder, part.index), starts, dups.astype("<u8"))
-    report(int(repeat.size))
+    report(int(total))
     return int(dups.size)
 
 
@@ -218,7 +215,7 @@ def plan_duplicates(executor: Executor, output_folder: str, shards: Iterable[Sha
                                 desc="plan: fingerprints"))
     rows = sum(spilled)
     partitions = min(BUCKETS, max(1, math.ceil(rows / rows_per_partition))) if rows else 0
-    block_rows = rows_per_shard * max(1, rows_per_partition // rows_per_shard)
+    block_rows = rows_per_shard * max(1, BLOCK_PARTITIONS * rows_per_partition // rows_per_shard)
     blocks = math.ceil(tally["positions"] / block_rows)
     units = [Partition(p, p * BUCKETS // partitions, (p + 1) * BUCKETS // partitions, len(spilled), block_rows, blocks)
              for p in range(partitions)]
