@@ -7,12 +7,15 @@ which orders the job. Three steps, before any download:
 
 1. **Fingerprints** (``spill_chunk``, executor units, in parallel): the driver streams the
    input once and hands out chunks of ``CHUNK_ROWS`` eligible rows (their positions, URLs
-   and captions); a unit normalises and hashes them and writes one spill file,
-   ``{output_folder}/_plan/keys/{chunk}.bin``: the (fingerprint, position) records sorted
-   by fingerprint, behind an index of where each of ``BUCKETS`` fingerprint ranges starts.
+   and captions); a unit normalises and hashes them and writes their (fingerprint,
+   position) records to ``{output_folder}/_plan/chunks/{chunk}.bin``.
+   **Runs** (``merge_chunks``): every ``MERGE_CHUNKS`` chunk files become one run file,
+   ``_plan/runs/{run}.bin``, sorted by fingerprint behind an index of where each of
+   ``BUCKETS`` fingerprint ranges starts (chunks stay small for the driver's sake; runs
+   keep the next step's reads few and large, which object storage wants).
 2. **Duplicates** (``find_duplicates``, one unit per partition, in parallel): a partition is
-   a range of buckets, sized from the row count so that it holds about
-   ``plan_rows_per_partition`` records. A unit reads its slice of every spill file, keeps
+   a range of whole buckets, as many as hold at most ``plan_rows_per_partition`` records
+   (fingerprints are uniform). A unit reads its slice of every run, keeps
    the first position of each fingerprint (``filter.dedupe.first_of_groups``: the filter's
    rule for its own repeats, one implementation) and writes the others, sorted, to
    ``_plan/dups/{partition}.bin``, behind an index of where each block of ``block_rows``
@@ -22,8 +25,9 @@ which orders the job. Three steps, before any download:
    takes its own.
 
 Memory: a unit holds its chunk or its partition (about 80 bytes a record); the driver the
-chunks in flight and one block's duplicate positions (8 bytes each), whatever the job's size. The
-spill takes 16 bytes per eligible row, on the output folder (so it works on ``s3://`` and
+chunks in flight and one block's duplicate positions (8 bytes each), whatever the job's
+size, up to ``BUCKETS`` times ``plan_rows_per_partition`` rows (17 billion by default).
+The spill takes 16 bytes per eligible row, on the output folder (so it works on ``s3://`` and
 on a cluster whose workers share that folder). Why a sort rather than a shared hash set:
 nothing is held job-wide anywhere, every step is a pure function of the input (the same
 marks with 1 or 1,000 partitions, on any distributor, on a rerun), and each step is
@@ -54,8 +58,9 @@ PLAN_FOLDER = "_plan"
 ROWS_PER_PARTITION = 1 << 22  # default: ~350 MiB in a duplicates unit (~80 bytes a record)
 BLOCK_PARTITIONS = 4  # positions per block of marks, in partitions: fewer reads, at most 32 bytes a partition row
 CHUNK_ROWS = 1 << 16  # eligible rows per fingerprint unit: bounds what the driver keeps in flight
+MERGE_CHUNKS = 64  # chunk files per run: the partitions read 64 times fewer, larger slices
 BUCKET_BITS = 12
-BUCKETS = 1 << BUCKET_BITS  # fingerprint ranges indexed in each spill file; the most partitions a job gets
+BUCKETS = 1 << BUCKET_BITS  # fingerprint ranges indexed in each run; the most partitions a job gets
 RECORD = np.dtype([("fp", "<u8"), ("pos", "<u8")])
 INDEX = np.dtype("<u8")
 READ_THREADS = 16  # concurrent range reads of one unit (object storage: latency, not bandwidth)
@@ -73,18 +78,22 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Partition:
-    """One duplicates unit: fingerprint buckets ``[first, last)`` of ``chunks`` spill files."""
+    """One duplicates unit: fingerprint buckets ``[first, last)`` of ``runs`` run files."""
 
     index: int
     first: int
     last: int
-    chunks: int
+    runs: int
     block_rows: int
     blocks: int
 
 
-def _keys_path(folder: str, chunk: int) -> str:
-    return storage.join(folder, "keys", f"{chunk:07d}.bin")
+def _chunk_path(folder: str, chunk: int) -> str:
+    return storage.join(folder, "chunks", f"{chunk:07d}.bin")
+
+
+def _run_path(folder: str, run: int) -> str:
+    return storage.join(folder, "runs", f"{run:05d}.bin")
 
 
 def _dups_path(folder: str, partition: int) -> str:
@@ -92,18 +101,19 @@ def _dups_path(folder: str, partition: int) -> str:
 
 
 def _write(path: str, index: np.ndarray, payload: np.ndarray) -> None:
+    """``index`` (uint64 offsets into ``payload``, in items), then ``payload``: one object."""
     with storage.atomic_write(path, size=index.nbytes + payload.nbytes) as handle:
         handle.write(index.astype(INDEX).tobytes())
         handle.write(payload.tobytes())
 
 
-def _read(path: str, entries: int, dtype: np.dtype, start: int, stop: int, offset: int = 0) -> np.ndarray:
-    """Items ``[start, stop)`` of ``dtype`` after an ``entries``-long index (and ``offset`` bytes more)."""
-    if stop <= start:
+def _read(path: str, entries: int, dtype: np.dtype, start: int, stop: int | None) -> np.ndarray:
+    """Items ``[start, stop)`` of ``dtype`` (``stop`` None: to the end) after an ``entries``-long index."""
+    if stop is not None and stop <= start:
         return np.empty(0, dtype)
     with storage.open_file(path) as handle:
-        handle.seek(offset + entries * INDEX.itemsize + start * dtype.itemsize)
-        return np.frombuffer(handle.read((stop - start) * dtype.itemsize), dtype)
+        handle.seek(entries * INDEX.itemsize + start * dtype.itemsize)
+        return np.frombuffer(handle.read(-1 if stop is None else (stop - start) * dtype.itemsize), dtype)
 
 
 def _read_index(path: str, first: int, last: int) -> np.ndarray:
@@ -117,22 +127,33 @@ def _read_index(path: str, first: int, last: int) -> np.ndarray:
 
 
 def spill_chunk(folder: str, chunk: Chunk) -> int:
-    """Step 1: hash a chunk's rows, write its records sorted by fingerprint; returns its row count."""
+    """Step 1: a chunk's (fingerprint, position) records, in job order; returns its row count."""
     digests = b"".join(fingerprint(url, caption) for url, caption in zip(chunk.urls, chunk.captions))
     records = np.empty(len(chunk.urls), RECORD)
     records["fp"] = np.frombuffer(digests, "<u8")
     records["pos"] = chunk.positions
-    records = records[np.argsort(records["fp"], kind="stable")]  # equal fingerprints stay in position order
-    starts = np.searchsorted(records["fp"], np.arange(BUCKETS, dtype=np.uint64) << np.uint64(64 - BUCKET_BITS))
-    starts = np.append(starts, len(records))
-    _write(_keys_path(folder, chunk.index), starts, records)
+    _write(_chunk_path(folder, chunk.index), np.empty(0, INDEX), records)
     report(len(records))
     return len(records)
 
 
+def merge_chunks(folder: str, run: tuple[int, range]) -> None:
+    """Step 1b: chunk files as one run, sorted by fingerprint behind its bucket index."""
+    index, chunks = run
+    path = _run_path(folder, index)
+    if not storage.exists(path):  # else a retry after the run was written: only the removal is left
+        records = np.concatenate([_read(_chunk_path(folder, c), 0, RECORD, 0, None) for c in chunks])
+        records = records[np.argsort(records["fp"], kind="stable")]
+        starts = np.searchsorted(records["fp"], np.arange(BUCKETS, dtype=np.uint64) << np.uint64(64 - BUCKET_BITS))
+        _write(path, np.append(starts, len(records)), records)
+        report(len(records))
+    for c in chunks:
+        storage.remove(_chunk_path(folder, c))
+
+
 def find_duplicates(folder: str, part: Partition) -> int:
     """Step 2: the positions of all but the first of each fingerprint in a partition; returns their count."""
-    paths = [_keys_path(folder, c) for c in range(part.chunks)]
+    paths = [_run_path(folder, r) for r in range(part.runs)]
 
     def slice_of(path: str) -> np.ndarray:
         start, stop = _read_index(path, part.first, part.last)[[0, -1]]
@@ -207,17 +228,22 @@ def _chunks(shards: Iterable[ShardInput], rows_per_shard: int, tally: dict) -> I
 
 def plan_duplicates(executor: Executor, output_folder: str, shards: Iterable[ShardInput], rows_per_shard: int,
                     rows_per_partition: int) -> DuplicateMarks:
-    """Steps 1 and 2 over ``shards`` (every shard of the job, in order) on ``executor``'s workers."""
+    """Steps 1, 1b and 2 over ``shards`` (every shard of the job, in order) on ``executor``'s workers."""
     folder = storage.join(output_folder, PLAN_FOLDER)
     storage.remove(folder)  # a crashed run's leftover: its chunks may not match this run's
     tally = {"positions": 0}
-    spilled = list(executor.map(partial(spill_chunk, folder), _chunks(shards, rows_per_shard, tally), ordered=True,
+    spilled = list(executor.map(partial(spill_chunk, folder), _chunks(shards, rows_per_shard, tally),
                                 desc="plan: fingerprints"))
-    rows = sum(spilled)
-    partitions = min(BUCKETS, max(1, math.ceil(rows / rows_per_partition))) if rows else 0
+    rows, chunks = sum(spilled), len(spilled)
+    runs = [(r, range(c, min(c + MERGE_CHUNKS, chunks))) for r, c in enumerate(range(0, chunks, MERGE_CHUNKS))]
+    for _ in executor.map(partial(merge_chunks, folder), runs, desc="plan: runs"):
+        pass
+    # Whole buckets per partition, at most rows_per_partition rows (fingerprints are uniform).
+    per_partition = max(1, rows_per_partition * BUCKETS // max(rows, 1))
+    partitions = math.ceil(BUCKETS / per_partition) if rows else 0
     block_rows = rows_per_shard * max(1, BLOCK_PARTITIONS * rows_per_partition // rows_per_shard)
     blocks = math.ceil(tally["positions"] / block_rows)
-    units = [Partition(p, p * BUCKETS // partitions, (p + 1) * BUCKETS // partitions, len(spilled), block_rows, blocks)
+    units = [Partition(p, p * per_partition, min(BUCKETS, (p + 1) * per_partition), len(runs), block_rows, blocks)
              for p in range(partitions)]
     for _ in executor.map(partial(find_duplicates, folder), units, desc="plan: duplicates"):
         pass
