@@ -97,6 +97,7 @@ def measure(path: str, shard_size: int, plan: bool, distributor: str, workers: i
         "seconds": round(time.perf_counter() - start, 1),
         # robust to a busy machine: this process and its workers
         "cpu_seconds": round(time.process_time() - cpu_start + children.ru_utime + children.ru_stime, 1),
+        "cpu_driver_seconds": round(time.process_time() - cpu_start, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
         "peak_rss_worker_mib": round(children.ru_maxrss / 1024, 1),  # the largest worker's peak
         "rss_after_imports_mib": round(baseline / 1024, 1),

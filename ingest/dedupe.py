@@ -57,8 +57,8 @@ from ingest.reader import ShardInput
 PLAN_FOLDER = "_plan"
 ROWS_PER_PARTITION = 1 << 22  # default: ~350 MiB in a duplicates unit (~80 bytes a record)
 BLOCK_PARTITIONS = 4  # positions per block of marks, in partitions: fewer reads, at most 32 bytes a partition row
-CHUNK_ROWS = 1 << 16  # eligible rows per fingerprint unit: bounds what the driver keeps in flight
-MERGE_CHUNKS = 64  # chunk files per run: the partitions read 64 times fewer, larger slices
+CHUNK_ROWS = 1 << 14  # eligible rows per fingerprint unit (~5 MiB in the driver): 2 x workers in flight
+MERGE_CHUNKS = 256  # chunk files per run (4M rows, 64 MiB): the partitions read 256 times fewer, larger slices
 BUCKET_BITS = 12
 BUCKETS = 1 << BUCKET_BITS  # fingerprint ranges indexed in each run; the most partitions a job gets
 RECORD = np.dtype([("fp", "<u8"), ("pos", "<u8")])
@@ -88,16 +88,9 @@ class Partition:
     blocks: int
 
 
-def _chunk_path(folder: str, chunk: int) -> str:
-    return storage.join(folder, "chunks", f"{chunk:07d}.bin")
-
-
-def _run_path(folder: str, run: int) -> str:
-    return storage.join(folder, "runs", f"{run:05d}.bin")
-
-
-def _dups_path(folder: str, partition: int) -> str:
-    return storage.join(folder, "dups", f"{partition:05d}.bin")
+def _path(folder: str, kind: str, n: int) -> str:
+    """``_plan/chunks/``, ``runs/`` or ``dups/`` (a partition's) file number ``n``."""
+    return storage.join(folder, kind, f"{n:07d}.bin")
 
 
 def _write(path: str, index: np.ndarray, payload: np.ndarray) -> None:
@@ -132,7 +125,7 @@ def spill_chunk(folder: str, chunk: Chunk) -> int:
     records = np.empty(len(chunk.urls), RECORD)
     records["fp"] = np.frombuffer(digests, "<u8")
     records["pos"] = chunk.positions
-    _write(_chunk_path(folder, chunk.index), np.empty(0, INDEX), records)
+    _write(_path(folder, "chunks", chunk.index), np.empty(0, INDEX), records)
     report(len(records))
     return len(records)
 
@@ -140,20 +133,20 @@ def spill_chunk(folder: str, chunk: Chunk) -> int:
 def merge_chunks(folder: str, run: tuple[int, range]) -> None:
     """Step 1b: chunk files as one run, sorted by fingerprint behind its bucket index."""
     index, chunks = run
-    path = _run_path(folder, index)
+    path = _path(folder, "runs", index)
     if not storage.exists(path):  # else a retry after the run was written: only the removal is left
-        records = np.concatenate([_read(_chunk_path(folder, c), 0, RECORD, 0, None) for c in chunks])
+        records = np.concatenate([_read(_path(folder, "chunks", c), 0, RECORD, 0, None) for c in chunks])
         records = records[np.argsort(records["fp"], kind="stable")]
         starts = np.searchsorted(records["fp"], np.arange(BUCKETS, dtype=np.uint64) << np.uint64(64 - BUCKET_BITS))
         _write(path, np.append(starts, len(records)), records)
         report(len(records))
     for c in chunks:
-        storage.remove(_chunk_path(folder, c))
+        storage.remove(_path(folder, "chunks", c))
 
 
 def find_duplicates(folder: str, part: Partition) -> int:
     """Step 2: the positions of all but the first of each fingerprint in a partition; returns their count."""
-    paths = [_run_path(folder, r) for r in range(part.runs)]
+    paths = [_path(folder, "runs", r) for r in range(part.runs)]
 
     def slice_of(path: str) -> np.ndarray:
         start, stop = _read_index(path, part.first, part.last)[[0, -1]]
@@ -166,7 +159,7 @@ def find_duplicates(folder: str, part: Partition) -> int:
     del records
     starts = np.searchsorted(dups, np.arange(part.blocks + 1, dtype=np.uint64) * np.uint64(part.block_rows))
     starts[-1] = dups.size
-    _write(_dups_path(folder, part.index), starts, dups.astype("<u8"))
+    _write(_path(folder, "dups", part.index), starts, dups.astype("<u8"))
     report(int(total))
     return int(dups.size)
 
@@ -197,7 +190,7 @@ class DuplicateMarks:
         self._block, self._positions = block, np.empty(0, np.uint64)
         if block >= self.blocks or not self.partitions:
             return
-        paths = [_dups_path(self.folder, p) for p in range(self.partitions)]
+        paths = [_path(self.folder, "dups", p) for p in range(self.partitions)]
         with ThreadPoolExecutor(READ_THREADS) as pool:
             if self._indexes is None:
                 self._indexes = list(pool.map(lambda p: _read_index(p, 0, self.blocks), paths))
