@@ -24,8 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import os
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +63,43 @@ def _du(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+class _WorkerPeaks:
+    """The largest worker RSS seen in each pass (``Executor.map``'s ``desc``), sampled from /proc."""
+
+    def __init__(self, executor) -> None:
+        self.executor, self.peaks, self.stage, self.done = executor, {}, "start", threading.Event()
+
+    def __enter__(self) -> dict:
+        original = self.executor.map
+
+        def map_with_stage(*args, desc=None, **kwargs):
+            self.stage = desc or "map"
+            return original(*args, desc=desc, **kwargs)
+
+        self.executor.map = map_with_stage
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self.peaks
+
+    def _sample(self) -> None:
+        from bench.measure import tree_pids
+
+        me = os.getpid()
+        while not self.done.wait(0.2):
+            for pid in tree_pids(me):
+                try:
+                    with open(f"/proc/{pid}/statm", "rb") as f:
+                        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+                except OSError:
+                    continue
+                if pid != me:
+                    self.peaks[self.stage] = max(self.peaks.get(self.stage, 0), round(rss, 1))
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
 def measure(path: str, shard_size: int, plan: bool, distributor: str, workers: int, rows_per_partition: int,
             work: str) -> dict:
     """One mode in this fresh process; ``plan``: what ``python -m ingest`` does before its downloads."""
@@ -79,9 +118,12 @@ def measure(path: str, shard_size: int, plan: bool, distributor: str, workers: i
         return read_shards(path, "parquet", "url", "caption", [], shard_size)
 
     if plan:
-        with Executor(Execution(distributor=distributor, workers=workers, progress=False)) as executor:
+        with Executor(Execution(distributor=distributor, workers=workers, progress=False)) as executor, \
+                _WorkerPeaks(executor) as by_pass:
             marks = dedupe.plan_duplicates(executor, work, shards(), shard_size, rows_per_partition)
-        passes = {"partitions": marks.partitions, "passes_seconds": round(time.perf_counter() - start, 1),
+        passes["worker_peak_by_pass_mib"] = by_pass
+        passes |= {"partitions": marks.partitions, "passes_seconds": round(time.perf_counter() - start, 1),
+                  "passes_cpu_driver_seconds": round(time.process_time() - cpu_start, 1),
                   "spill_mib": round(_du(Path(work) / dedupe.PLAN_FOLDER) / 2**20, 1)}
     rows = count = 0
     for shard in shards():

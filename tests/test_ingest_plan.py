@@ -296,13 +296,15 @@ def test_partitioned_dedupe_matches_a_brute_force_reference(tmp_path, monkeypatc
     assert len(list((plan / "runs").iterdir())) == -(-eligible // 37 // 5) and not list((plan / "chunks").iterdir())
 
 
-def test_processes_and_inline_find_the_same_duplicates(tmp_path, monkeypatch):
+@pytest.mark.parametrize("distributor", ["processes", "ray"])
+def test_inline_processes_and_ray_find_the_same_duplicates(tmp_path, monkeypatch, distributor):
     monkeypatch.setattr(dedupe, "CHUNK_ROWS", 101)
+    monkeypatch.setattr(dedupe, "MERGE_CHUNKS", 2)
     shards = random_shards(11, 12, 40)
     inline, _ = plan_all(shards, tmp_path / "inline", rows_per_shard=40, rows_per_partition=50)
-    processes, _ = plan_all(shards, tmp_path / "processes", rows_per_shard=40, rows_per_partition=50,
-                            distributor="processes")
-    assert [p.row_errors for p in processes] == [p.row_errors for p in inline]
+    other, _ = plan_all(shards, tmp_path / distributor, rows_per_shard=40, rows_per_partition=50,
+                        distributor=distributor)
+    assert [p.row_errors for p in other] == [p.row_errors for p in inline]
     assert sum(len(p.row_errors) for p in inline) > 100
 
 
