@@ -109,6 +109,19 @@ def _read(path: str, entries: int, dtype: np.dtype, start: int, stop: int | None
         return np.frombuffer(handle.read(-1 if stop is None else (stop - start) * dtype.itemsize), dtype)
 
 
+def _read_into(path: str, entries: int, start: int, out: np.ndarray) -> None:
+    """Fill ``out`` with the items from ``start`` on, after an ``entries``-long index."""
+    view = memoryview(out.view(np.uint8))
+    with storage.open_file(path) as handle:
+        handle.seek(entries * INDEX.itemsize + start * out.dtype.itemsize)
+        done = 0
+        while done < len(view):
+            got = handle.readinto(view[done:])
+            if not got:
+                raise EOFError(f"{path}: ends {len(view) - done} bytes early")
+            done += got
+
+
 def _read_index(path: str, first: int, last: int) -> np.ndarray:
     """Entries ``[first, last]`` of a file's index."""
     with storage.open_file(path) as handle:
@@ -147,13 +160,12 @@ def merge_chunks(folder: str, run: tuple[int, range]) -> None:
 def find_duplicates(folder: str, part: Partition) -> int:
     """Step 2: the positions of all but the first of each fingerprint in a partition; returns their count."""
     paths = [_path(folder, "runs", r) for r in range(part.runs)]
-
-    def slice_of(path: str) -> np.ndarray:
-        start, stop = _read_index(path, part.first, part.last)[[0, -1]]
-        return _read(path, BUCKETS + 1, RECORD, int(start), int(stop))
-
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        records = np.concatenate(list(pool.map(slice_of, paths))) if paths else np.empty(0, RECORD)
+    with ThreadPoolExecutor(READ_THREADS) as pool:  # each run's slice read straight into one array
+        bounds = list(pool.map(lambda path: _read_index(path, part.first, part.last)[[0, -1]], paths))
+        ends = np.cumsum([0] + [int(stop - start) for start, stop in bounds])
+        records = np.empty(ends[-1], RECORD)
+        list(pool.map(lambda r: _read_into(paths[r], BUCKETS + 1, int(bounds[r][0]), records[ends[r]:ends[r + 1]]),
+                      range(len(paths))))
     total = len(records)
     dups = np.sort(first_of_groups(records["fp"], records["pos"])[0])  # the filter's rule: the first position wins
     del records
