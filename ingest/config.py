@@ -90,7 +90,7 @@ class IngestConfig(Execution):
     plan_rows_per_partition: int = option(
         ROWS_PER_PARTITION,
         "ours: the dedupe runs before download as a sort over partitions of the rows' fingerprints, each of "
-        "about this many rows (~100 bytes each in its worker); the partitions change nothing in the result, "
+        "about this many rows (~60 bytes each in its worker); the partitions change nothing in the result, "
         "only how the work is split",
     )
     output_format: str = option(

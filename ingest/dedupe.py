@@ -24,14 +24,17 @@ which orders the job. Three steps, before any download:
    a block's duplicate positions are gathered from every partition's file, and each shard
    takes its own.
 
-Memory: a unit holds its chunk, run or partition (about 100 bytes a record); the driver the
+Memory: a unit holds its chunk, run or partition (about 60 bytes a record); the driver the
 chunks in flight and one block's duplicate positions (8 bytes each), whatever the job's
 size, up to ``BUCKETS`` times ``plan_rows_per_partition`` rows (17 billion by default).
 The spill takes 16 bytes per eligible row, on the output folder (so it works on ``s3://`` and
 on a cluster whose workers share that folder). Why a sort rather than a shared hash set:
 nothing is held job-wide anywhere, every step is a pure function of the input (the same
 marks with 1 or 1,000 partitions, on any distributor, on a rerun), and each step is
-ordinary executor units that retry as any unit does.
+ordinary executor units that retry as any unit does. Why runs indexed by fingerprint
+bucket rather than one spill file per partition: the partition count is chosen after
+the rows are counted (a text list has no row count up front), and the files stay few
+(a run per 4M rows, not a file per chunk and partition) on object storage.
 
 The plan is a scratch record: recomputed on every run, resumed ones included (the reread
 costs a fraction of the job's download: BENCHMARKS.md), and ``_plan/`` removed once the
@@ -55,7 +58,7 @@ from ingest.plan import eligible_rows, fingerprint
 from ingest.reader import ShardInput
 
 PLAN_FOLDER = "_plan"
-ROWS_PER_PARTITION = 1 << 22  # default: ~0.5 GiB in a duplicates unit (~100 bytes a record)
+ROWS_PER_PARTITION = 1 << 22  # default: ~0.3 GiB in a duplicates unit (~60 bytes a record + imports)
 BLOCK_PARTITIONS = 4  # positions per block of marks, in partitions: fewer reads, at most 32 bytes a partition row
 CHUNK_ROWS = 1 << 14  # eligible rows per fingerprint unit (~5 MiB in the driver): 2 x workers in flight
 MERGE_CHUNKS = 256  # chunk files per run (4M rows, 64 MiB): the partitions read 256 times fewer, larger slices
