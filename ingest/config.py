@@ -38,6 +38,7 @@ from core.executor import Execution
 from core.layout import POOL_SCHEMA
 from core.shard_writer import OUTPUT_FORMATS
 from ingest.fetcher import FetchConfig
+from ingest.dedupe import ROWS_PER_PARTITION
 from ingest.plan import PlanRules
 from ingest.reader import INPUT_FORMATS
 from ingest.resizer import ENCODE_FORMATS, ResizeConfig
@@ -45,7 +46,8 @@ from ingest.safety import NetworkPolicy
 
 HASHES = ("sha256", "md5", "sha512", "none")
 _NOT_OUTPUT = {f.name for f in dataclasses.fields(Execution)} | {
-    "url_list", "output_folder", "incremental_mode", "enable_wandb", "thread_count", "per_host_limit"}
+    "url_list", "output_folder", "incremental_mode", "enable_wandb", "thread_count", "per_host_limit",
+    "plan_rows_per_partition"}
 _GZ_FORMATS = tuple(f"{f}.gz" for f in INPUT_FORMATS if f != "parquet")
 
 
@@ -84,6 +86,12 @@ class IngestConfig(Execution):
         "ours: rows whose caption is a file name or a generic word ('IMG_1234.JPG', 'image', 'untitled') are "
         "recorded as caption_boilerplate and not downloaded. With --min_caption_chars 0 --min_caption_words 0 "
         "and this false, captions are not checked at all, as in img2dataset",
+    )
+    plan_rows_per_partition: int = option(
+        ROWS_PER_PARTITION,
+        "ours: the dedupe runs before download as a sort over partitions of the rows' fingerprints, each of "
+        "about this many rows (~60 bytes each in its worker); the partitions change nothing in the result, "
+        "only how the work is split",
     )
     output_format: str = option(
         "webdataset",
@@ -155,7 +163,8 @@ class IngestConfig(Execution):
                 f"save_additional_columns: {clashes} clash with the pool's own columns "
                 f"({', '.join(POOL_SCHEMA.names)}); rename them in the input"
             )
-        at_least(self, 1, "number_sample_per_shard", "thread_count", "per_host_limit", "max_bytes", "max_pixels")
+        at_least(self, 1, "number_sample_per_shard", "plan_rows_per_partition", "thread_count", "per_host_limit",
+                 "max_bytes", "max_pixels")
         at_least(self, 0, "retries", "max_redirects", "min_image_size", "min_caption_chars", "min_caption_words")
         if not self.timeout > 0:
             problem(f"timeout={self.timeout}: must be a positive number of seconds")

@@ -1,10 +1,12 @@
 """The ingest job: URL list → pool shards, resumable.
 
-Plan the shards from the input stream (``ingest.plan`` marks the rows not worth a
-download: repeats across the whole job, junk captions), skip the ones already
-committed (their ``_stats.json`` exists), and hand the rest, one unit per shard, to
-``core.executor`` (local processes, Ray tasks, or inline), whose progress bar shows
-samples/s and the success rate while shards are still in flight.
+First the repeats across the whole job are found (``ingest.dedupe``: one read of the
+input, then a sort/partition pass on the executor's workers); then the input is read
+again, each shard planned (``ingest.plan`` marks the rows not worth a download: those
+repeats, junk captions), the ones already committed (their ``_stats.json`` exists)
+skipped, and the rest handed, one unit per shard, to ``core.executor`` (local
+processes, Ray tasks, or inline), whose progress bar shows samples/s and the success
+rate while shards are still in flight.
 Rerunning the same command after a crash redoes only the unfinished shards; a
 half-written shard is never visible (see ``core.shard_writer``).
 """
@@ -26,6 +28,7 @@ from core.executor import Executor, progress_enabled, report
 from core.layout import STATS_SUFFIX, committed_shards
 from core.shard_writer import clean_stale_staging
 from ingest.config import IngestConfig
+from ingest.dedupe import PLAN_FOLDER, plan_duplicates
 from ingest.plan import Planner
 from ingest.reader import ShardInput, input_files, read_shards
 from ingest.shard_worker import download_shard
@@ -83,6 +86,8 @@ def download_unit(cfg: IngestConfig, shard: ShardInput) -> dict[str, Any]:
 
 
 def _success_rate(totals: dict[str, int]) -> dict[str, str]:
+    if "successes" not in totals:
+        return {}  # the planning passes
     return {"ok": f"{totals.get('successes', 0) / max(totals.get('items', 0), 1):.1%}"}
 
 
@@ -144,18 +149,16 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     executor = Executor(cfg, desc="ingest", unit="shard", item="sample", total=total, postfix=_success_rate)
     planner = Planner(cfg.plan_rules())
 
+    def shards():
+        return read_shards(cfg.url_list, cfg.input_format, cfg.url_col, cfg.caption_col, cfg.save_additional_columns,
+                           cfg.number_sample_per_shard)
+
     def pending_shards():
-        for shard in read_shards(
-            cfg.url_list,
-            cfg.input_format,
-            cfg.url_col,
-            cfg.caption_col,
-            cfg.save_additional_columns,
-            cfg.number_sample_per_shard,
-        ):
-            # Committed shards are planned too, before they are skipped: what later rows
-            # count as duplicates of must not depend on where the last run stopped.
-            shard = planner.plan(shard)
+        for shard in shards():
+            # Committed shards are planned too, before they are skipped, and their repeats were
+            # found with the rest: what later rows count as duplicates of must not depend on
+            # where the last run stopped.
+            shard = planner.plan(shard, marks.rows(shard) if marks else ())
             if shard.shard_id in done:
                 stats = previous[shard.shard_id]
                 made_from = stats.get("input_fingerprint")
@@ -171,8 +174,13 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             yield shard
 
     with executor:
+        marks = None
+        if cfg.plan_rules().dedupe_url_caption:  # every shard, committed ones too (see above)
+            marks = plan_duplicates(executor, cfg.output_folder, shards(), cfg.number_sample_per_shard,
+                                    cfg.plan_rows_per_partition)
         for stats in executor.map(partial(download_unit, cfg), pending_shards()):
             summary.add(stats)
+    storage.remove(storage.join(cfg.output_folder, PLAN_FOLDER))  # scratch: recomputed by any rerun
     summary.duration = time.time() - start
     inputs = [storage.fingerprint(p) for p in input_files(cfg.url_list, cfg.input_format)]
     summary.__dict__.update(storage.retries_since(retries))

@@ -21,6 +21,7 @@ import pytest
 
 from _ingest_web import HostileWeb
 from conftest import INGEST_TIMEOUT_S
+from core.executor import Execution, Executor
 from core.captions import caption_reason, is_boilerplate, word_count
 from core.layout import STATS_SUFFIX
 from core.reasons import Reason, Stage
@@ -28,7 +29,9 @@ from core.urls import normalize_url, normalize_url_by_urlsplit
 from infra.local.corpus import JUNK_CAPTIONS, load_ground_truth
 from infra.local.webserver import serve
 from ingest.config import IngestConfig
-from ingest.plan import DUPLICATE_DETAIL, FingerprintSet, Planner, PlanRules, fingerprint
+from ingest import dedupe
+from ingest.dedupe import plan_duplicates
+from ingest.plan import DUPLICATE_DETAIL, Planner, PlanRules, eligible_rows, fingerprint
 from ingest.reader import ShardInput
 from ingest.run import run_ingest
 
@@ -212,7 +215,7 @@ def test_caption_boilerplate_is_a_filter_reason_of_a_failed_download():
     assert "file name" in Reason.CAPTION_BOILERPLATE.description
 
 
-# -- the seen-set -----------------------------------------------------------------------------
+# -- the job-wide dedupe (ingest.dedupe) --------------------------------------------------------
 
 
 def test_a_million_fingerprints_of_distinct_pairs_do_not_collide():
@@ -220,72 +223,120 @@ def test_a_million_fingerprints_of_distinct_pairs_do_not_collide():
                        for i in range(1_000_000))
     values = np.frombuffer(digests, dtype="<u8")
     assert np.unique(values).size == 1_000_000
-    seen = FingerprintSet()
-    assert not seen.add(values).any()
-    assert seen.add(values[::1000]).all() and len(seen) == 1_000_000
-
-
-@pytest.mark.parametrize("max_run", [1 << 25, 1000])  # 1000: big runs stop merging, as at 100M+ rows
-def test_fingerprint_set_matches_a_python_set_across_merges(max_run):
-    rng = np.random.default_rng(3)
-    seen, reference = FingerprintSet(max_run), set()
-    added = 0
-    for batch in range(300):
-        size = int(rng.integers(0, 400))
-        values = rng.integers(0, 20_000, size=size, dtype=np.uint64)  # small range: many repeats
-        expected = []
-        for v in values.tolist():
-            expected.append(v in reference)
-            reference.add(v)
-        assert seen.add(values).tolist() == expected, batch
-        added += size
-        assert len(seen) == len(reference)
-        capped = len(reference) // (max_run // 2) if max_run < len(reference) else 0
-        assert seen.runs <= capped + max(1, len(reference)).bit_length() + 1  # a binary counter of runs
-    probe = rng.integers(0, 40_000, size=5000, dtype=np.uint64)
-    assert seen.contains(probe).tolist() == [v in reference for v in probe.tolist()]
-    assert seen.nbytes == 8 * len(reference)
-    assert added > len(reference)  # repeats really happened
-
-
-def test_fingerprint_set_edges():
-    seen = FingerprintSet()
-    assert seen.add(np.array([], dtype=np.uint64)).size == 0 and seen.runs == 0
-    top = np.array([2**64 - 1, 0, 2**64 - 1], dtype=np.uint64)
-    assert seen.add(top).tolist() == [False, False, True]
-    assert seen.contains(np.array([0, 1, 2**64 - 1], dtype=np.uint64)).tolist() == [True, False, True]
-
-
-# -- the planner, without a network ---------------------------------------------------------
 
 
 def shard(shard_id: int, rows: list[tuple[str | None, str | None]], errors=None) -> ShardInput:
     return ShardInput(shard_id, [u for u, _ in rows], [c for _, c in rows], {}, errors or {})
 
 
+def plan_all(shards: list[ShardInput], folder: Path, rules: PlanRules = PlanRules(), rows_per_shard: int = 100,
+             rows_per_partition: int = 1 << 23, distributor: str = "inline") -> tuple[list[ShardInput], Planner]:
+    """The shards as ``ingest.run`` plans them: the dedupe passes over all, then each shard in order."""
+    planner = Planner(rules)
+    with Executor(Execution(distributor=distributor, workers=2, progress=False)) as executor:
+        found = plan_duplicates(executor, str(folder), shards, rows_per_shard, rows_per_partition)
+        return [planner.plan(s, found.rows(s)) for s in shards], planner
+
+
+def brute_force_duplicates(shards: list[ShardInput]) -> list[list[int]]:
+    """The rule, the plainest way: a Python set of (normalised URL, caption) in job order."""
+    seen, out = set(), []
+    for s in shards:
+        out.append([])
+        for i, (url, caption) in enumerate(zip(s.urls, s.captions)):
+            if not url or url.isspace() or i in s.row_errors:
+                continue
+            key = (normalize_url(url), caption or "")
+            if key in seen:
+                out[-1].append(i)
+            seen.add(key)
+    return out
+
+
+def random_shards(seed: int, count: int, rows_per_shard: int) -> list[ShardInput]:
+    """Pairs drawn from a small pool (many repeats, within and across shards), some spelled otherwise,
+    some rows without URL or flagged by the reader; the last shard short."""
+    rng = random.Random(seed)
+    out = []
+    for shard_id in range(count):
+        rows, errors = [], {}
+        for i in range(rows_per_shard if shard_id < count - 1 else rows_per_shard // 3):
+            n = rng.randrange(300)
+            url = rng.choice([f"http://h{n % 7}.example/{n}.jpg", f"HTTP://H{n % 7}.example:80/{n}.jpg#x"])
+            caption = rng.choice([f"a photo of {n % 11}", None, ""])
+            if rng.random() < 0.03:
+                url = rng.choice([None, "  "])
+            if rng.random() < 0.03:
+                errors[i] = (Reason.CAPTION_NOT_UTF8, "kept with U+FFFD replacements")
+            rows.append((url, caption))
+        out.append(shard(shard_id, rows, errors))
+    return out
+
+
+@pytest.mark.parametrize("rows_per_partition", [1 << 23, 97, 20])  # 1, 19 and 92 partitions
+def test_partitioned_dedupe_matches_a_brute_force_reference(tmp_path, monkeypatch, rows_per_partition):
+    monkeypatch.setattr(dedupe, "CHUNK_ROWS", 37)  # many spill files, chunks cutting across shards
+    monkeypatch.setattr(dedupe, "MERGE_CHUNKS", 5)  # and many runs
+    shards = random_shards(7, 40, 50)
+    rules = PlanRules(check_captions=False)
+    planned, planner = plan_all(shards, tmp_path / "plan", rules, rows_per_shard=50,
+                                rows_per_partition=rows_per_partition)
+    expected = brute_force_duplicates(shards)
+    got = [sorted(i for i, (reason, _) in p.row_errors.items() if reason is Reason.DUP_URL) for p in planned]
+    assert got == expected
+    assert sum(map(len, expected)) > 1000 and sum(len(e) > 0 for e in expected) == 40  # repeats in every shard
+    assert planner.marked["dup_url"] == sum(map(len, expected))
+    for p, s in zip(planned, shards):  # the reader's flags are kept as they were
+        assert all(p.row_errors[i] == s.row_errors[i] for i in s.row_errors)
+    plan = tmp_path / "plan" / dedupe.PLAN_FOLDER
+    partitions = len(list((plan / "dups").iterdir()))
+    eligible = sum(len(eligible_rows(s)) for s in shards)
+    assert eligible > 1500 and partitions >= -(-eligible // rows_per_partition)
+    assert partitions == 1 if rows_per_partition > eligible else partitions < 2 * -(-eligible // rows_per_partition)
+    assert len(list((plan / "runs").iterdir())) == -(-eligible // 37 // 5) and not list((plan / "chunks").iterdir())
+
+
+@pytest.mark.parametrize("distributor", ["processes", "ray"])
+def test_inline_processes_and_ray_find_the_same_duplicates(tmp_path, monkeypatch, distributor):
+    monkeypatch.setattr(dedupe, "CHUNK_ROWS", 101)
+    monkeypatch.setattr(dedupe, "MERGE_CHUNKS", 2)
+    shards = random_shards(11, 12, 40)
+    inline, _ = plan_all(shards, tmp_path / "inline", rows_per_shard=40, rows_per_partition=50)
+    other, _ = plan_all(shards, tmp_path / distributor, rows_per_shard=40, rows_per_partition=50,
+                        distributor=distributor)
+    assert [p.row_errors for p in other] == [p.row_errors for p in inline]
+    assert sum(len(p.row_errors) for p in inline) > 100
+
+
+def test_an_empty_job_and_a_job_without_eligible_rows(tmp_path):
+    planned, planner = plan_all([], tmp_path / "none")
+    assert planned == [] and not planner.marked
+    rows = shard(0, [(None, "a caption here"), ("  ", "a caption here")])
+    planned, planner = plan_all([rows], tmp_path / "no-urls")
+    assert planned == [rows] and not planner.marked
+
+
 def marks(planned: ShardInput) -> dict[int, str]:
     return {i: reason.value for i, (reason, _) in planned.row_errors.items()}
 
 
-def test_planner_dedupes_across_shards_after_normalisation():
-    planner = Planner(PlanRules())
-    first = planner.plan(shard(0, [("http://a.example/x.jpg", "a red fox"), ("http://a.example/y.jpg", "a red fox")]))
-    assert marks(first) == {}
-    second = planner.plan(shard(1, [
+def test_planner_dedupes_across_shards_after_normalisation(tmp_path):
+    (first, second), planner = plan_all([shard(0, [("http://a.example/x.jpg", "a red fox"),
+                                                   ("http://a.example/y.jpg", "a red fox")]), shard(1, [
         ("HTTP://A.example:80/x.jpg#top", "a red fox"),  # the same pair, spelled otherwise
         ("http://a.example/%78.jpg", "a red fox"),  # %78 is "x"
         ("http://a.example/x.jpg", "a grey fox"),  # same URL, another caption: a new sample
         ("http://a.example/x.jpg", "a grey fox"),  # ... repeated within the shard
         ("http://a.example/x.jpg", "a red fox "),  # the caption is compared exactly
-    ]))
+    ])], tmp_path)
+    assert marks(first) == {}
     assert marks(second) == {0: "dup_url", 1: "dup_url", 3: "dup_url"}
     assert second.row_errors[0][1] == DUPLICATE_DETAIL
     assert planner.marked == Counter({"dup_url": 3})
 
 
-def test_planner_caption_marks_and_precedence():
-    planner = Planner(PlanRules())
-    planned = planner.plan(shard(0, [
+def test_planner_caption_marks_and_precedence(tmp_path):
+    (planned, again), _ = plan_all([shard(0, [
         ("http://a.example/1.jpg", "IMG_1234.JPG"),
         ("http://a.example/2.jpg", None),
         ("http://a.example/3.jpg", "sunset"),
@@ -294,21 +345,21 @@ def test_planner_caption_marks_and_precedence():
         ("   ", "image"),
         ("http://a.example/7.jpg", "caf\ufffd au lait"),  # flagged by the reader: keeps its reason
         ("http://a.example/8.jpg", "a fine caption"),
-    ], errors={6: (Reason.CAPTION_NOT_UTF8, "kept with U+FFFD replacements")}))
+    ], errors={6: (Reason.CAPTION_NOT_UTF8, "kept with U+FFFD replacements")}),
+        shard(1, [("http://a.example/7.jpg", "caf\ufffd au lait")])], tmp_path)
     assert marks(planned) == {0: "caption_boilerplate", 1: "caption_missing", 2: "caption_short", 3: "dup_url",
                               6: "caption_not_utf8"}
     assert "--reject_boilerplate_captions" in planned.row_errors[0][1]
     # The reader-flagged row was not remembered: its clean twin is not a duplicate of a repair.
-    again = planner.plan(shard(1, [("http://a.example/7.jpg", "caf\ufffd au lait")]))
     assert marks(again) == {}
 
 
-def test_planner_without_captions_dedupes_by_url_only():
+def test_planner_without_captions_dedupes_by_url_only(tmp_path):
     cfg = IngestConfig(url_list="x", output_folder="y", caption_col=None)
     rules = cfg.plan_rules()
     assert rules.dedupe_url_caption and not rules.check_captions
-    planned = Planner(rules).plan(shard(0, [("http://a.example/1.jpg", None), ("http://a.example/1.jpg#x", None),
-                                            ("http://a.example/2.jpg", None)]))
+    (planned,), _ = plan_all([shard(0, [("http://a.example/1.jpg", None), ("http://a.example/1.jpg#x", None),
+                                        ("http://a.example/2.jpg", None)])], tmp_path, rules)
     assert marks(planned) == {1: "dup_url"}
 
 
@@ -423,15 +474,45 @@ def test_a_resumed_run_marks_the_same_rows(planned_run, web):
     for path in resumed.iterdir():
         if not path.name.startswith("00000") and not path.name.startswith("_"):
             path.unlink()
+    for name in ("keys/0000000.bin", "keys/0000009.bin", "dups/00000.bin"):  # a crashed run's half-done plan
+        (resumed / dedupe.PLAN_FOLDER / name).parent.mkdir(parents=True, exist_ok=True)
+        (resumed / dedupe.PLAN_FOLDER / name).write_bytes(b"\xff" * 40000)
     before = len(web.paths())
     summary = run_ingest(config(tmp / "lists", resumed, distributor="multiprocessing", workers=2))
     assert summary.shards_skipped == 1 and summary.count == len(planned_run["rows"])
+    assert not (resumed / dedupe.PLAN_FOLDER).exists()  # recomputed, then removed
     strip = ("duration", "start_time", "end_time")
     original, again = pool(tmp / "pool"), pool(resumed)
     assert [{k: v for k, v in r.items() if k not in strip} for r in again] == \
         [{k: v for k, v in r.items() if k not in strip} for r in original]
     # Rows 6 and 7 repeat shard 0's a.jpg and b.jpg: still not requested.
     assert requests(web, before) == Counter({"/img/a.jpg": 1, "/img/c.jpg": 1})
+
+
+def test_one_partition_or_many_give_the_same_pool(planned_run, web, monkeypatch):
+    """Every eligible row its own partition, three rows a spill file: the same pool, byte for byte but the clock."""
+    monkeypatch.setattr(dedupe, "CHUNK_ROWS", 3)
+    tmp = planned_run["tmp"]
+    before = len(web.paths())
+    run_ingest(config(tmp / "lists", tmp / "many", plan_rows_per_partition=1, distributor="processes", workers=2))
+    assert requests(web, before) == planned_run["requests"]
+    clock = ("duration", "start_time", "end_time")
+    names = sorted(p.name for p in (tmp / "pool").iterdir() if p.name[:1].isdigit())
+    assert names == sorted(p.name for p in (tmp / "many").iterdir() if p.name[:1].isdigit())
+    assert any(n.endswith(".tar") for n in names) and any(n.endswith(".parquet") for n in names)
+    for name in names:
+        one, many = (tmp / "pool" / name).read_bytes(), (tmp / "many" / name).read_bytes()
+        if name.endswith(".tar"):
+            assert one == many, name
+        elif name.endswith(".parquet"):
+            one, many = (pq.read_table(tmp / folder / name).to_pylist() for folder in ("pool", "many"))
+            assert [{k: v for k, v in r.items() if k not in clock} for r in one] == \
+                [{k: v for k, v in r.items() if k not in clock} for r in many], name
+        else:
+            one, many = json.loads(one), json.loads(many)
+            assert {k: v for k, v in one.items() if k not in clock} == \
+                {k: v for k, v in many.items() if k not in clock}, name
+    assert not (tmp / "many" / dedupe.PLAN_FOLDER).exists() and not (tmp / "pool" / dedupe.PLAN_FOLDER).exists()
 
 
 def test_a_url_only_list_is_not_caption_checked(web, tmp_path):
