@@ -1,4 +1,4 @@
-"""Global dedupe as numpy kernels: first-of-group (URL, exact bytes) and near duplicates.
+"""Global dedupe as numpy kernels: near duplicates (first-of-group is ``core.groups``).
 
 Every row carries a ``row_id`` (``shard << 32 | row``, see ``filter.facts``) whose
 order is key order, and every rule here keeps **the smallest row id** of each group
@@ -27,28 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 _BAND_SEED = 0x5EED_B17
-
-
-# -- first of each group -----------------------------------------------------------
-
-
-def first_of_groups(group_keys: np.ndarray, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(rejected row ids, their keeper's row id) for rows that repeat an earlier group key.
-
-    ``group_keys`` is (n,) or (n, k) of unsigned integers (k columns, e.g. the two
-    halves of a 128-bit digest); rows with equal keys form a group.
-    """
-    if len(row_ids) == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    keys = group_keys.reshape(len(row_ids), -1)
-    order = np.lexsort((row_ids, *[keys[:, c] for c in reversed(range(keys.shape[1]))]))
-    sorted_keys = keys[order]
-    sorted_ids = row_ids[order]
-    starts = np.ones(len(order), dtype=bool)
-    starts[1:] = np.any(sorted_keys[1:] != sorted_keys[:-1], axis=1)
-    keeper = sorted_ids[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))]
-    rejected = ~starts
-    return sorted_ids[rejected], keeper[rejected]
 
 
 # -- near duplicates -----------------------------------------------------------------

@@ -45,13 +45,13 @@ from core.executor import Execution, Executor
 from core.layout import STATS_SUFFIX, committed_shards, folder_fingerprint, shard_id_of, shard_name, uncommitted_shards
 from core.reasons import Reason
 from filter.config import FilterConfig
+from core.groups import first_of_groups
 from filter.dedupe import (
     BandPlan,
     NearGuard,
     band_key,
     candidate_edges,
     components_first,
-    first_of_groups,
     partition_of,
     plan_bands,
     unique_edges,

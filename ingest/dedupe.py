@@ -16,7 +16,7 @@ which orders the job. Three steps, before any download:
 2. **Duplicates** (``find_duplicates``, one unit per partition, in parallel): a partition is
    a range of whole buckets, as many as hold at most ``plan_rows_per_partition`` records
    (fingerprints are uniform). A unit reads its slice of every run, keeps
-   the first position of each fingerprint (``filter.dedupe.first_of_groups``: the filter's
+   the first position of each fingerprint (``core.groups.first_of_groups``: the filter's
    rule for its own repeats, one implementation) and writes the others, sorted, to
    ``_plan/dups/{partition}.bin``, behind an index of where each block of ``block_rows``
    positions starts (``BLOCK_PARTITIONS`` partitions' worth).
@@ -53,7 +53,7 @@ import numpy as np
 
 from core import storage
 from core.executor import Executor, report
-from filter.dedupe import first_of_groups
+from core.groups import first_of_groups
 from ingest.plan import eligible_rows, fingerprint
 from ingest.reader import ShardInput
 
@@ -170,7 +170,7 @@ def find_duplicates(folder: str, part: Partition) -> int:
         list(pool.map(lambda r: _read_into(paths[r], BUCKETS + 1, int(bounds[r][0]), records[ends[r]:ends[r + 1]]),
                       range(len(paths))))
     total = len(records)
-    dups = np.sort(first_of_groups(records["fp"], records["pos"])[0])  # the filter's rule: the first position wins
+    dups = np.sort(first_of_groups(records["fp"], records["pos"])[0])  # the rule of every dedupe here: the first position wins
     del records
     starts = np.searchsorted(dups, np.arange(part.blocks + 1, dtype=np.uint64) * np.uint64(part.block_rows))
     starts[-1] = dups.size

@@ -23,11 +23,11 @@ from PIL import Image
 
 from core.layout import POOL_SCHEMA, sample_key
 from filter.config import FilterConfig
+from core.groups import first_of_groups
 from filter.dedupe import (
     band_keys,
     candidate_edges,
     components_first,
-    first_of_groups,
     plan_bands,
     unique_edges,
 )
