@@ -106,7 +106,7 @@ cluster-test: $(STAMP) ## only the cluster tests: 2-node Ray and torchrun on loo
 bench-peers: ## the peers' own venvs under .bench/ (img2dataset 1.47, open_clip_train + webdataset 0.2.86)
 	VENV=$(VENV) bash bench/peers.sh
 
-bench: $(STAMP) bench-peers ## the benchmarks of BENCHMARKS.md (after `make demo`; ~25 min on 2 cores)
+bench: $(STAMP) bench-peers ## the benchmarks of BENCHMARKS.md (~40 min on 2 cores; the first run also makes the photo web, ~5 min)
 	$(PY) -m bench.ingest_vs_img2dataset --repeat 2
 	$(PY) -m bench.ingest_memory
 	$(PY) bench/plan_memory.py
