@@ -37,8 +37,8 @@ the rows are counted (a text list has no row count up front), and the files stay
 (a run per 4M rows, not a file per chunk and partition) on object storage.
 
 The plan is a scratch record: recomputed on every run, resumed ones included (the reread
-costs a fraction of the job's download: BENCHMARKS.md), and ``_plan/`` removed once the
-download is done; a crashed run's leftover is removed when the next run starts planning.
+costs a fraction of the job's download: BENCHMARKS.md), and ``_plan/`` removed when the run
+ends (a failed one too); a killed run's leftover is removed when the next run starts planning.
 """
 
 from __future__ import annotations

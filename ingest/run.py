@@ -13,6 +13,7 @@ half-written shard is never visible (see ``core.shard_writer``).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -173,14 +174,20 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
                 continue
             yield shard
 
-    with executor:
-        marks = None
-        if cfg.plan_rules().dedupe_url_caption:  # every shard, committed ones too (see above)
-            marks = plan_duplicates(executor, cfg.output_folder, shards(), cfg.number_sample_per_shard,
-                                    cfg.plan_rows_per_partition)
-        for stats in executor.map(partial(download_unit, cfg), pending_shards()):
-            summary.add(stats)
-    storage.remove(storage.join(cfg.output_folder, PLAN_FOLDER))  # scratch: recomputed by any rerun
+    plan_folder = storage.join(cfg.output_folder, PLAN_FOLDER)  # scratch: recomputed by any rerun
+    try:
+        with executor:
+            marks = None
+            if cfg.plan_rules().dedupe_url_caption:  # every shard, committed ones too (see above)
+                marks = plan_duplicates(executor, cfg.output_folder, shards(), cfg.number_sample_per_shard,
+                                        cfg.plan_rows_per_partition)
+            for stats in executor.map(partial(download_unit, cfg), pending_shards()):
+                summary.add(stats)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            storage.remove(plan_folder)  # also on a failed run (on a full disk its room is wanted back)
+        raise
+    storage.remove(plan_folder)
     summary.duration = time.time() - start
     inputs = [storage.fingerprint(p) for p in input_files(cfg.url_list, cfg.input_format)]
     summary.__dict__.update(storage.retries_since(retries))

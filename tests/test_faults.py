@@ -26,6 +26,7 @@ from core.lock import LOCK_NAME, OutputLock, OutputLocked
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 8
+PLAN_ROOM = 48 << 10  # the plan's spill for ROWS rows: a chunk, a run and a partition file, each behind a bucket index
 
 pytestmark = pytest.mark.integration
 
@@ -357,10 +358,10 @@ def test_a_full_disk_during_ingest_names_the_shard_and_the_space_and_a_rerun_com
         output = str(disk / "pool")
         args = ingest_args(url_list, output, "--workers", "2")
         limit = None
-        if mounted:  # fill it up, leaving room for the lock and a little more
+        if mounted:  # fill it up, leaving room for the lock, the pre-download plan (``ingest.dedupe``) and a little more
             free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
             with open(disk / "filler", "wb") as handle:
-                handle.write(b"\0" * (free - 16384))
+                handle.write(b"\0" * (free - PLAN_ROOM - 16384))
         else:
             limit = 4096
 
