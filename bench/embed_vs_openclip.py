@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from bench.measure import run_measured, save_result  # noqa: E402
 
-DEMO_TRAIN = "/tmp/webclip-demo/data/demo/train"
+DEMO_TRAIN = str(Path(__file__).resolve().parents[1] / "data/demo/train")  # what `make demo` makes
 
 
 def write_subset(source: str, out: str, images: int) -> str:

@@ -16,7 +16,7 @@ machine says little).
 
     .venv/bin/python bench/plan_memory.py                 # 10M rows, 2 worker processes
     .venv/bin/python bench/plan_memory.py --rows 1000000  # quicker
-    .venv/bin/python bench/plan_memory.py --rows 100000000 --tmp /work/tmp   # ~1.5 GiB list + 1.5 GiB spill
+    .venv/bin/python bench/plan_memory.py --rows 100000000 --tmp data/bench/plan   # ~1.5 GiB list + 1.5 GiB spill: a roomy disk
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ def main() -> int:
         print(json.dumps(measure(args.measure, args.shard_size, args.plan, args.distributor, args.workers,
                                  args.rows_per_partition, args.work)))
         return 0
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="webclip-plan-memory-", dir=args.tmp) as tmp:
         path = str(Path(tmp) / "urls.parquet")
         me = [sys.executable, __file__, "--rows", str(args.rows), "--row_group", str(args.row_group),

@@ -11,7 +11,7 @@ project's own resizer in ``border`` mode, as the pipeline does.
 
 As a script it writes a tuning set::
 
-    python -m tests._train_fixtures --out /tmp/webclip-data --samples 9000 --noise 0.2
+    python -m tests._train_fixtures --out data/train-fixture --samples 9000 --noise 0.2
 """
 
 from __future__ import annotations
