@@ -56,3 +56,27 @@ def s3_env():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+# -- training inputs: a few train shards and a tiny model config (module-scoped: a module may override) --
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory) -> str:
+    """3 train shards x 8 good samples, with a manifest."""
+    import _train_fixtures as fx
+
+    folder = str(tmp_path_factory.mktemp("shards"))
+    fx.write_train_shards(folder, samples=24, per_shard=8, seed=3, noise=0.0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """The path of a tiny model's config, registered with open_clip as ``webclip-test-tiny``."""
+    import _train_fixtures as fx
+    from train import model as model_mod
+
+    path = fx.write_tiny_model_config(str(tmp_path_factory.mktemp("model")))
+    model_mod.register_model_config(path)
+    return path

@@ -16,10 +16,8 @@ import fsspec
 import pytest
 import torch
 
-import _train_fixtures as fx
 from _faulty_s3 import FAULTS, FaultyProxy
 from core import storage
-from train import model as model_mod
 from train.config import load_config
 from train.loop import train
 
@@ -79,20 +77,6 @@ def test_reads_writes_and_listings_survive_every_fault_byte_identical(s3_env, th
 
 
 # -- training checkpoints and resume ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory) -> str:
-    folder = str(tmp_path_factory.mktemp("shards"))
-    fx.write_train_shards(folder, samples=24, per_shard=8, seed=3, noise=0.0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    path = fx.write_tiny_model_config(str(tmp_path_factory.mktemp("model")))
-    model_mod.register_model_config(path)
-    return path
 
 
 def _args(shards_dir, tiny_model, run_dir, checkpoints, *extra) -> list[str]:

@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 
-import _train_fixtures as fx
 from _commands import small_filesystem
 from train import checkpoint as ckpt
 from train import model as model_mod
@@ -26,20 +25,6 @@ from train.loop import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POISONED_KEY = "000020003"  # 'my favourite purple cross!': the only caption with 'favourite'
-
-
-@pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory) -> str:
-    folder = str(tmp_path_factory.mktemp("shards"))
-    fx.write_train_shards(folder, samples=24, per_shard=8, seed=3, noise=0.0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    path = fx.write_tiny_model_config(str(tmp_path_factory.mktemp("model")))
-    model_mod.register_model_config(path)
-    return path
 
 
 def _poisoned_weights(folder, word: str | None) -> str:

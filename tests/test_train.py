@@ -37,23 +37,10 @@ LINE = re.compile(r"^zero-shot top1=(\d\.\d\d|n/a) top5=(\d\.\d\d|n/a) \(48 clas
 
 
 @pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory) -> str:
-    """3 shards x 8 good samples, with a manifest."""
-    folder = str(tmp_path_factory.mktemp("shards"))
-    fx.write_train_shards(folder, samples=24, per_shard=8, seed=3, noise=0.0)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def eval_tar(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("eval") / "eval.tar")
     fx.write_eval_tar(path, per_class=1)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return fx.write_tiny_model_config(str(tmp_path_factory.mktemp("model")))
 
 
 def _tokenize(texts: list[str]) -> torch.Tensor:
