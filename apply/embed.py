@@ -458,12 +458,8 @@ def _main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EmbedConfig, argv, prog="python -m apply.embed", description=DESCRIPTION)
     from core import cli
 
-    try:
-        cli.hold_output(cfg.output_folder)
-        summary = run_embed(cfg)
-    except (ConfigError, DataError, EmbedError) as exc:
-        print(f"python -m apply.embed: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, EmbedError) else 2
+    cli.hold_output(cfg.output_folder)
+    summary = run_embed(cfg)
     print(f"{summary.rows} samples embedded in {summary.shards} shards ({summary.shards_now} embedded now, "
           f"{summary.duration:.1f}s) with {summary.info.get('model')} (dim {summary.info.get('dim')})")
     for reason, n in sorted(summary.skipped.items(), key=lambda kv: -kv[1]):

@@ -449,12 +449,8 @@ def _main(argv: list[str] | None = None) -> int:
     cfg = parse_config(IndexConfig, argv, prog="python -m apply.index", description=DESCRIPTION)
     from core import cli
 
-    try:
-        cli.hold_output(cfg.output_folder)
-        info = run_index(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"python -m apply.index: error: {exc}", file=sys.stderr)
-        return 2
+    cli.hold_output(cfg.output_folder)
+    info = run_index(cfg)
     search = ", ".join(f"{k} {v}" for k, v in info["search"].items())
     print(f"{info['rows']:,} vectors of dim {info['dim']}: {info['type']} index ({info['faiss']}"
           f"{', ' + search if search else ''}) in {info['build_seconds']:.1f}s, {info['index_bytes']:,} bytes")

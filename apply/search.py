@@ -193,16 +193,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(SearchConfig, argv, prog="python -m apply.search", description=DESCRIPTION)
-    try:
-        searcher = Searcher(open_index(cfg.index), cfg.checkpoint, cfg.model, cfg.model_config)
-        if cfg.serve:
-            from apply.server import serve
+    searcher = Searcher(open_index(cfg.index), cfg.checkpoint, cfg.model, cfg.model_config)
+    if cfg.serve:
+        from apply.server import serve
 
-            return serve(searcher, cfg)
-        answer = answer_query(searcher, cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"python -m apply.search: error: {exc}", file=sys.stderr)
-        return 2
+        return serve(searcher, cfg)
+    answer = answer_query(searcher, cfg)
     print(json.dumps(answer, ensure_ascii=False, indent=2) if cfg.json else format_table(answer))
     return 0
 

@@ -267,7 +267,7 @@ def explain(exc: BaseException) -> tuple[int, str]:
         return 2, f"{exc.filename}: {exc.strerror}; check the path"
     if isinstance(exc, OSError) and exc.errno == 28:
         return 1, f"{exc.filename or 'disk'}: no space left on the device; free space and rerun (committed units are kept)"
-    if type(exc).__name__ in ("DamagedPool", "ClipScoreError", "SetupFailed", "NonFiniteLoss", "NonFiniteWeights"):
+    if type(exc).__name__ in ("DamagedPool", "ClipScoreError", "EmbedError", "SetupFailed", "NonFiniteLoss", "NonFiniteWeights"):
         return 1, str(exc)
     return 1, f"{type(exc).__name__}: {exc}"
 

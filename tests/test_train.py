@@ -105,7 +105,7 @@ def test_cli_reports_bad_values_before_any_work(tmp_path, capsys, shards_dir):
     for argv, expected in cases:
         assert train_main([*argv, "--run_dir", str(run_dir)]) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and expected in err, (argv, err)
+        assert err.startswith("python -m train: error: ") and expected in err, (argv, err)
     assert not run_dir.exists()
 
 

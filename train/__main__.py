@@ -16,7 +16,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from core import cli  # noqa: E402
-from core.config import ConfigError, DataError, load_cli, to_yaml  # noqa: E402
+from core.config import load_cli, to_yaml  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 
 DESCRIPTION = "Streaming CLIP training on WebDataset/img2dataset tar shards, then zero-shot eval."
@@ -49,24 +49,20 @@ def _main(argv: list[str] | None = None) -> int:
         force=True,  # core.cli.run set a plainer format first
     )
     logging.getLogger("train").setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    try:
-        config, args = load_cli(TrainConfig, argv, "python -m train", DESCRIPTION, EPILOG)
-        if args.print_config:
-            print(to_yaml(config), end="")
-            return 0
-        resume = cli.resume_command() + ("" if config.resume else " --resume latest")
-        cli.using(config, lambda: f"Checkpoints so far are in {config.checkpoint_dir}", resume=resume)
-        if rank == 0:  # one lock per run: rank 0 writes the checkpoints
-            cli.hold_output(config.checkpoint_dir)
-        from train.loop import train  # imported late: torch and open_clip take seconds to load
+    config, args = load_cli(TrainConfig, argv, "python -m train", DESCRIPTION, EPILOG)
+    if args.print_config:
+        print(to_yaml(config), end="")
+        return 0
+    resume = cli.resume_command() + ("" if config.resume else " --resume latest")
+    cli.using(config, lambda: f"Checkpoints so far are in {config.checkpoint_dir}", resume=resume)
+    if rank == 0:  # one lock per run: rank 0 writes the checkpoints
+        cli.hold_output(config.checkpoint_dir)
+    from train.loop import train  # imported late: torch and open_clip take seconds to load
 
-        train(config)
-        warning = warmup_warning(config)  # after the run, so that a bad value stays the one line of its error
-        if warning:
-            print(f"python -m train: warning: {warning}", file=sys.stderr)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    train(config)
+    warning = warmup_warning(config)  # after the run, so that a bad value stays the one line of its error
+    if warning:
+        print(f"python -m train: warning: {warning}", file=sys.stderr)
     return 0
 
 
