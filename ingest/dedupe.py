@@ -125,13 +125,6 @@ def _read_into(path: str, entries: int, start: int, out: np.ndarray) -> None:
             done += got
 
 
-def _read_index(path: str, first: int, last: int) -> np.ndarray:
-    """Entries ``[first, last]`` of a file's index."""
-    with storage.open_file(path) as handle:
-        handle.seek(first * INDEX.itemsize)
-        return np.frombuffer(handle.read((last - first + 1) * INDEX.itemsize), INDEX)
-
-
 # -- the units ------------------------------------------------------------------------------------
 
 
@@ -152,7 +145,7 @@ def merge_chunks(folder: str, run: tuple[int, range]) -> None:
     path = _path(folder, "runs", index)
     if not storage.exists(path):  # else a retry after the run was written: only the removal is left
         records = np.concatenate([_read(_path(folder, "chunks", c), 0, RECORD, 0, None) for c in chunks])
-        records = records[np.argsort(records["fp"], kind="stable")]
+        records = records[np.argsort(records["fp"])]  # the order among equal fingerprints never matters: first_of_groups sorts by position
         starts = np.searchsorted(records["fp"], np.arange(BUCKETS, dtype=np.uint64) << np.uint64(64 - BUCKET_BITS))
         _write(path, np.append(starts, len(records)), records)
         report(len(records))
@@ -164,7 +157,7 @@ def find_duplicates(folder: str, part: Partition) -> int:
     """Step 2: the positions of all but the first of each fingerprint in a partition; returns their count."""
     paths = [_path(folder, "runs", r) for r in range(part.runs)]
     with ThreadPoolExecutor(READ_THREADS) as pool:  # each run's slice read straight into one array
-        bounds = list(pool.map(lambda path: _read_index(path, part.first, part.last)[[0, -1]], paths))
+        bounds = list(pool.map(lambda path: _read(path, 0, INDEX, part.first, part.last + 1)[[0, -1]], paths))
         ends = np.cumsum([0] + [int(stop - start) for start, stop in bounds])
         records = np.empty(ends[-1], RECORD)
         list(pool.map(lambda r: _read_into(paths[r], BUCKETS + 1, int(bounds[r][0]), records[ends[r]:ends[r + 1]]),
@@ -208,7 +201,7 @@ class DuplicateMarks:
         paths = [_path(self.folder, "dups", p) for p in range(self.partitions)]
         with ThreadPoolExecutor(READ_THREADS) as pool:
             if self._indexes is None:
-                self._indexes = list(pool.map(lambda p: _read_index(p, 0, self.blocks), paths))
+                self._indexes = list(pool.map(lambda p: _read(p, 0, INDEX, 0, self.blocks + 1), paths))
             parts = pool.map(lambda pi: _read(pi[0], self.blocks + 1, INDEX, int(pi[1][block]), int(pi[1][block + 1])),
                              zip(paths, self._indexes))
             self._positions = np.sort(np.concatenate(list(parts)))

@@ -167,7 +167,7 @@ def resize_image(data: bytes, cfg: ResizeConfig) -> ResizedImage:
             margin = cfg.decode_margin
             image.draft("RGB", (math.ceil(w * margin), math.ceil(h * margin)))
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # no copy of the picture when it is upright (most are)
         image = _to_rgb(image)
         if cfg.resize_mode == "center_crop":  # the hash sees the whole picture, the resize only what is kept
             content_hash, luma_std = perceptual_signature(image)

@@ -156,10 +156,9 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
 
     def pending_shards():
         for shard in shards():
-            # Committed shards are planned too, before they are skipped, and their repeats were
-            # found with the rest: what later rows count as duplicates of must not depend on
-            # where the last run stopped.
-            shard = planner.plan(shard, marks.rows(shard) if marks else ())
+            # Committed shards took part in the dedupe pass (``plan_duplicates`` reads every shard), so
+            # what later rows count as duplicates of does not depend on where the last run stopped;
+            # marking them again would be wasted work.
             if shard.shard_id in done:
                 stats = previous[shard.shard_id]
                 made_from = stats.get("input_fingerprint")
@@ -172,7 +171,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
                 summary.add(stats)
                 executor.skipped(stats["count"], successes=stats["successes"])
                 continue
-            yield shard
+            yield planner.plan(shard, marks.rows(shard) if marks else ())
 
     plan_folder = storage.join(cfg.output_folder, PLAN_FOLDER)  # scratch: recomputed by any rerun
     try:
